@@ -1,0 +1,38 @@
+"""Lightning callbacks: writing prediction outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import BasePredictionWriter
+
+from nir_lightning.evaluate import Registration, write_outputs
+
+
+class NiftiWriter(BasePredictionWriter):
+    """Writes ``predict`` results (warped image/labels, ITK displacement, det J, metrics.json).
+
+    Args:
+        output_dir: folder for the outputs (created if missing).
+    """
+
+    def __init__(self, *, output_dir: str = "predictions") -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not isinstance(prediction, Registration):
+            raise TypeError(f"NiftiWriter expects a Registration from predict_step, got {type(prediction).__name__}")
+        pair = getattr(pl_module, "pair", None)
+        write_outputs(prediction, pair, self.output_dir, extra={"steps": int(trainer.global_step)})

@@ -1,0 +1,149 @@
+"""The one coordinate convention of nir_lightning.
+
+Every module that touches coordinates imports from here; nothing else re-derives
+these formulas.
+
+Convention
+----------
+* **Axis order.** Images are tensors ``(B, C, D0, D1, D2)`` whose spatial axes are the
+  *array axes* of the NIfTI data (``nibabel.load(f).get_fdata()[i, j, k]``). A point is a
+  vector ``(x0, x1, x2)`` in that same array-axis order, stored in the last dimension.
+  (``torch.nn.functional.grid_sample`` wants the reverse order, ``(x2, x1, x0)``;
+  :func:`to_grid_sample` is the only place where that flip happens.)
+* **Normalized coordinates.** ``x_a = 2 * v_a / (n_a - 1) - 1`` for voxel index ``v_a`` on
+  an axis of ``n_a`` voxels, so voxel centres ``0`` and ``n_a - 1`` map to ``-1`` and
+  ``+1``. This is ``align_corners=True`` (:data:`ALIGN_CORNERS`); an axis with one voxel
+  maps to ``0``.
+* **World coordinates.** Millimetres in the NIfTI RAS+ frame through the *fixed* image's
+  4x4 affine: ``world = A @ [v, 1]``.
+* **Fields.** A field maps a fixed-image point ``x`` to ``phi(x) = x + u(x)`` in normalized
+  coordinates; the moving image is sampled at ``phi(x)`` (a pull-back, as in ITK/ANTs).
+* **Exported displacements** (``displacement.nii.gz``) follow ITK/ANTs: world-space
+  millimetres in **LPS** (``d_LPS = (-d_R, -d_A, d_S)`` of the RAS vector), shape
+  ``(X, Y, Z, 1, 3)``, NIfTI intent ``vector``; ``p_fixed + d(p_fixed)`` is the matching
+  point in the moving image. See :func:`ras_to_lps`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+ALIGN_CORNERS: bool = True
+"""Normalized coordinates address voxel centres: -1 and +1 are the first and last
+voxel centres of an axis (``align_corners=True`` in ``grid_sample``)."""
+
+SPATIAL_DIMS: int = 3
+
+_RAS_TO_LPS = (-1.0, -1.0, 1.0)
+
+
+def _shape_tensor(shape: Sequence[int], like: Tensor) -> Tensor:
+    if len(shape) != SPATIAL_DIMS:
+        raise ValueError(f"expected a 3D spatial shape, got {tuple(shape)}")
+    return torch.as_tensor([float(s) for s in shape], dtype=like.dtype, device=like.device)
+
+
+def voxel_to_normalized(voxel: Tensor, shape: Sequence[int]) -> Tensor:
+    """Voxel indices ``(..., 3)`` (array-axis order) to normalized ``[-1, 1]`` coordinates.
+
+    >>> voxel_to_normalized(torch.tensor([[0.0, 4.0, 9.0]]), (5, 5, 10))
+    tensor([[-1.,  1.,  1.]])
+    """
+    n = _shape_tensor(shape, voxel)
+    scale = torch.where(n > 1, 2.0 / (n - 1).clamp(min=1), torch.zeros_like(n))
+    return voxel * scale - (n > 1).to(voxel.dtype)
+
+
+def normalized_to_voxel(x: Tensor, shape: Sequence[int]) -> Tensor:
+    """Normalized coordinates ``(..., 3)`` to (fractional) voxel indices.
+
+    >>> normalized_to_voxel(torch.tensor([[-1.0, 0.0, 1.0]]), (5, 5, 5))
+    tensor([[0., 2., 4.]])
+    """
+    n = _shape_tensor(shape, x)
+    return (x + 1.0) * (n - 1) / 2.0
+
+
+def normalized_to_voxel_scale(shape: Sequence[int]) -> Tensor:
+    """Per-axis factor that turns a normalized *displacement* into voxels, ``(n - 1) / 2``."""
+    return torch.as_tensor([(s - 1) / 2.0 for s in shape], dtype=torch.float32)
+
+
+def identity_grid(
+    shape: Sequence[int],
+    *,
+    stride: Sequence[int] | int = 1,
+    offset: Sequence[int] | int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Normalized coordinates of the lattice ``offset + stride * k`` of a grid of ``shape``.
+
+    Returns ``(d0, d1, d2, 3)`` with ``d_a = ceil((shape_a - offset_a) / stride_a)``.
+
+    >>> identity_grid((3, 4, 5)).shape
+    torch.Size([3, 4, 5, 3])
+    >>> identity_grid((5, 5, 5), stride=2)[..., 0].unique()
+    tensor([-1.,  0.,  1.])
+    """
+    strides = _triple(stride)
+    offsets = _triple(offset)
+    axes = [
+        torch.arange(o, n, s, device=device, dtype=dtype)
+        for n, s, o in zip(shape, strides, offsets, strict=True)
+    ]
+    vox = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    return voxel_to_normalized(vox, shape)
+
+
+def to_grid_sample(x: Tensor) -> Tensor:
+    """Reorder points ``(..., 3)`` from array-axis order to ``grid_sample``'s ``(x2, x1, x0)``."""
+    return x.flip(-1)
+
+
+def voxel_to_world(voxel: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Voxel indices ``(..., 3)`` to world millimetres (RAS+) through a 4x4 ``affine``.
+
+    >>> voxel_to_world(np.array([1.0, 0.0, 0.0]), np.diag([2.0, 2.0, 2.0, 1.0]))
+    array([2., 0., 0.])
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    return np.asarray(voxel, dtype=np.float64) @ affine[:3, :3].T + affine[:3, 3]
+
+
+def world_to_voxel(world: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World millimetres (RAS+) ``(..., 3)`` to fractional voxel indices of ``affine``."""
+    inv = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    return np.asarray(world, dtype=np.float64) @ inv[:3, :3].T + inv[:3, 3]
+
+
+def voxel_displacement_to_world(disp_voxel: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A displacement in voxels ``(..., 3)`` to RAS millimetres (rotation/scaling only)."""
+    return np.asarray(disp_voxel, dtype=np.float64) @ np.asarray(affine, dtype=np.float64)[:3, :3].T
+
+
+def ras_to_lps(vectors: np.ndarray) -> np.ndarray:
+    """Flip the first two components: RAS+ vectors ``(..., 3)`` to ITK's LPS (and back)."""
+    return np.asarray(vectors) * np.asarray(_RAS_TO_LPS, dtype=np.asarray(vectors).dtype)
+
+
+lps_to_ras = ras_to_lps
+
+
+def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in millimetres along each array axis (column norms of the affine)."""
+    cols = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return (float(cols[0]), float(cols[1]), float(cols[2]))
+
+
+def _triple(value: Sequence[int] | int) -> tuple[int, int, int]:
+    if isinstance(value, int):
+        return (value, value, value)
+    out = tuple(int(v) for v in value)
+    if len(out) != SPATIAL_DIMS:
+        raise ValueError(f"expected one value or three values, got {value!r}")
+    return out  # type: ignore[return-value]
