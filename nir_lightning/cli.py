@@ -25,6 +25,7 @@ log = logging.getLogger("nir_lightning")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 500,
+    "devices": 1,  # one pair is one small problem; several GPUs are for register-many
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 10,
     "default_root_dir": "runs",
@@ -173,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_third_party()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if argv and argv[0] == "register-many":
+            from nir_lightning.many import main as register_many
+
+            return register_many(argv[1:])
         if argv and argv[0] == "register":
             register(argv[1:])
         else:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import voxel_displacement_to_world
+from nir_lightning.coords import normalized_to_voxel_scale, voxel_displacement_to_world
 from nir_lightning.fields import NeuralField
 from nir_lightning.io import save_displacement_itk, save_nifti, write_text_atomic
 from nir_lightning.metrics import (
@@ -26,6 +26,8 @@ from nir_lightning.metrics import (
     mean_dice,
 )
 from nir_lightning.pair import ImagePair
+from nir_lightning.sampling import full_grid_chunks
+from nir_lightning.velocity import InverseField
 from nir_lightning.warp import dense_field, normalized_to_voxel_displacement, warp_image
 
 OUTPUT_FILES = (
@@ -33,6 +35,7 @@ OUTPUT_FILES = (
     "warped_labels.nii.gz",
     "displacement.nii.gz",
     "jacobian_det.nii.gz",
+    "inverse_displacement.nii.gz",
     "metrics.json",
 )
 
@@ -48,6 +51,8 @@ class Registration:
         warped: ``(D0, D1, D2)`` moving image (original intensities) resampled by ``phi``.
         warped_labels: ``(D0, D1, D2)`` int32 moving labels (nearest), or ``None``.
         metrics: JSON-ready numbers.
+        inv_disp_vox: ``(D0, D1, D2, 3)`` displacement of the inverse transform in voxels,
+            for invertible (diffeomorphic) fields, else ``None``.
     """
 
     phi: Tensor
@@ -56,6 +61,7 @@ class Registration:
     warped: Tensor
     warped_labels: Tensor | None
     metrics: dict[str, Any] = field(default_factory=dict)
+    inv_disp_vox: Tensor | None = None
 
 
 def foreground_mask(pair: ImagePair) -> Tensor:
@@ -74,8 +80,15 @@ def evaluate(
     *,
     max_points: int = 2**18,
     hd95: bool = True,
+    inverse: bool | None = None,
 ) -> Registration:
-    """Evaluate ``field_`` densely on ``pair``'s fixed grid and score it."""
+    """Evaluate ``field_`` densely on ``pair``'s fixed grid and score it.
+
+    For an invertible field (``field_.invertible``, e.g. a
+    :class:`~nir_lightning.velocity.VelocityField`) and ``inverse`` not ``False``, also the
+    dense inverse transform and ``inverse_consistency_mm``: mean ``|phi^-1(phi(x)) - x|`` in
+    millimetres over the fixed foreground (``inverse_consistency_max_mm``: its maximum).
+    """
     shape = pair.shape
     phi = dense_field(field_, shape, max_points=max_points).cpu()
     if not bool(torch.isfinite(phi).all()):
@@ -95,6 +108,14 @@ def evaluate(
             np.linalg.norm(voxel_displacement_to_world(disp[fg].numpy(), pair.fixed_affine), axis=-1).mean()
         ) if bool(fg.any()) else 0.0,
     }
+    inv_disp = None
+    if inverse is not False and getattr(field_, "invertible", False):
+        phi_inv = dense_field(InverseField(field_), shape, max_points=max_points).cpu()
+        inv_disp = normalized_to_voxel_displacement(phi_inv, shape)
+        err = inverse_consistency_error_mm(field_, phi, pair.fixed_affine, max_points=max_points)
+        sel = err[fg] if bool(fg.any()) else err.reshape(-1)
+        metrics["inverse_consistency_mm"] = float(sel.mean())
+        metrics["inverse_consistency_max_mm"] = float(sel.max())
     if pair.reference_disp_vox is not None:
         true = pair.reference_disp_vox.cpu()
         metrics["epe_before_vox"] = float(true[fg].norm(dim=-1).mean())
@@ -122,7 +143,30 @@ def evaluate(
                 hd95_after=float(np.nanmean(list(hd_after.values()))),
                 hd95_per_label={str(k): _finite_or_none(v) for k, v in hd_after.items()},
             )
-    return Registration(phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=warped_labels, metrics=metrics)
+    return Registration(
+        phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=warped_labels, metrics=metrics, inv_disp_vox=inv_disp
+    )
+
+
+@torch.no_grad()
+def inverse_consistency_error_mm(
+    field_: NeuralField, phi: Tensor, affine: np.ndarray, *, max_points: int = 2**18
+) -> Tensor:
+    """``|phi^-1(phi(x)) - x|`` in millimetres at every fixed voxel ``x``, ``(D0, D1, D2)``.
+
+    ``phi`` is the dense forward transform ``(D0, D1, D2, 3)`` (normalized); the inverse is
+    evaluated exactly at ``phi(x)`` by ``field_.inverse`` (no resampling of a dense field).
+    """
+    shape = (int(phi.shape[0]), int(phi.shape[1]), int(phi.shape[2]))
+    device = next(field_.parameters()).device
+    to_vox = normalized_to_voxel_scale(shape).double()
+    rot = torch.as_tensor(np.asarray(affine, dtype=np.float64)[:3, :3])
+    out = torch.empty(shape, dtype=torch.float64)
+    for sl, pts in full_grid_chunks(shape, max_points=max_points):
+        back = field_.inverse(phi[sl].unsqueeze(0).to(device))[0].cpu()  # type: ignore[operator]
+        diff_mm = ((back - pts[0]).double() * to_vox) @ rot.T
+        out[sl] = diff_mm.norm(dim=-1)
+    return out.float()
 
 
 def displacement_world(reg: Registration, affine: np.ndarray) -> np.ndarray:
@@ -140,6 +184,11 @@ def write_outputs(reg: Registration, pair: ImagePair, output_dir: str | Path, *,
         save_nifti(reg.warped_labels.numpy(), aff, out / "warped_labels.nii.gz")
     save_displacement_itk(displacement_world(reg, aff), aff, out / "displacement.nii.gz")
     save_nifti(reg.det.numpy().astype(np.float32), aff, out / "jacobian_det.nii.gz")
+    if reg.inv_disp_vox is not None:
+        inv_mm = voxel_displacement_to_world(reg.inv_disp_vox.numpy(), aff).astype(np.float32)
+        save_displacement_itk(inv_mm, aff, out / "inverse_displacement.nii.gz")
+    else:  # an --overwrite run must not leave a stale inverse from an earlier diffeomorphic run
+        (out / "inverse_displacement.nii.gz").unlink(missing_ok=True)
     metrics = dict(reg.metrics)
     if pair.notes:
         metrics["notes"] = list(pair.notes)

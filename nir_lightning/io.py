@@ -21,7 +21,8 @@ def check_image_file(path: str | os.PathLike[str], role: str) -> Path:
     """Fail early, with a clear message, on a path that is not a readable NIfTI file."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise InputError(f"{role} image not found: '{p}'. Check the path (relative paths start from {Path.cwd()}).")
+        hint = "" if p.is_absolute() else f" (relative paths start from {Path.cwd()})"
+        raise InputError(f"{role} image not found: '{p}'. Check the path{hint}.")
     if p.is_dir():
         raise InputError(f"{role} image '{p}' is a directory; give a .nii or .nii.gz file.")
     if not p.name.endswith(NIFTI_SUFFIXES):
@@ -131,6 +132,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     suffix = "".join(target.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
+    # mkstemp creates 0600; outputs should get the permissions any new file gets (umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield Path(tmp)
         os.replace(tmp, target)

@@ -33,7 +33,7 @@ def local_ncc(
     -1.0
     """
     k = [min(window, s) for s in fixed.shape[2:]]
-    pool = lambda t: F.avg_pool3d(t, kernel_size=k, stride=1)  # noqa: E731
+    pool = lambda t: F.avg_pool3d(t, kernel_size=k, stride=1)
     mu_f, mu_m = pool(fixed), pool(warped)
     var_f = (pool(fixed * fixed) - mu_f * mu_f).clamp(min=0)
     var_m = (pool(warped * warped) - mu_m * mu_m).clamp(min=0)

@@ -70,7 +70,7 @@ def _render(points: Tensor) -> tuple[Tensor, Tensor]:
 
 def _smooth_noise(shape: tuple[int, ...], sigma: float, gen: torch.Generator, channels: int) -> Tensor:
     noise = torch.randn(1, channels, *shape, generator=gen)
-    radius = int(3 * sigma)
+    radius = min(int(3 * sigma), min(shape) - 1)  # circular padding cannot wrap twice
     x = torch.arange(-radius, radius + 1, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()

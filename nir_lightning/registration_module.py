@@ -9,10 +9,15 @@ import torch
 from jsonargparse import lazy_instance
 from torch import Tensor
 
-from nir_lightning.coords import normalized_to_voxel, normalized_to_voxel_scale, voxel_to_normalized
+from nir_lightning.coords import (
+    normalized_to_voxel,
+    normalized_to_voxel_scale,
+    voxel_to_normalized,
+)
 from nir_lightning.errors import InputError
 from nir_lightning.evaluate import Registration, evaluate, foreground_mask
 from nir_lightning.fields import DisplacementField, NeuralField
+from nir_lightning.hybrid import ComposedField, HybridSchedule
 from nir_lightning.jacobian import determinant, jacobian_forward
 from nir_lightning.losses import Similarity, jacobian_penalty, local_ncc
 from nir_lightning.metrics import dice_per_label, mean_dice
@@ -39,7 +44,11 @@ class RegistrationModule(pl.LightningModule):
     the CLI's ``model.*`` options.
 
     Args:
-        field: the neural field.
+        field: the neural field (NF1 of the hybrid schedule).
+        field2: optional second field (NF2) for the hybrid schedule: trained in phase 2 on
+            ``field``'s output, so the transform is ``field2 o field`` (see
+            :mod:`nir_lightning.hybrid`; needs the :class:`~nir_lightning.hybrid.HybridSchedule`
+            callback). The current phase is the persistent buffer ``phase`` (1 or 2).
         sampler: coordinate sampler used for training.
         similarity: ``"lncc"`` (squared local NCC), ``"ncc"`` (global) or ``"mse"``.
         window: local NCC window in lattice samples.
@@ -59,6 +68,7 @@ class RegistrationModule(pl.LightningModule):
         self,
         *,
         field: NeuralField = lazy_instance(DisplacementField),
+        field2: NeuralField | None = None,
         sampler: CoordinateSampler = lazy_instance(DownsizeSampler),
         similarity: Literal["lncc", "ncc", "mse"] = "lncc",
         window: int = 5,
@@ -86,8 +96,10 @@ class RegistrationModule(pl.LightningModule):
             raise InputError(f"model.jacobian_points must be >= 0, got {jacobian_points}")
         if val_stride < 1 or eval_max_points < 1:
             raise InputError("model.val_stride and model.eval_max_points must be >= 1")
-        self.save_hyperparameters(logger=False, ignore=["field", "sampler"])
+        self.save_hyperparameters(logger=False, ignore=["field", "field2", "sampler"])
         self.field = field
+        self.field2 = field2
+        self.register_buffer("phase", torch.tensor(1, dtype=torch.long))  # persistent: resumes in its phase
         self.sampler = sampler
         self.similarity = Similarity(similarity, window=window)
         self.regularizer = regularizer
@@ -124,13 +136,29 @@ class RegistrationModule(pl.LightningModule):
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step)
 
     # -- the method ------------------------------------------------------------------------
+    @property
+    def in_phase2(self) -> bool:
+        return self.field2 is not None and int(self.phase) >= 2
+
+    def transform_field(self) -> NeuralField:
+        """The transform being fitted: ``field``, or ``field2 o field`` in phase 2 of the hybrid schedule."""
+        if self.in_phase2:
+            assert self.field2 is not None
+            return ComposedField(self.field, self.field2)
+        return self.field
+
+    def transform(self, x: Tensor) -> Tensor:
+        """``phi(x)`` of :meth:`transform_field` for normalized points ``(..., 3)``."""
+        y = self.field(x)
+        return self.field2(y) if self.in_phase2 else y  # type: ignore[misc]
+
     def _stencil_det(self, pts: Tensor) -> tuple[Tensor, Tensor]:
         """Field at ``pts`` ``(1, N, 1, 1, 3)`` and det J by one-voxel forward differences."""
         shape = self.shape
         step = (1.0 / normalized_to_voxel_scale(shape)).to(pts)
         offsets = torch.diag(step)
         stencil = torch.cat([pts] + [pts + offsets[a] for a in range(3)], dim=0)
-        out_vox = normalized_to_voxel(self.field(stencil), shape)
+        out_vox = normalized_to_voxel(self.transform(stencil), shape)
         jac = torch.stack([out_vox[a + 1] - out_vox[0] for a in range(3)], dim=-1)
         return out_vox[:1], determinant(jac)
 
@@ -142,21 +170,23 @@ class RegistrationModule(pl.LightningModule):
         """
         pts = sample.points
         shape = self.shape
+        kind = self.regularizer
         if sample.is_grid:
-            phi = self.field(pts)
+            phi = self.transform(pts)
             assert sample.spacing is not None
-            dets = [determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing)).flatten()]
+            det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
+            reg = jacobian_penalty(det, kind=kind)  # type: ignore[arg-type]
             if self.jacobian_points > 0 and max(sample.spacing) > 1 and generator is not None:
+                # its own mean: folds between lattice points must not be diluted by the lattice
                 extra = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=self.mask)
-                dets.append(self._stencil_det(extra.points)[1].flatten())
-            det = torch.cat(dets)
+                reg = reg + jacobian_penalty(self._stencil_det(extra.points)[1], kind=kind)  # type: ignore[arg-type]
         else:
             phi_vox, det = self._stencil_det(pts)
             phi = voxel_to_normalized(phi_vox, shape)
+            reg = jacobian_penalty(det, kind=kind)  # type: ignore[arg-type]
         warped = sample_image(self.moving, phi)
         fixed = sample_image(self.fixed, pts)
         sim = self.similarity(fixed, warped, is_grid=sample.is_grid)
-        reg = jacobian_penalty(det, kind=self.regularizer)  # type: ignore[arg-type]
         return {"loss": sim + self.lam * reg, "sim": sim, "jedt": reg}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -177,7 +207,7 @@ class RegistrationModule(pl.LightningModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         sampler = DownsizeSampler(stride=min(self.val_stride, min(self.shape)))
         sample = sampler.sample(self.shape, generator=self._generator(0))
-        phi = self.field(sample.points)
+        phi = self.transform(sample.points)
         out_vox = normalized_to_voxel(phi, self.shape)
         assert sample.spacing is not None
         det = determinant(jacobian_forward(out_vox, sample.spacing))
@@ -195,10 +225,25 @@ class RegistrationModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> Registration:
         assert self.pair is not None
-        return evaluate(self.field, self.pair, max_points=self.eval_max_points)
+        return evaluate(self.transform_field(), self.pair, max_points=self.eval_max_points)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.field.parameters(), lr=self.lr)
+        # One optimizer, one param group per field, all built now: a group added mid-fit would
+        # break resuming (see nir_lightning.hybrid). The frozen field has requires_grad=False.
+        groups = [{"params": list(self.field.parameters()), "name": "field"}]
+        if self.field2 is not None:
+            groups.append({"params": list(self.field2.parameters()), "name": "field2"})
+        optimizer = torch.optim.Adam(groups, lr=self.lr)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_decay(total, self.lr_final_ratio))
+        lambdas: Any = linear_decay(total, self.lr_final_ratio)
+        if self.field2 is not None:
+            schedules = [cb for cb in self.trainer.callbacks if isinstance(cb, HybridSchedule)]  # type: ignore[attr-defined]
+            if len(schedules) != 1:
+                raise InputError(
+                    "model.field2 is set, so the fit needs exactly one HybridSchedule callback "
+                    f"(found {len(schedules)}); use -c configs/model/hybrid.yaml or add "
+                    "nir_lightning.hybrid.HybridSchedule to trainer.callbacks."
+                )
+            lambdas = schedules[0].lr_lambdas(self.trainer, total, self.lr_final_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -8,7 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nir_lightning.coords import ALIGN_CORNERS, normalized_to_voxel_scale, to_grid_sample
+from nir_lightning.coords import (
+    ALIGN_CORNERS,
+    normalized_to_voxel_scale,
+    to_grid_sample,
+)
 from nir_lightning.fields import NeuralField
 from nir_lightning.sampling import full_grid_chunks
 

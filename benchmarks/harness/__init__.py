@@ -1,0 +1,13 @@
+"""Benchmark harness of nir_lightning against ANTs SyN and FireANTs (issue 4).
+
+Modules:
+
+* :mod:`harness.convert`: every peer's result to one ITK/ANTs displacement field on the fixed
+  grid (LPS millimetres, shape ``(X, Y, Z, 1, 3)``, ``p_fixed + d(p_fixed)`` = moving point),
+  the same convention as nir_lightning's ``displacement.nii.gz``.
+* :mod:`harness.score`: the one evaluation path (nir_lightning's own metrics) applied to
+  that field, whatever method produced it.
+* :mod:`harness.methods`: how each method is run (settings stated there), inside a worker.
+* :mod:`harness.worker`: the subprocess entry that runs one method on one pair.
+* :mod:`harness.report`: CSV, Markdown table and Dice-vs-seconds plot.
+"""

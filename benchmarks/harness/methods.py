@@ -1,0 +1,205 @@
+"""How each method is run (inside :mod:`harness.worker`, one subprocess per method and pair).
+
+Every runner writes, into its folder, ``displacement.nii.gz`` (the ITK/ANTs convention of
+nir_lightning) and ``native_warped_labels.nii.gz`` (the method's *own* nearest-neighbour warp
+of the moving labels, used only to cross-check the conversion), and returns a dict with
+``seconds_reg`` (wall time of the registration call only) and the settings it used.
+
+Settings (full runs; ``quick`` shrinks only the iteration counts, for smoke tests):
+
+* ``nir``: ``nir register`` (the package entry point, ``nir_lightning.cli.main``) with the
+  package's default configuration (no ``-c``) or the named config files; accelerator ``cpu`` or
+  ``gpu`` (``--trainer.accelerator``). ``seconds_reg`` = ``seconds_fit`` of its ``metrics.json``
+  (``trainer.fit``: includes loading the pair, excludes the dense evaluation on the grid).
+* ``ants``: ``ants.registration(type_of_transform="SyNOnly", syn_metric="CC", syn_sampling=2``
+  (the CC radius), ``reg_iterations=(100, 70, 50))`` with antspyx's defaults for the rest:
+  ``grad_step=0.2, flow_sigma=3, total_sigma=0``, shrink factors 4x2x1, smoothing sigmas
+  2x1x0 voxels, convergence 1e-7 over 8 iterations, identity initial transform, float32. CPU only
+  (ANTs has no GPU path): with ``--device cuda`` it still runs on the CPU.
+* ``fireants-greedy``: ``GreedyRegistration(scales=[2, 1], iterations=[200, 200], loss_type="cc",
+  cc_kernel_size=5, deformation_type="compositive", optimizer="Adam", optimizer_lr=0.5,
+  smooth_warp_sigma=0.5, smooth_grad_sigma=1.0)`` (FireANTs defaults for the rest, including its
+  convergence test: tolerance 1e-6 over 10 iterations), raw intensities, ``device`` cpu or cuda.
+* ``fireants-syn``: ``SyNRegistration`` with the same settings. Its forward transform needs
+  the inverse of the reverse half-warp, which FireANTs computes by an inner optimisation inside
+  ``get_warped_coordinates``; that call is timed as part of the registration.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from harness.convert import (
+    ants_transforms_to_field,
+    fireants_coords_to_field,
+    max_displacement_mm,
+)
+from nir_lightning.io import save_displacement_itk, save_nifti
+
+ANTS_SETTINGS: dict[str, Any] = {
+    "type_of_transform": "SyNOnly",
+    "syn_metric": "CC",
+    "syn_sampling": 2,
+    "reg_iterations": (100, 70, 50),
+    "grad_step": 0.2,
+    "flow_sigma": 3,
+    "total_sigma": 0,
+}
+ANTS_QUICK = {"reg_iterations": (10, 5, 2)}
+
+FIREANTS_SETTINGS: dict[str, Any] = {
+    "scales": [2, 1],
+    "iterations": [200, 200],
+    "loss_type": "cc",
+    "cc_kernel_size": 5,
+    "deformation_type": "compositive",
+    "optimizer": "Adam",
+    "optimizer_lr": 0.5,
+    "smooth_warp_sigma": 0.5,
+    "smooth_grad_sigma": 1.0,
+}
+FIREANTS_QUICK = {"iterations": [10, 5]}
+
+NIR_QUICK_ARGS = ["--trainer.max_steps=20"]
+
+PEER_MODULES = {"ants": ("ants", "antspyx"), "fireants-greedy": ("fireants", "fireants"), "fireants-syn": ("fireants", "fireants")}
+"""method -> (import name, pip name) of the peer it needs."""
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _nib_affine(path: str) -> tuple[tuple[int, int, int], np.ndarray]:
+    img = nib.load(path)
+    return tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)  # type: ignore[return-value]
+
+
+# -- nir_lightning -----------------------------------------------------------------------
+
+
+def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    from nir_lightning.cli import main
+
+    nir_out = out / "nir_output"
+    argv = ["register", "--fixed", spec["fixed"], "--moving", spec["moving"],
+            "--fixed-labels", spec["fixed_labels"], "--moving-labels", spec["moving_labels"],
+            "--output", str(nir_out), "--overwrite", "--seed", str(spec["seed"])]
+    if spec.get("labels"):
+        argv += ["--labels", spec["labels"]]
+    for cfg in spec.get("nir_configs", []):
+        argv += ["-c", cfg]
+    argv += ["--trainer.accelerator=gpu", "--trainer.devices=1"] if spec["device"].startswith("cuda") else ["--trainer.accelerator=cpu"]
+    if spec.get("quick"):
+        argv += NIR_QUICK_ARGS
+    argv += list(spec.get("nir_args", []))
+    print("nir", " ".join(argv), flush=True)
+    rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"nir register exited with {rc}")
+    m = json.loads((nir_out / "metrics.json").read_text())
+    # nir's own file is already in the common convention: copy it as is.
+    (out / "displacement.nii.gz").write_bytes((nir_out / "displacement.nii.gz").read_bytes())
+    if (nir_out / "warped_labels.nii.gz").exists():
+        (out / "native_warped_labels.nii.gz").write_bytes((nir_out / "warped_labels.nii.gz").read_bytes())
+    return {
+        "seconds_reg": float(m["seconds_fit"]),
+        "seconds_nir_total": m.get("seconds_total"),
+        "steps": m.get("steps"),
+        "nir_device": m.get("device"),
+        "dice_self_reported": m.get("dice_after"),
+        "folding_percent_self_reported": m.get("folding_percent"),
+        "settings": {"argv": argv, "config": m.get("config")},
+    }
+
+
+# -- ANTs --------------------------------------------------------------------------------
+
+
+def run_ants(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    import ants
+
+    settings = dict(ANTS_SETTINGS, **(ANTS_QUICK if spec.get("quick") else {}))
+    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
+    fixed = ants.image_read(spec["fixed"])
+    moving = ants.image_read(spec["moving"])
+    work = out / "ants_work"
+    work.mkdir(exist_ok=True)
+    print("ants.registration", settings, flush=True)
+    t0 = time.perf_counter()
+    reg = ants.registration(fixed, moving, outprefix=str(work / "reg_"), verbose=False, **settings)
+    seconds = time.perf_counter() - t0
+    fwd = list(reg["fwdtransforms"])
+    print("fwdtransforms", fwd, flush=True)
+    disp = ants_transforms_to_field(fixed, moving, fwd, work, fixed_shape, fixed_affine)
+    save_displacement_itk(disp, fixed_affine, out / "displacement.nii.gz")
+    labels = ants.image_read(spec["moving_labels"])
+    nat = ants.apply_transforms(fixed, labels, fwd, interpolator="nearestNeighbor").numpy()
+    save_nifti(np.rint(nat).astype(np.int32), fixed_affine, out / "native_warped_labels.nii.gz")
+    print(f"ANTs: max |d| = {max_displacement_mm(disp):.2f} mm", flush=True)
+    return {"seconds_reg": seconds, "fwdtransforms": [Path(p).name for p in fwd],
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+
+
+# -- FireANTs ----------------------------------------------------------------------------
+
+
+def run_fireants(spec: dict[str, Any], out: Path, *, syn: bool) -> dict[str, Any]:
+    import torch
+    from fireants.io.image import BatchedImages, Image
+
+    if syn:
+        from fireants.registration.syn import SyNRegistration as Registration
+    else:
+        from fireants.registration.greedy import GreedyRegistration as Registration
+
+    device = spec["device"]
+    settings = dict(FIREANTS_SETTINGS, **(FIREANTS_QUICK if spec.get("quick") else {}))
+    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
+    moving_shape, moving_affine = _nib_affine(spec["moving"])
+    fixed = BatchedImages([Image.load_file(spec["fixed"], device=device)])
+    moving = BatchedImages([Image.load_file(spec["moving"], device=device)])
+    print(Registration.__name__, settings, "device", device, flush=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    reg = Registration(fixed_images=fixed, moving_images=moving, progress_bar=False, **settings)
+    reg.optimize()
+    with torch.no_grad():
+        coords = reg.get_warped_coordinates(fixed, moving)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    disp = fireants_coords_to_field(coords, fixed_shape, fixed_affine, moving_shape, moving_affine)
+    save_displacement_itk(disp, fixed_affine, out / "displacement.nii.gz")
+    # FireANTs' own nearest-neighbour warp of the labels (its interpolator, its transform)
+    labels = BatchedImages([Image.load_file(spec["moving_labels"], device=device)])
+    labels.interpolate_mode = "nearest"
+    with torch.no_grad():
+        nat = reg.evaluate(fixed, labels)[0, 0].permute(2, 1, 0).cpu().numpy()
+    save_nifti(np.rint(nat).astype(np.int32), fixed_affine, out / "native_warped_labels.nii.gz")
+    print(f"FireANTs: max |d| = {max_displacement_mm(disp):.2f} mm", flush=True)
+    return {"seconds_reg": seconds, "settings": {"class": Registration.__name__, **settings}}
+
+
+RUNNERS = {
+    "nir": run_nir,
+    "ants": run_ants,
+    "fireants-greedy": lambda spec, out: run_fireants(spec, out, syn=False),
+    "fireants-syn": lambda spec, out: run_fireants(spec, out, syn=True),
+}
+
+
+def runner_for(method: str):
+    """``nir`` and ``nir:NAME`` (named configs) share the nir runner."""
+    base = "nir" if method == "nir" or method.startswith("nir:") else method
+    if base not in RUNNERS:
+        raise KeyError(f"unknown method {method!r}; known: nir, nir:NAME, {', '.join(k for k in RUNNERS if k != 'nir')}")
+    return RUNNERS[base]

@@ -1,0 +1,191 @@
+"""Coordinate samplers and the chunked full grid."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nir_lightning.coords import normalized_to_voxel
+from nir_lightning.sampling import (
+    CoordinateSample,
+    DownsizeSampler,
+    MinipatchSampler,
+    RandomSampler,
+    full_grid_chunks,
+)
+
+SHAPE = (13, 17, 11)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def as_voxels(sample: CoordinateSample, shape=SHAPE) -> torch.Tensor:
+    """Voxel indices of a sample; they must be integers (samples sit on voxel centres)."""
+    vox = normalized_to_voxel(sample.points.double(), shape)
+    assert float((vox - vox.round()).abs().max()) < 1e-4
+    return vox.round().long()
+
+
+def assert_in_unit_cube(sample: CoordinateSample) -> None:
+    assert float(sample.points.min()) >= -1.0 - 1e-6
+    assert float(sample.points.max()) <= 1.0 + 1e-6
+
+
+# -- RandomSampler ---------------------------------------------------------------------------
+def test_random_sampler_shape_range_and_determinism():
+    s = RandomSampler(num_points=500).sample(SHAPE, generator=gen(0))
+    assert s.points.shape == (1, 500, 1, 1, 3)
+    assert s.spacing is None and not s.is_grid and s.num_points == 500
+    assert_in_unit_cube(s)
+    vox = as_voxels(s)
+    assert int(vox.min()) >= 0
+    for a, n in enumerate(SHAPE):
+        assert int(vox[..., a].max()) <= n - 1
+        assert len(vox[..., a].unique()) > n // 2  # spread over the axis
+    again = RandomSampler(num_points=500).sample(SHAPE, generator=gen(0))
+    other = RandomSampler(num_points=500).sample(SHAPE, generator=gen(1))
+    assert torch.equal(s.points, again.points)
+    assert not torch.equal(s.points, other.points)
+
+
+def test_random_sampler_mask_restricts_points():
+    mask = torch.zeros(SHAPE, dtype=torch.bool)
+    mask[2:5, 10:12, 3] = True  # 6 voxels
+    mask[9, 1, 8] = True  # and one more elsewhere
+    s = RandomSampler(num_points=400).sample(SHAPE, generator=gen(3), mask=mask)
+    vox = as_voxels(s).reshape(-1, 3)
+    assert bool(mask[vox[:, 0], vox[:, 1], vox[:, 2]].all())
+    assert len({tuple(v) for v in vox.tolist()}) == 7  # all 7 mask voxels are drawn
+    # an empty mask falls back to the whole image
+    empty = torch.zeros(SHAPE, dtype=torch.bool)
+    s2 = RandomSampler(num_points=400).sample(SHAPE, generator=gen(3), mask=empty)
+    assert len({tuple(v) for v in as_voxels(s2).reshape(-1, 3).tolist()}) > 300
+
+
+def test_random_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        RandomSampler(num_points=1)
+
+
+# -- DownsizeSampler --------------------------------------------------------------------------
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_downsize_sampler_lattice(stride):
+    for seed in range(4):
+        s = DownsizeSampler(stride=stride).sample(SHAPE, generator=gen(seed))
+        assert s.spacing == (float(stride),) * 3 and s.is_grid
+        assert_in_unit_cube(s)
+        vox = as_voxels(s)
+        offset = vox[0, 0, 0, 0]
+        assert all(0 <= int(o) < stride for o in offset)
+        # promised shape: ceil((n - offset) / stride) per axis
+        want = tuple(math.ceil((n - int(o)) / stride) for n, o in zip(SHAPE, offset))
+        assert tuple(s.points.shape) == (1, *want, 3)
+        # neighbours along axis a are `stride` voxels apart on component a only
+        for a in range(3):
+            step = torch.diff(vox[0].double(), dim=a)
+            expected = torch.zeros(3, dtype=torch.float64)
+            expected[a] = stride
+            assert torch.equal(step, expected.expand_as(step)), (a, step.unique())
+        # and the lattice reaches the last voxel within one stride
+        for a, n in enumerate(SHAPE):
+            assert n - stride <= int(vox[..., a].max()) <= n - 1
+
+
+def test_downsize_offsets_vary_with_the_generator():
+    offsets = set()
+    for seed in range(30):
+        s = DownsizeSampler(stride=3).sample(SHAPE, generator=gen(seed))
+        offsets.add(tuple(as_voxels(s)[0, 0, 0, 0].tolist()))
+    assert len(offsets) >= 8, offsets
+    for a in range(3):
+        assert {o[a] for o in offsets} == {0, 1, 2}
+
+
+def test_downsize_sampler_visits_every_voxel_over_offsets():
+    stride = 2
+    seen = torch.zeros(SHAPE, dtype=torch.bool)
+    for seed in range(60):
+        vox = as_voxels(DownsizeSampler(stride=stride).sample(SHAPE, generator=gen(seed))).reshape(-1, 3)
+        seen[vox[:, 0], vox[:, 1], vox[:, 2]] = True
+    assert bool(seen.all())
+
+
+def test_downsize_sampler_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        DownsizeSampler(stride=0)
+    with pytest.raises(ValueError, match="at least 4"):
+        DownsizeSampler(stride=4).sample((8, 3, 8), generator=gen())
+
+
+# -- MinipatchSampler ------------------------------------------------------------------------
+def test_minipatch_patches_are_full_resolution_cubes():
+    p = 5
+    s = MinipatchSampler(num_patches=6, patch_size=p).sample(SHAPE, generator=gen(0))
+    assert s.points.shape == (6, p, p, p, 3)
+    assert s.spacing == (1.0, 1.0, 1.0)
+    assert_in_unit_cube(s)
+    vox = as_voxels(s)
+    base = torch.stack(torch.meshgrid(*[torch.arange(p)] * 3, indexing="ij"), dim=-1)
+    corners = []
+    for b in range(6):
+        corner = vox[b, 0, 0, 0]
+        assert torch.equal(vox[b], corner + base)  # contiguous, one voxel apart, axis order kept
+        for a, n in enumerate(SHAPE):
+            assert 0 <= int(corner[a]) <= n - p
+        corners.append(tuple(corner.tolist()))
+    assert len(set(corners)) > 1
+
+
+def test_minipatch_patches_contain_a_mask_voxel():
+    p = 4
+    for where in [(6, 8, 5), (0, 0, 0), (12, 16, 10), (1, 15, 9)]:  # centre, corners, near edges
+        mask = torch.zeros(SHAPE, dtype=torch.bool)
+        mask[where] = True
+        s = MinipatchSampler(num_patches=3, patch_size=p).sample(SHAPE, generator=gen(1), mask=mask)
+        vox = as_voxels(s).reshape(3, -1, 3)
+        for b in range(3):
+            assert where in {tuple(v) for v in vox[b].tolist()}, (where, vox[b, 0].tolist())
+            assert int(vox[b].min()) >= 0
+            for a, n in enumerate(SHAPE):
+                assert int(vox[b, :, a].max()) <= n - 1
+
+
+def test_minipatch_patch_as_large_as_the_image():
+    shape = (6, 7, 6)
+    s = MinipatchSampler(num_patches=1, patch_size=6).sample(shape, generator=gen())
+    vox = as_voxels(s, shape)
+    assert vox[0, 0, 0, 0].tolist() == [0, int(vox[0, 0, 0, 0, 1]), 0]
+    assert 0 <= int(vox[0, 0, 0, 0, 1]) <= 1
+
+
+def test_minipatch_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        MinipatchSampler(num_patches=0)
+    with pytest.raises(ValueError):
+        MinipatchSampler(patch_size=1)
+    with pytest.raises(ValueError, match="patch_size=8"):
+        MinipatchSampler(patch_size=8).sample((10, 7, 10), generator=gen())
+
+
+# -- full grid ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("max_points", [1, 17 * 11, 3 * 17 * 11 + 5, 10**6])
+def test_full_grid_chunks_cover_every_voxel_once(max_points):
+    counts = torch.zeros(SHAPE, dtype=torch.long)
+    next_start = 0
+    plane = SHAPE[1] * SHAPE[2]
+    for sl, pts in full_grid_chunks(SHAPE, max_points=max_points):
+        assert sl.start == next_start and sl.stop > sl.start
+        next_start = sl.stop
+        assert pts.shape == (1, sl.stop - sl.start, SHAPE[1], SHAPE[2], 3)
+        assert pts[0, ..., 0].numel() <= max(max_points, plane)
+        vox = normalized_to_voxel(pts.double(), SHAPE)
+        assert float((vox - vox.round()).abs().max()) < 1e-4
+        vox = vox.round().long().reshape(-1, 3)
+        assert int(vox[:, 0].min()) == sl.start and int(vox[:, 0].max()) == sl.stop - 1
+        counts.index_put_((vox[:, 0], vox[:, 1], vox[:, 2]), torch.ones(len(vox), dtype=torch.long), accumulate=True)
+    assert next_start == SHAPE[0]
+    assert int(counts.min()) == 1 and int(counts.max()) == 1
