@@ -12,14 +12,25 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from nir_lightning import __version__
-from nir_lightning.errors import InputError
+from nir_lightning.errors import InputError, NIRError, config_error, known_config_keys
 from nir_lightning.evaluate import OUTPUT_FILES, write_outputs
+from nir_lightning.io import remove_stale_temporaries
+from nir_lightning.logging_callbacks import (
+    ConfigToLoggers,
+    finish_run,
+    progress_bar_callbacks,
+)
 from nir_lightning.pair_datamodule import PairDataModule
 from nir_lightning.registration_module import RegistrationModule
+from nir_lightning.resume import AtomicCheckpointIO, checkpoint_callback, run_signature
+from nir_lightning.resume import finish as finish_checkpoints
+from nir_lightning.resume import prepare as prepare_checkpoints
 
 log = logging.getLogger("nir_lightning")
 
@@ -40,15 +51,24 @@ class NIRCLI(LightningCLI):
     """LightningCLI over :class:`RegistrationModule` and :class:`PairDataModule`."""
 
     def __init__(self, args: list[str] | None = None, *, run: bool = True, trainer_defaults: dict[str, Any] | None = None) -> None:
+        # Parse errors raise (main() turns them into one line naming the key) instead of printing the usage.
+        no_exit = {"exit_on_error": False}
         super().__init__(
             RegistrationModule,
             PairDataModule,
             trainer_defaults={**TRAINER_DEFAULTS, **(trainer_defaults or {})},
             seed_everything_default=0,
+            save_config_callback=ConfigToLoggers,  # config.yaml in the log folder + the W&B run config
             save_config_kwargs={"overwrite": True},
             args=args,
             run=run,
+            parser_kwargs={**no_exit, **{c: no_exit for c in ("fit", "validate", "test", "predict")}} if run else no_exit,
         )
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # A bar that refreshes every step floods non-TTY logs (CI): add a throttled one unless
+        # the config disables the bar or brings its own.
+        return super()._instantiate_trainer(config, [*callbacks, *progress_bar_callbacks(config, callbacks)])
 
 
 def _register_parser() -> argparse.ArgumentParser:
@@ -67,6 +87,8 @@ def _register_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="register the built-in synthetic phantom pair (no data needed)")
     p.add_argument("--overwrite", action="store_true", help="replace results of an earlier run in --output")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and sampling (default 0)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from <output>/checkpoints/last.ckpt (same options)")
+    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="save <output>/checkpoints/last.ckpt every N steps for --resume (0: never; default 50)")
     return p
 
 
@@ -76,14 +98,20 @@ def register(argv: list[str]) -> dict[str, Any]:
     args, extra = _register_parser().parse_known_args(argv)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--output '{out}' exists and is not a folder.")
+        raise InputError(f"--output '{out}' exists and is not a folder; give the path of a folder (it is created if missing).")
+    if args.resume and args.overwrite:
+        raise InputError("--resume continues an interrupted run and --overwrite starts a new one; pass only one of them.")
+    if args.checkpoint_every < 0:
+        raise InputError(f"--checkpoint-every must be >= 0 (0 disables checkpoints), got {args.checkpoint_every}.")
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if existing and not args.overwrite:
+    # --resume may replace outputs that a run killed while writing left (metrics.json comes last)
+    resumable = args.resume and not (out / "metrics.json").exists()
+    if existing and not args.overwrite and not resumable:
         raise InputError(f"--output '{out}' already holds results of an earlier run ({', '.join(existing)}); they were left untouched. Choose another folder or pass --overwrite.")
     cli_args: list[str] = []
     for cfg in args.config:
         if not Path(cfg).is_file():
-            raise InputError(f"config file not found: '{cfg}'.")
+            raise InputError(f"config file not found: '{cfg}'. Check the -c path (relative paths start from {Path.cwd()}).")
         cli_args += ["-c", cfg]
     if args.demo:
         if args.fixed or args.moving:
@@ -102,19 +130,32 @@ def register(argv: list[str]) -> dict[str, Any]:
     defaults = {
         "default_root_dir": str(out),
         "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
-        "enable_checkpointing": False,
+        "enable_checkpointing": args.checkpoint_every > 0,
+        "callbacks": [checkpoint_callback(out, args.checkpoint_every)] if args.checkpoint_every > 0 else [],
         "enable_progress_bar": sys.stderr.isatty(),
         "enable_model_summary": False,
     }
     argv0, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when args and sys.argv both hold options
     try:
         cli = NIRCLI(cli_args, run=False, trainer_defaults=defaults)
+    except argparse.ArgumentError as exc:
+        raise config_error(exc, configs=args.config, known=known_config_keys(RegistrationModule, PairDataModule, pl.Trainer)) from exc
+    except ValueError as exc:  # a constructor's range check without an InputError of its own
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"invalid configuration: {exc}. Run `nir fit --print_config` (with the same -c files) to see every value.") from exc
+    except MisconfigurationException as exc:
+        hint = " To run nir register without checkpoints, pass --checkpoint-every 0." if "enable_checkpointing" in str(exc) else ""
+        raise InputError(f"invalid trainer configuration: {exc}{hint}") from exc
     finally:
         sys.argv = argv0
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out, OUTPUT_FILES)  # left by a run killed mid-write
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill mid-save leaves the previous last.ckpt
+    ckpt_path, resumed_step = prepare_checkpoints(out, resume=args.resume, signature=run_signature(cli.config.as_dict()))
     t_fit = time.perf_counter()
-    trainer.fit(model, datamodule=dm)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     seconds_fit = time.perf_counter() - t_fit
     preds = trainer.predict(model, datamodule=dm, return_predictions=True)
     assert preds is not None
@@ -128,11 +169,23 @@ def register(argv: list[str]) -> dict[str, Any]:
         "moving": dm.moving,
         "version": __version__,
         "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count
         "python": platform.python_version(),
         "config": _plain(cli.config.as_dict()),
     }
+    if resumed_step is not None:
+        extra_metrics["resumed_from_step"] = resumed_step
     extra_metrics["seconds_total"] = time.perf_counter() - t0
+    # metrics.json is written last: while it is absent the folder is not complete (--resume may redo it)
+    (out / "metrics.json").unlink(missing_ok=True)
+    from nir_lightning.qc import save_qc_figure
+
+    assert dm.pair is not None
+    # before write_outputs: metrics.json stays the last file written (register-many's completeness mark)
+    save_qc_figure(dm.pair, out / "qc.png", phi=reg.phi, title=f"{out.name}: {int(trainer.global_step)} steps")
     metrics = write_outputs(reg, dm.pair, out, extra=extra_metrics)
+    finish_run(trainer, metrics, output_dir=out)  # W&B summary/artifact when a WandbLogger is configured
+    finish_checkpoints(out)  # complete: the checkpoint is no longer needed
     _summary(metrics, out)
     return metrics
 
@@ -165,6 +218,9 @@ def _quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*litlogger.*")
+    # Batches are step indices and sampling depends on the global step only, so resuming
+    # mid-epoch is exact (tests/test_faults.py) despite this warning.
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
@@ -180,11 +236,21 @@ def main(argv: list[str] | None = None) -> int:
             return register_many(argv[1:])
         if argv and argv[0] == "register":
             register(argv[1:])
+        elif argv and argv[0] == "compare":
+            from nir_lightning.compare import main as compare
+
+            return compare(argv[1:])
         else:
             NIRCLI(argv)
+    except argparse.ArgumentError as exc:
+        print(f"nir: error: {config_error(exc, known=known_config_keys(RegistrationModule, PairDataModule, pl.Trainer))}", file=sys.stderr)
+        return 2
     except InputError as exc:
         print(f"nir: error: {exc}", file=sys.stderr)
         return 2
+    except (NIRError, FloatingPointError) as exc:  # disk full, diverged fit: a message, not a traceback
+        print(f"nir: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -94,7 +94,7 @@ def evaluate(
     if not bool(torch.isfinite(phi).all()):
         raise FloatingPointError("the fitted field has non-finite values; refusing to write it (lower the learning rate or check the inputs).")
     disp = normalized_to_voxel_displacement(phi, shape)
-    det = jacobian_determinant(disp)
+    det = chunked_jacobian_determinant(disp, max_points=max_points)
     warped = warp_image(pair.moving_raw.cpu(), phi)[0, 0]
     fg = foreground_mask(pair)
     count, percent = folding(det, fg)
@@ -146,6 +146,24 @@ def evaluate(
     return Registration(
         phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=warped_labels, metrics=metrics, inv_disp_vox=inv_disp
     )
+
+
+@torch.no_grad()
+def chunked_jacobian_determinant(disp_vox: Tensor, *, max_points: int = 2**18) -> Tensor:
+    """:func:`~nir_lightning.metrics.jacobian_determinant` of a dense displacement
+    ``(D0, D1, D2, 3)`` (voxels), slab by slab along axis 0 with a one-voxel halo.
+
+    Bitwise the same values, without the whole volume's float64 Jacobian ``(D0, D1, D2, 3, 3)``
+    in memory (about 0.9 GB extra at 160x192x224).
+    """
+    n0 = int(disp_vox.shape[0])
+    step = max(1, max_points // int(disp_vox.shape[1] * disp_vox.shape[2]))
+    out = torch.empty(disp_vox.shape[:3], dtype=disp_vox.dtype, device=disp_vox.device)
+    for start in range(0, n0, step):
+        stop = min(n0, start + step)
+        lo, hi = max(0, start - 1), min(n0, stop + 1)  # the halo makes slab edges central differences
+        out[start:stop] = jacobian_determinant(disp_vox[lo:hi])[start - lo : stop - lo]
+    return out
 
 
 @torch.no_grad()

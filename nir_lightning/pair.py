@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import (
@@ -26,6 +28,7 @@ from nir_lightning.io import (
     check_label_volume,
     check_volume,
     parse_labels,
+    read_image_data,
 )
 
 log = logging.getLogger(__name__)
@@ -72,10 +75,61 @@ class ImagePair:
         return self.fixed_labels is not None and self.moving_labels is not None
 
 
+def _file_role(key: str) -> str:
+    """``"moving_labels"`` -> ``"moving label"`` (messages read "moving label image '...'")."""
+    return key.replace("_labels", " label")
+
+
+def _data_role(key: str) -> str:
+    """``"moving_labels"`` -> ``"moving"`` (the label checks say "moving label map '...'")."""
+    return key.removesuffix("_labels")
+
+
 def _same_grid(a: Tensor, b: Tensor) -> bool:
     return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(
         np.asarray(a.affine), np.asarray(b.affine), atol=1e-4
     )
+
+
+def _fmt(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
+def _few(values: Iterable[int], n: int = 12) -> str:
+    vals = sorted(values)
+    return "[" + ", ".join(str(v) for v in vals[:n]) + (", ...]" if len(vals) > n else "]")
+
+
+def grid_differences(a: Tensor, b: Tensor) -> list[str]:
+    """How the grids of two MetaTensors ``(C, D0, D1, D2)`` differ, in words (``a`` first)."""
+    aff_a, aff_b = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
+    out: list[str] = []
+    if tuple(a.shape[1:]) != tuple(b.shape[1:]):
+        out.append(f"shape {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+    sp_a, sp_b = voxel_spacing(aff_a), voxel_spacing(aff_b)
+    if not np.allclose(sp_a, sp_b, atol=1e-4):
+        out.append(f"spacing {_fmt(sp_a)} vs {_fmt(sp_b)} mm")
+    ax_a, ax_b = "".join(nib.aff2axcodes(aff_a)), "".join(nib.aff2axcodes(aff_b))
+    if ax_a != ax_b:
+        out.append(f"orientation {ax_a} vs {ax_b}")
+    elif not np.allclose(aff_a[:3, :3], aff_b[:3, :3], atol=1e-4):
+        out.append("axes rotated")
+    centre_a = aff_a[:3, :3] @ ((np.asarray(a.shape[1:]) - 1) / 2) + aff_a[:3, 3]
+    centre_b = aff_b[:3, :3] @ ((np.asarray(b.shape[1:]) - 1) / 2) + aff_b[:3, 3]
+    shift = float(np.linalg.norm(centre_a - centre_b))
+    if shift > 1e-3:
+        out.append(f"centres {shift:.1f} mm apart")
+    return out
+
+
+def _coverage(moving: Tensor, fixed: Tensor, step: int = 4) -> float:
+    """Fraction of (a stride-``step`` subset of) the fixed grid inside the moving field of view."""
+    axes = [np.arange(0, n, step, dtype=np.float64) for n in fixed.shape[1:]]
+    vox = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    to_moving = np.linalg.inv(np.asarray(moving.affine, dtype=np.float64)) @ np.asarray(fixed.affine, dtype=np.float64)
+    mv = vox @ to_moving[:3, :3].T + to_moving[:3, 3]
+    inside = np.all((mv >= -0.5) & (mv <= np.asarray(moving.shape[1:]) - 0.5), axis=1)
+    return float(inside.mean())
 
 
 def load_pair(
@@ -97,7 +151,7 @@ def load_pair(
         raise InputError("give both --fixed-labels and --moving-labels, or neither.")
     lo, hi = percentiles
     if not 0 <= lo < hi <= 100:
-        raise InputError(f"intensity percentiles must satisfy 0 <= low < high <= 100, got {percentiles}.")
+        raise InputError(f"data.percentiles must satisfy 0 <= low < high <= 100, got {percentiles}; the default is [0.5, 99.5].")
     paths: dict[str, Path] = {
         "fixed": check_image_file(fixed, "fixed"),
         "moving": check_image_file(moving, "moving"),
@@ -110,25 +164,41 @@ def load_pair(
     try:
         data = loader({k: str(v) for k, v in paths.items()})
     except Exception as exc:
-        raise InputError(f"could not read image data ({exc}); is one of {[str(p) for p in paths.values()]} truncated or corrupted?") from exc
+        for key, path in paths.items():  # name the file at fault: one of these raises for it
+            checker = check_label_volume if key.endswith("labels") else check_volume
+            checker(read_image_data(path, _file_role(key)), _data_role(key), path)
+        raise InputError(f"could not read image data ({exc}); is one of {[str(p) for p in paths.values()]} truncated or corrupted? Copy it again.") from exc
 
     for key in keys:
-        role = key.replace("_", " ")
-        check_affine(np.asarray(data[key].affine), role, paths[key])
+        check_affine(np.asarray(data[key].affine), _file_role(key), paths[key])
         checker = check_label_volume if key.endswith("labels") else check_volume
-        arr = checker(np.asarray(data[key]), role, paths[key])
+        arr = checker(np.asarray(data[key]), _data_role(key), paths[key])
         tensor = torch.as_tensor(arr.astype(np.float32))
         data[key] = type(data[key])(tensor, affine=data[key].affine, meta=data[key].meta)
     data = EnsureChannelFirstd(keys=keys, channel_dim="no_channel")(data)
 
     notes: list[str] = []
-    if "fixed_labels" in data and not _same_grid(data["fixed_labels"], data["fixed"]):
-        raise InputError(f"fixed label map '{paths['fixed_labels']}' is not on the fixed image's grid (shape {tuple(data['fixed_labels'].shape[1:])} vs {tuple(data['fixed'].shape[1:])}, or different affine); pass the segmentation of that image.")
-    if "moving_labels" in data and not _same_grid(data["moving_labels"], data["moving"]):
-        raise InputError(f"moving label map '{paths['moving_labels']}' is not on the moving image's grid (shape {tuple(data['moving_labels'].shape[1:])} vs {tuple(data['moving'].shape[1:])}, or different affine); pass the segmentation of that image.")
+    for side in ("fixed", "moving"):
+        key = f"{side}_labels"
+        if key in data and not _same_grid(data[key], data[side]):
+            raise InputError(
+                f"{side} label map '{paths[key]}' is not on the {side} image's grid ('{paths[side]}': "
+                f"{'; '.join(grid_differences(data[key], data[side])) or 'different affine'}); "
+                f"pass the segmentation of that image, or resample it onto the image's grid with nearest-neighbour interpolation first."
+            )
     if not _same_grid(data["moving"], data["fixed"]):
-        msg = (f"moving image '{paths['moving']}' (shape {tuple(data['moving'].shape[1:])}) is on a different grid than the fixed image "
-               f"(shape {tuple(data['fixed'].shape[1:])}); resampled it onto the fixed grid through the affines.")
+        coverage = _coverage(data["moving"], data["fixed"])
+        if coverage == 0.0:
+            raise InputError(
+                f"moving image '{paths['moving']}' does not overlap the fixed image '{paths['fixed']}' in world space "
+                f"(their affines place them apart: {'; '.join(grid_differences(data['moving'], data['fixed']))}). "
+                "Check the NIfTI headers (qform/sform) or align the images first, e.g. with a rigid registration."
+            )
+        msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
+               f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "
+               "the affines (trilinear; labels nearest neighbour). Resample it yourself beforehand to choose the interpolation.")
+        if coverage < 0.5:
+            msg += f" Only {100 * coverage:.0f}% of the fixed grid lies inside the moving image's field of view."
         log.warning(msg)
         notes.append(msg)
         data = ResampleToMatchd(keys=["moving"], key_dst="fixed", mode="bilinear", padding_mode="zeros")(data)
@@ -162,14 +232,22 @@ def load_pair(
         present_m = set(torch.unique(pair.moving_labels).tolist()) - {0}
         common = sorted(present_f & present_m)
         if not common:
-            raise InputError(f"the label maps share no label (fixed has {sorted(present_f)[:10]}..., moving has {sorted(present_m)[:10]}...); are they from the same atlas?")
+            where = " on the fixed grid" if notes else ""
+            raise InputError(
+                f"the fixed label map '{paths['fixed_labels']}' and the moving label map '{paths['moving_labels']}' share no label{where} "
+                f"(fixed has {_few(present_f)}, moving has {_few(present_m)}); pass label maps of the same atlas or protocol (e.g. both FreeSurfer aseg)."
+            )
         wanted = parse_labels(labels)
         if wanted is None:
             pair.labels = common
         else:
             absent = [lab for lab in wanted if lab not in present_f and lab not in present_m]
             if len(absent) == len(wanted):
-                raise InputError(f"none of the requested labels {wanted} occurs in either label map (they hold {common[:20]}); check --labels.")
+                raise InputError(
+                    f"--labels {labels if isinstance(labels, str) else wanted}: none of the requested labels {_few(wanted)} occurs in "
+                    f"'{paths['fixed_labels']}' or '{paths['moving_labels']}' (they share {_few(common)}); "
+                    "fix --labels, or leave it out to average over all shared labels."
+                )
             if absent:
                 msg = f"labels {absent} occur in neither label map; their Dice is reported as NaN and left out of the mean."
                 log.warning(msg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -54,6 +55,7 @@ class RegistrationModule(pl.LightningModule):
         window: local NCC window in lattice samples.
         regularizer: ``"jedt"`` (penalise det <= 0 only) or ``"unit"`` (|det - 1|).
         lam: weight of the regulariser.
+        margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR).
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
         jacobian_points: random foreground points per step whose det J is taken with a
@@ -74,7 +76,8 @@ class RegistrationModule(pl.LightningModule):
         window: int = 5,
         regularizer: Literal["jedt", "unit"] = "jedt",
         lam: float = 10.0,
-        lr: float = 1e-4,
+        margin: float = 0.3,
+        lr: float = 3e-4,
         lr_final_ratio: float = 0.1,
         jacobian_points: int = 4096,
         seed: int = 0,
@@ -82,12 +85,16 @@ class RegistrationModule(pl.LightningModule):
         eval_max_points: int = 2**18,
     ) -> None:
         super().__init__()
-        if lam < 0:
-            raise InputError(f"model.lam must be >= 0, got {lam}")
-        if not lr > 0:
-            raise InputError(f"model.lr must be > 0, got {lr}")
+        if not (math.isfinite(lam) and lam >= 0):
+            raise InputError(f"model.lam (weight of the folding penalty) must be a finite number >= 0, got {lam}; use e.g. lam=10, or 0 to switch the penalty off.")
+        if not 0 <= margin < 1:
+            raise InputError(f"model.margin must be in [0, 1) (a det J floor), got {margin}")
+        if not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"model.lr must be a finite number > 0, got {lr}; use e.g. lr=1e-4.")
         if not 0 < lr_final_ratio <= 1:
             raise InputError(f"model.lr_final_ratio must be in (0, 1], got {lr_final_ratio}")
+        if window < 2:
+            raise InputError(f"model.window (local NCC window, in lattice samples) must be >= 2, got {window}; use e.g. window=5.")
         if isinstance(sampler, MinipatchSampler) and window > sampler.patch_size:
             raise InputError(f"model.window={window} is larger than the mini-patch ({sampler.patch_size}); use a window <= patch_size.")
         if regularizer not in ("jedt", "unit"):
@@ -104,6 +111,7 @@ class RegistrationModule(pl.LightningModule):
         self.similarity = Similarity(similarity, window=window)
         self.regularizer = regularizer
         self.lam = lam
+        self.margin = margin
         self.lr = lr
         self.lr_final_ratio = lr_final_ratio
         self.jacobian_points = jacobian_points
@@ -175,15 +183,15 @@ class RegistrationModule(pl.LightningModule):
             phi = self.transform(pts)
             assert sample.spacing is not None
             det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
-            reg = jacobian_penalty(det, kind=kind)  # type: ignore[arg-type]
+            reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
             if self.jacobian_points > 0 and max(sample.spacing) > 1 and generator is not None:
                 # its own mean: folds between lattice points must not be diluted by the lattice
                 extra = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=self.mask)
-                reg = reg + jacobian_penalty(self._stencil_det(extra.points)[1], kind=kind)  # type: ignore[arg-type]
+                reg = reg + jacobian_penalty(self._stencil_det(extra.points)[1], kind=kind, margin=self.margin)  # type: ignore[arg-type]
         else:
             phi_vox, det = self._stencil_det(pts)
             phi = voxel_to_normalized(phi_vox, shape)
-            reg = jacobian_penalty(det, kind=kind)  # type: ignore[arg-type]
+            reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
         warped = sample_image(self.moving, phi)
         fixed = sample_image(self.fixed, pts)
         sim = self.similarity(fixed, warped, is_grid=sample.is_grid)

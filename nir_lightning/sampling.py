@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from nir_lightning.coords import identity_grid, voxel_to_normalized
+from nir_lightning.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,9 @@ class CoordinateSampler:
 
 def _check_shape(shape: tuple[int, int, int], minimum: int, what: str) -> None:
     if len(shape) != 3 or any(int(s) < minimum for s in shape):
-        raise ValueError(
-            f"{what} needs a 3D image of at least {minimum} voxels per axis, got shape {tuple(shape)}"
+        raise InputError(
+            f"{what} needs a 3D image of at least {minimum} voxels per axis, got shape {tuple(shape)}; "
+            "use a smaller patch_size/stride (model.sampler.init_args) or a larger image."
         )
 
 
@@ -71,7 +73,7 @@ class RandomSampler(CoordinateSampler):
 
     def __init__(self, *, num_points: int = 2**16) -> None:
         if num_points < 2:
-            raise ValueError(f"num_points must be >= 2, got {num_points}")
+            raise InputError(f"model.sampler.init_args.num_points must be >= 2, got {num_points}; use e.g. 65536 random points per step.")
         self.num_points = num_points
 
     def sample(
@@ -110,9 +112,9 @@ class DownsizeSampler(CoordinateSampler):
     (3, (3.0, 3.0, 3.0))
     """
 
-    def __init__(self, *, stride: int = 2) -> None:
+    def __init__(self, *, stride: int = 3) -> None:
         if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+            raise InputError(f"model.sampler.init_args.stride must be >= 1 (1 = every voxel), got {stride}; use e.g. stride=3.")
         self.stride = stride
 
     def sample(
@@ -148,9 +150,9 @@ class MinipatchSampler(CoordinateSampler):
 
     def __init__(self, *, num_patches: int = 8, patch_size: int = 32) -> None:
         if num_patches < 1:
-            raise ValueError(f"num_patches must be >= 1, got {num_patches}")
+            raise InputError(f"model.sampler.init_args.num_patches must be >= 1, got {num_patches}; use e.g. num_patches=8.")
         if patch_size < 2:
-            raise ValueError(f"patch_size must be >= 2, got {patch_size}")
+            raise InputError(f"model.sampler.init_args.patch_size must be >= 2 voxels, got {patch_size}; use e.g. patch_size=32.")
         self.num_patches = num_patches
         self.patch_size = patch_size
 

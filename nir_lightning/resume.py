@@ -1,0 +1,129 @@
+"""Crash safety of ``nir register``: atomic checkpoints, ``--resume``, and clean-up.
+
+While a fit runs, ``<output>/checkpoints/last.ckpt`` holds the state every ``--checkpoint-every``
+steps (written to a temporary name, then renamed, so a kill never leaves a truncated one) and
+``run.json`` the settings that produced it. ``--resume`` continues from ``last.ckpt``; since
+step ``t`` samples with a generator seeded by ``(seed, t)`` and the optimizer/scheduler state is
+in the checkpoint, the resumed fit ends where an uninterrupted one would. The folder is removed
+once all outputs are written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from nir_lightning.errors import InputError
+from nir_lightning.io import atomic_path, remove_stale_temporaries, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+RUN_FILE = "run.json"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` to a temporary file beside the target, then rename.
+
+    Lightning's default goes through a temporary file in the system temp folder and a move,
+    which is a copy (not atomic) when that folder is on another file system.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def checkpoint_callback(output: str | Path, every_n_steps: int) -> ModelCheckpoint:
+    """Keep only ``<output>/checkpoints/last.ckpt``, refreshed every ``every_n_steps`` steps."""
+    return ModelCheckpoint(
+        dirpath=Path(output) / CHECKPOINT_DIR,
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=every_n_steps,
+        save_on_train_epoch_end=False,
+        enable_version_counter=False,
+    )
+
+
+def run_signature(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings a checkpoint depends on: model, data, seed and the step budget (the
+    learning-rate schedule spans ``max_steps``). Logging, devices and callbacks may change."""
+    trainer = config.get("trainer") or {}
+    sig = {
+        "model": config.get("model"),
+        "data": config.get("data"),
+        "seed_everything": config.get("seed_everything"),
+        "trainer.max_steps": trainer.get("max_steps"),
+    }
+    return json.loads(json.dumps(sig, sort_keys=True, default=str))
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    a, b = _flatten(saved), _flatten(now)
+    return [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def prepare(output: str | Path, *, resume: bool, signature: dict[str, Any]) -> tuple[Path | None, int | None]:
+    """Set up the checkpoint folder; returns ``(ckpt_path, step)`` to resume from, or ``(None, None)``.
+
+    Without ``resume`` a leftover checkpoint (of an interrupted run) is replaced, with a warning.
+    With ``resume`` the checkpoint must come from the same settings (``run.json``).
+    """
+    folder = Path(output) / CHECKPOINT_DIR
+    last, run_file = folder / LAST, folder / RUN_FILE
+    remove_stale_temporaries(folder, [LAST, RUN_FILE])
+    ckpt: Path | None = None
+    step: int | None = None
+    if resume and last.is_file():
+        if run_file.is_file():
+            saved = json.loads(run_file.read_text())
+            diffs = _differences(saved, signature)
+            if diffs:
+                raise InputError(
+                    f"--resume: the checkpoint '{last}' was written with other settings ({'; '.join(diffs[:5])}); "
+                    "resuming would mix two configurations. Resume with the same options, or drop --resume to start over."
+                )
+        try:
+            state = torch.load(last, map_location="cpu", weights_only=False)
+            step = int(state["global_step"])
+        except Exception as exc:  # any unreadable checkpoint gets the same advice
+            raise InputError(f"--resume: the checkpoint '{last}' cannot be read ({exc}); drop --resume to start over.") from exc
+        ckpt = last
+        log.warning("resuming from '%s' (step %d)", last, step)
+    else:
+        if resume:
+            log.warning("--resume: no checkpoint in '%s'; starting from step 0.", folder)
+        elif last.is_file():
+            log.warning("'%s' holds the checkpoint of an earlier, interrupted run; starting over (pass --resume to continue it).", last)
+        last.unlink(missing_ok=True)
+    write_text_atomic(run_file, json.dumps(signature, indent=2, sort_keys=True) + "\n")
+    return ckpt, step
+
+
+def finish(output: str | Path) -> None:
+    """Remove the checkpoint folder once the outputs are written (the run is complete)."""
+    folder = Path(output) / CHECKPOINT_DIR
+    for name in (LAST, RUN_FILE):
+        (folder / name).unlink(missing_ok=True)
+    remove_stale_temporaries(folder, [LAST, RUN_FILE])
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
