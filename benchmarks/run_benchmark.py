@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster scoring)")
     p.add_argument("--no-onehot", action="store_true", help="skip the linear-interpolation-of-one-hot Dice")
     p.add_argument("--out", help="output folder (default benchmarks/results/DATE[_quick])")
+    p.add_argument("--readme", action="store_true", help="also put the table into README.md between its benchmark markers")
     return p.parse_args(argv)
 
 
@@ -352,10 +353,26 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(md)
     plot(out / "dice_vs_seconds.png", rows)
     (out / "run.json").write_text(json.dumps({"header": header, "args": vars(args), "methods": methods}, indent=2, default=str) + "\n")
+    if args.readme:
+        update_readme(REPO / "README.md", md)
     print(f"\nwrote {out / 'results.csv'}, {out / 'per_structure.csv'}, {out / 'results.md'}, {out / 'dice_vs_seconds.png'}\n")
     print(md)
     failed = [r for r in rows if r["status"] in ("failed", "timeout", "score-error")]
     return 1 if failed else 0
+
+
+README_START = "<!-- benchmark:start (written by benchmarks/run_benchmark.py --readme) -->"
+README_END = "<!-- benchmark:end -->"
+
+
+def update_readme(readme: Path, md: str) -> None:
+    """Replace the table between the README's markers, so the README shows what the harness measured."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no benchmark markers ({README_START} ... {README_END})")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(head + README_START + "\n" + md.strip() + "\n" + README_END + tail)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from nir_lightning.resume import prepare as prepare_checkpoints
 log = logging.getLogger("nir_lightning")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_steps": 500,
+    "max_steps": 400,
     "devices": 1,  # one pair is one small problem; several GPUs are for register-many
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 10,
