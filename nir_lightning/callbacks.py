@@ -16,11 +16,13 @@ class NiftiWriter(BasePredictionWriter):
 
     Args:
         output_dir: folder for the outputs (created if missing).
+        qc: also write ``qc.png``, the QC figure ``nir register`` writes.
     """
 
-    def __init__(self, *, output_dir: str = "predictions") -> None:
+    def __init__(self, *, output_dir: str = "predictions", qc: bool = True) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
+        self.qc = qc
 
     def write_on_batch_end(
         self,
@@ -35,4 +37,10 @@ class NiftiWriter(BasePredictionWriter):
         if not isinstance(prediction, Registration):
             raise TypeError(f"NiftiWriter expects a Registration from predict_step, got {type(prediction).__name__}")
         pair = getattr(pl_module, "pair", None)
+        if self.qc and pair is not None:
+            from nir_lightning.qc import save_qc_figure  # matplotlib only when asked
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            # before write_outputs, so metrics.json stays the last file written
+            save_qc_figure(pair, self.output_dir / "qc.png", phi=prediction.phi, title=f"{int(trainer.global_step)} steps")
         write_outputs(prediction, pair, self.output_dir, extra={"steps": int(trainer.global_step)})

@@ -21,6 +21,36 @@ class NeuralField(nn.Module):
         raise NotImplementedError
 
 
+def coordinate_network(
+    *,
+    num_frequencies: int,
+    sigma: float,
+    width: int,
+    depth: int,
+    activation: Literal["sine", "relu"],
+    omega0: float,
+    encoding_seed: int,
+) -> tuple[FourierFeatures, CoordinateMLP]:
+    """The encoding ``gamma`` and the MLP of every field: ``(..., 3) -> (..., 3)`` as ``mlp(gamma(x))``.
+
+    >>> import torch
+    >>> enc, mlp = coordinate_network(num_frequencies=4, sigma=1.0, width=8, depth=1,
+    ...                               activation="sine", omega0=30.0, encoding_seed=0)
+    >>> mlp(enc(torch.zeros(2, 3))).shape
+    torch.Size([2, 3])
+    """
+    encoding = FourierFeatures(num_frequencies=num_frequencies, sigma=sigma, seed=encoding_seed)
+    mlp = CoordinateMLP(
+        in_features=encoding.out_features,
+        out_features=3,
+        width=width,
+        depth=depth,
+        activation=activation,
+        omega0=omega0,
+    )
+    return encoding, mlp
+
+
 class DisplacementField(NeuralField):
     """General deformable field ``phi(x) = x + u(x)``, ``u = MLP(gamma(x))``.
 
@@ -56,16 +86,14 @@ class DisplacementField(NeuralField):
         encoding_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.encoding = FourierFeatures(
-            num_frequencies=num_frequencies, sigma=sigma, seed=encoding_seed
-        )
-        self.mlp = CoordinateMLP(
-            in_features=self.encoding.out_features,
-            out_features=3,
+        self.encoding, self.mlp = coordinate_network(
+            num_frequencies=num_frequencies,
+            sigma=sigma,
             width=width,
             depth=depth,
             activation=activation,
             omega0=omega0,
+            encoding_seed=encoding_seed,
         )
 
     def displacement(self, x: Tensor) -> Tensor:

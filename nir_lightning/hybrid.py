@@ -146,7 +146,7 @@ class HybridSchedule(Callback):
             return int(self.switch_step)
         if trainer.max_steps is None or trainer.max_steps < 0:
             raise InputError("HybridSchedule needs trainer.max_steps (or an explicit switch_step).")
-        return int(round(self.switch_fraction * trainer.max_steps))
+        return round(self.switch_fraction * trainer.max_steps)
 
     def lr_lambdas(self, trainer: pl.Trainer, total_steps: int, final_ratio: float) -> list[Callable[[int], float]]:
         """Per-group LR factors ``[NF1, NF2]`` (see :func:`two_phase_lr_lambdas`)."""

@@ -24,7 +24,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from nir_lightning.coords import identity_grid, normalized_to_voxel_scale
 from nir_lightning.encoding import FourierFeatures
 from nir_lightning.errors import InputError
-from nir_lightning.fields import NeuralField
+from nir_lightning.fields import NeuralField, coordinate_network
 from nir_lightning.mlp import CoordinateMLP
 from nir_lightning.sampling import full_grid_chunks
 
@@ -143,14 +143,14 @@ class VelocityField(NeuralField):
                 )
             if not (rtol > 0 and atol > 0):
                 raise InputError(f"{prefix}.rtol and atol must be > 0, got rtol={rtol}, atol={atol}.")
-        encoding = FourierFeatures(num_frequencies=num_frequencies, sigma=sigma, seed=encoding_seed)
-        mlp = CoordinateMLP(
-            in_features=encoding.out_features,
-            out_features=3,
+        encoding, mlp = coordinate_network(
+            num_frequencies=num_frequencies,
+            sigma=sigma,
             width=width,
             depth=depth,
             activation=activation,
             omega0=omega0,
+            encoding_seed=encoding_seed,
         )
         self.velocity_net = StationaryVelocity(encoding, mlp, scale=scale)
         self.scale = scale

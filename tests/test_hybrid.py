@@ -230,6 +230,9 @@ def test_hybrid_diffeomorphic_predict_writes_the_inverse(demo_files, tmp_path) -
     trainer.predict(module, datamodule=dm, return_predictions=False)
     metrics = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     assert (tmp_path / "pred" / "inverse_displacement.nii.gz").exists()
+    qc = tmp_path / "pred" / "qc.png"  # the QC figure of nir register, written before metrics.json
+    assert qc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert qc.stat().st_mtime_ns <= (tmp_path / "pred" / "metrics.json").stat().st_mtime_ns
     assert metrics["folding_count"] == 0
     assert metrics["inverse_consistency_mm"] < 0.05  # phi2 o phi1 inverted as phi1^-1 o phi2^-1
 
