@@ -37,10 +37,5 @@ class NiftiWriter(BasePredictionWriter):
         if not isinstance(prediction, Registration):
             raise TypeError(f"NiftiWriter expects a Registration from predict_step, got {type(prediction).__name__}")
         pair = getattr(pl_module, "pair", None)
-        if self.qc and pair is not None:
-            from nir_lightning.qc import save_qc_figure  # matplotlib only when asked
-
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            # before write_outputs, so metrics.json stays the last file written
-            save_qc_figure(pair, self.output_dir / "qc.png", phi=prediction.phi, title=f"{int(trainer.global_step)} steps")
-        write_outputs(prediction, pair, self.output_dir, extra={"steps": int(trainer.global_step)})
+        steps = int(trainer.global_step)
+        write_outputs(prediction, pair, self.output_dir, extra={"steps": steps}, qc_title=f"{steps} steps" if self.qc else None)

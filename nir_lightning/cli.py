@@ -176,14 +176,9 @@ def register(argv: list[str]) -> dict[str, Any]:
     if resumed_step is not None:
         extra_metrics["resumed_from_step"] = resumed_step
     extra_metrics["seconds_total"] = time.perf_counter() - t0
-    # metrics.json is written last: while it is absent the folder is not complete (--resume may redo it)
-    (out / "metrics.json").unlink(missing_ok=True)
-    from nir_lightning.qc import save_qc_figure
-
     assert dm.pair is not None
-    # before write_outputs: metrics.json stays the last file written (register-many's completeness mark)
-    save_qc_figure(dm.pair, out / "qc.png", phi=reg.phi, title=f"{out.name}: {int(trainer.global_step)} steps")
-    metrics = write_outputs(reg, dm.pair, out, extra=extra_metrics)
+    # metrics.json last: while it is absent the folder is not complete (--resume may redo it)
+    metrics = write_outputs(reg, dm.pair, out, extra=extra_metrics, qc_title=f"{out.name}: {int(trainer.global_step)} steps")
     finish_run(trainer, metrics, output_dir=out)  # W&B summary/artifact when a WandbLogger is configured
     finish_checkpoints(out)  # complete: the checkpoint is no longer needed
     _summary(metrics, out)

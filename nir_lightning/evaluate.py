@@ -192,10 +192,27 @@ def displacement_world(reg: Registration, affine: np.ndarray) -> np.ndarray:
     return voxel_displacement_to_world(reg.disp_vox.numpy(), affine).astype(np.float32)
 
 
-def write_outputs(reg: Registration, pair: ImagePair, output_dir: str | Path, *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the NIfTI outputs (fixed affine) and ``metrics.json`` atomically; returns the metrics."""
+def write_outputs(
+    reg: Registration,
+    pair: ImagePair,
+    output_dir: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    qc_title: str | None = None,
+) -> dict[str, Any]:
+    """Write the NIfTI outputs (fixed affine), ``qc.png`` when ``qc_title`` is given, and
+    ``metrics.json``, each atomically; returns the metrics.
+
+    ``metrics.json`` is removed first and written last: a folder without it is incomplete
+    (``--resume`` and ``register-many`` rely on that).
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    if qc_title is not None:
+        from nir_lightning.qc import save_qc_figure  # matplotlib only when asked
+
+        save_qc_figure(pair, out / "qc.png", phi=reg.phi, title=qc_title)
     aff = pair.fixed_affine
     save_nifti(reg.warped.numpy().astype(np.float32), aff, out / "warped.nii.gz")
     if reg.warped_labels is not None:
