@@ -60,6 +60,12 @@ class RegistrationModule(pl.LightningModule):
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
         jacobian_points: random foreground points per step whose det J is taken with a
             one-voxel stencil (coarse lattices miss folds between their points).
+        jacobian_stencil: finite differences of those points: ``"forward"`` (x, x+h; 4
+            evaluations per point) or ``"central"`` (x-h, x+h; 6 evaluations, the stencil of
+            the folding metric and of ANTs' ``CreateJacobianDeterminantImage``). Forward
+            differences cannot see an oscillation two voxels wide, which central ones report as
+            a fold; ``"central"`` penalises those too, so the extra points are then also added
+            for samplers whose own Jacobian is already one voxel fine.
         seed: seeds the coordinate sampling (step ``t`` uses ``seed`` and ``t``, so a resumed
             fit samples exactly what an uninterrupted one would).
         val_stride: lattice stride of the validation metrics.
@@ -80,6 +86,7 @@ class RegistrationModule(pl.LightningModule):
         lr: float = 3e-4,
         lr_final_ratio: float = 0.1,
         jacobian_points: int = 4096,
+        jacobian_stencil: Literal["forward", "central"] = "forward",
         seed: int = 0,
         val_stride: int = 2,
         eval_max_points: int = 2**18,
@@ -101,6 +108,8 @@ class RegistrationModule(pl.LightningModule):
             raise InputError(f"model.regularizer must be 'jedt' or 'unit', got {regularizer!r}")
         if jacobian_points < 0:
             raise InputError(f"model.jacobian_points must be >= 0, got {jacobian_points}")
+        if jacobian_stencil not in ("forward", "central"):
+            raise InputError(f"model.jacobian_stencil must be 'forward' or 'central', got {jacobian_stencil!r}")
         if val_stride < 1 or eval_max_points < 1:
             raise InputError("model.val_stride and model.eval_max_points must be >= 1")
         self.save_hyperparameters(logger=False, ignore=["field", "field2", "sampler"])
@@ -115,6 +124,7 @@ class RegistrationModule(pl.LightningModule):
         self.lr = lr
         self.lr_final_ratio = lr_final_ratio
         self.jacobian_points = jacobian_points
+        self.jacobian_stencil = jacobian_stencil
         self.seed = seed
         self.val_stride = val_stride
         self.eval_max_points = eval_max_points
@@ -170,11 +180,33 @@ class RegistrationModule(pl.LightningModule):
         jac = torch.stack([out_vox[a + 1] - out_vox[0] for a in range(3)], dim=-1)
         return out_vox[:1], determinant(jac)
 
+    def _central_det(self, pts: Tensor) -> Tensor:
+        """det J at ``pts`` ``(1, N, 1, 1, 3)`` by one-voxel central differences."""
+        shape = self.shape
+        step = (1.0 / normalized_to_voxel_scale(shape)).to(pts)
+        offsets = torch.diag(step)
+        stencil = torch.cat([pts + offsets[a] for a in range(3)] + [pts - offsets[a] for a in range(3)], dim=0)
+        out_vox = normalized_to_voxel(self.transform(stencil), shape)
+        jac = torch.stack([(out_vox[a] - out_vox[a + 3]) / 2 for a in range(3)], dim=-1)
+        return determinant(jac)
+
+    def _extra_penalty(self, generator: torch.Generator) -> Tensor:
+        """Penalty on ``jacobian_points`` random foreground points, with its own mean: folds
+        between lattice points must not be diluted by the lattice."""
+        extra = RandomSampler(num_points=self.jacobian_points).sample(self.shape, generator=generator, mask=self.mask)
+        if self.jacobian_stencil == "central":
+            det = self._central_det(extra.points)
+        else:
+            det = self._stencil_det(extra.points)[1]
+        return jacobian_penalty(det, kind=self.regularizer, margin=self.margin)  # type: ignore[arg-type]
+
     def model_step(self, sample: CoordinateSample, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Similarity and folding penalty of ``self.field`` on one coordinate sample.
 
-        Lattices coarser than one voxel cannot see folds between their points, so
-        ``jacobian_points`` extra points with a one-voxel stencil are added to the penalty.
+        The sample's own det J uses forward differences (one voxel fine for random points and
+        mini-patches, ``stride`` voxels on the downsize lattice). ``jacobian_points`` extra
+        points with a one-voxel stencil are added where that misses folds: on lattices coarser
+        than one voxel, and always with ``jacobian_stencil="central"``.
         """
         pts = sample.points
         shape = self.shape
@@ -183,15 +215,14 @@ class RegistrationModule(pl.LightningModule):
             phi = self.transform(pts)
             assert sample.spacing is not None
             det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
-            reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
-            if self.jacobian_points > 0 and max(sample.spacing) > 1 and generator is not None:
-                # its own mean: folds between lattice points must not be diluted by the lattice
-                extra = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=self.mask)
-                reg = reg + jacobian_penalty(self._stencil_det(extra.points)[1], kind=kind, margin=self.margin)  # type: ignore[arg-type]
+            coarse = max(sample.spacing) > 1
         else:
             phi_vox, det = self._stencil_det(pts)
             phi = voxel_to_normalized(phi_vox, shape)
-            reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
+            coarse = False
+        reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
+        if self.jacobian_points > 0 and generator is not None and (coarse or self.jacobian_stencil == "central"):
+            reg = reg + self._extra_penalty(generator)
         warped = sample_image(self.moving, phi)
         fixed = sample_image(self.fixed, pts)
         sim = self.similarity(fixed, warped, is_grid=sample.is_grid)

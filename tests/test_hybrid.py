@@ -261,3 +261,23 @@ def test_model_configs_build_and_compose(model_cfg: str, field: str, field2: str
     assert (type(cli.model.field2).__name__ if cli.model.field2 is not None else None) == field2
     schedules = [c for c in cli.trainer.callbacks if isinstance(c, HybridSchedule)]
     assert len(schedules) == (1 if field2 else 0)
+    # velocity configs penalise central-difference det J (what folding_percent counts) harder
+    velocity = field == "VelocityField"
+    assert cli.model.jacobian_stencil == ("central" if velocity else "forward")
+    assert cli.model.lam == (20.0 if velocity else 10.0)
+
+
+@pytest.mark.parametrize("model_cfg", ["diffeomorphic", "hybrid_diffeomorphic"])
+def test_velocity_penalty_survives_layering_after_the_displacement_config(model_cfg: str, tmp_path, monkeypatch) -> None:
+    """README and benchmarks layer a mode file after configs/model/displacement.yaml."""
+    from nir_lightning.cli import NIRCLI
+
+    args = [
+        "-c", str(REPO / "configs" / "model" / "displacement.yaml"),
+        "-c", str(REPO / "configs" / "model" / f"{model_cfg}.yaml"),
+        "-c", str(REPO / "configs" / "logger" / "none.yaml"),
+        "--data.demo=true", f"--trainer.default_root_dir={tmp_path}",
+    ]
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    cli = NIRCLI(args, run=False)
+    assert (cli.model.jacobian_stencil, cli.model.lam, type(cli.model.field).__name__) == ("central", 20.0, "VelocityField")

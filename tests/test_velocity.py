@@ -237,8 +237,10 @@ def test_displacement_field_has_no_inverse_outputs(tmp_path) -> None:
 
 # -- the point of the diffeomorphic mode ------------------------------------------------------
 def _fit(field, pair, *, steps: int, lr: float, lam: float) -> RegistrationModule:
-    torch.manual_seed(0)
-    module = RegistrationModule(field=field, sampler=DownsizeSampler(stride=2), window=5, lam=lam, lr=lr, jacobian_points=0)
+    """The module's own training step (downsize stride 2 + 1024 central-stencil points)."""
+    module = RegistrationModule(
+        field=field, sampler=DownsizeSampler(stride=2), window=5, lam=lam, lr=lr, jacobian_points=1024, jacobian_stencil="central"
+    )
     module.attach_pair(pair)
     opt = torch.optim.Adam(module.field.parameters(), lr=lr)
     for step in range(steps):
@@ -251,34 +253,37 @@ def _fit(field, pair, *, steps: int, lr: float, lam: float) -> RegistrationModul
 
 
 @pytest.mark.slow
-def test_velocity_field_does_not_fold_where_a_displacement_field_does(tmp_path) -> None:
-    """Large synthetic deformation, same network, optimiser, steps and no folding penalty
-    (lam=0): the displacement field folds, the velocity field (a diffeomorphism by
-    construction) has no voxel with det J <= 0."""
+@pytest.mark.parametrize("seed", [0, 1])
+def test_velocity_field_does_not_fold_where_a_displacement_field_does(tmp_path, seed: int) -> None:
+    """Large synthetic deformation, same network, optimiser, steps and a weak folding penalty
+    (lam=0.1, central stencil as in configs/model/diffeomorphic.yaml): the displacement field
+    folds hundreds of voxels, the velocity field has ``folding_count == 0``.
+
+    Measured (seeds 0, 1, 2): displacement 119 / 149 / 79 folded voxels, velocity 0 / 0 / 0
+    (det min 0.028 / 0.030 / 0.062). With lam=0 the velocity field reads 0-3 voxels with det <= 0:
+    the flow is a diffeomorphism, but the dense det is a central-difference estimate of it."""
     files = write_demo_pair(tmp_path, shape=PHANTOM_SHAPE, magnitude=5.0, seed=3)
     pair = load_pair(files["fixed"], files["moving"], fixed_labels=files["fixed_labels"], moving_labels=files["moving_labels"])
     net = {"num_frequencies": 32, "sigma": 2.0, "width": 64, "depth": 3, "omega0": 10.0}
     results = {}
-    for name, field in (
-        ("displacement", DisplacementField(**net)),
-        ("diffeomorphic", VelocityField(**net, method="midpoint", step_size=0.1)),
-    ):
-        module = _fit(field, pair, steps=STEPS, lr=LR, lam=0.0)
-        reg = evaluate(module.field, pair, hd95=False)
-        results[name] = reg.metrics
+    for name in ("displacement", "diffeomorphic"):
+        torch.manual_seed(seed)  # the same initial weights for both fields
+        field = DisplacementField(**net) if name == "displacement" else VelocityField(**net, method="midpoint", step_size=0.1)
+        module = _fit(field, pair, steps=STEPS, lr=LR, lam=0.1)
+        results[name] = evaluate(module.field, pair, hd95=False).metrics
     d, v = results["displacement"], results["diffeomorphic"]
     print(
-        f"\nmagnitude-5 phantom {PHANTOM_SHAPE}, lam=0, {STEPS} steps: "
+        f"\nmagnitude-5 phantom {PHANTOM_SHAPE}, lam=0.1, {STEPS} steps, seed {seed}: "
         f"displacement folding_count={d['folding_count']} ({d['folding_percent']:.3f} %, det min {d['jacobian_det_min']:.3f}, "
         f"Dice {d['dice_before']:.3f}->{d['dice_after']:.3f}); "
         f"diffeomorphic folding_count={v['folding_count']} (det min {v['jacobian_det_min']:.3f}, "
         f"Dice {v['dice_before']:.3f}->{v['dice_after']:.3f}, inverse consistency {v['inverse_consistency_mm']:.4f} mm)"
     )
-    # The flow is a diffeomorphism; the dense det is a finite-difference estimate of it, so a
-    # stray voxel can read <= 0 where the flow compresses hard. Displacement folds >100x more.
-    assert d["folding_percent"] > 0.5
-    assert v["folding_percent"] < 0.01
+    assert d["folding_count"] > 50 and d["folding_percent"] > 0.2
+    assert v["folding_count"] == 0
+    assert v["jacobian_det_min"] > 0
     assert v["dice_after"] > v["dice_before"] + 0.1
+    assert v["dice_after"] > d["dice_after"] - 0.05
     assert v["inverse_consistency_mm"] < 0.1
 
 
