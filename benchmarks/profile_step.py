@@ -39,7 +39,6 @@ def main() -> None:
     from nir_lightning.coords import normalized_to_voxel
     from nir_lightning.jacobian import determinant, jacobian_forward
     from nir_lightning.losses import jacobian_penalty
-    from nir_lightning.sampling import RandomSampler
     from nir_lightning.warp import sample_image
 
     cli_args = [f"--data.fixed={args.fixed}", f"--data.moving={args.moving}"]
@@ -82,9 +81,8 @@ def main() -> None:
         det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
         reg = jacobian_penalty(det, kind=model.regularizer, margin=model.margin)
         mark("det J + penalty on the lattice")
-        if model.jacobian_points > 0 and max(sample.spacing) > 1:
-            extra = RandomSampler(num_points=model.jacobian_points).sample(shape, generator=gen, mask=model.mask)
-            reg = reg + jacobian_penalty(model._stencil_det(extra.points)[1], kind=model.regularizer, margin=model.margin)
+        if model.needs_extra_points(sample):
+            reg = reg + model.extra_penalty(gen)
             mark("stencil points: field forward + det J")
         warped = sample_image(model.moving, phi)
         fixed = sample_image(model.fixed, sample.points)
@@ -102,7 +100,8 @@ def main() -> None:
                 times[name] += t1 - t0
         counts["points"] = sample.points[..., 0].numel()
     total = sum(times.values())
-    print(f"pair {tuple(shape)}, {counts['points']} lattice points + {model.jacobian_points} x 4 stencil points per step, "
+    per_point = 6 if model.jacobian_stencil == "central" else 4
+    print(f"pair {tuple(shape)}, {counts['points']} lattice points + {model.jacobian_points} x {per_point} stencil points per step, "
           f"device {args.device}, {torch.get_num_threads()} threads, {args.steps} timed steps")
     print("| part | ms / step | share |\n|---|---|---|")
     for name, t in times.items():

@@ -170,27 +170,34 @@ class RegistrationModule(pl.LightningModule):
         y = self.field(x)
         return self.field2(y) if self.in_phase2 else y  # type: ignore[misc]
 
+    def _voxel_offsets(self, like: Tensor) -> Tensor:
+        """``(3, 3)``: row ``a`` is one fixed voxel along axis ``a``, in normalized units."""
+        return torch.diag((1.0 / normalized_to_voxel_scale(self.shape)).to(like))
+
     def _stencil_det(self, pts: Tensor) -> tuple[Tensor, Tensor]:
         """Field at ``pts`` ``(1, N, 1, 1, 3)`` and det J by one-voxel forward differences."""
-        shape = self.shape
-        step = (1.0 / normalized_to_voxel_scale(shape)).to(pts)
-        offsets = torch.diag(step)
+        offsets = self._voxel_offsets(pts)
         stencil = torch.cat([pts] + [pts + offsets[a] for a in range(3)], dim=0)
-        out_vox = normalized_to_voxel(self.transform(stencil), shape)
+        out_vox = normalized_to_voxel(self.transform(stencil), self.shape)
         jac = torch.stack([out_vox[a + 1] - out_vox[0] for a in range(3)], dim=-1)
         return out_vox[:1], determinant(jac)
 
     def _central_det(self, pts: Tensor) -> Tensor:
         """det J at ``pts`` ``(1, N, 1, 1, 3)`` by one-voxel central differences."""
-        shape = self.shape
-        step = (1.0 / normalized_to_voxel_scale(shape)).to(pts)
-        offsets = torch.diag(step)
+        offsets = self._voxel_offsets(pts)
         stencil = torch.cat([pts + offsets[a] for a in range(3)] + [pts - offsets[a] for a in range(3)], dim=0)
-        out_vox = normalized_to_voxel(self.transform(stencil), shape)
+        out_vox = normalized_to_voxel(self.transform(stencil), self.shape)
         jac = torch.stack([(out_vox[a] - out_vox[a + 3]) / 2 for a in range(3)], dim=-1)
         return determinant(jac)
 
-    def _extra_penalty(self, generator: torch.Generator) -> Tensor:
+    def needs_extra_points(self, sample: CoordinateSample) -> bool:
+        """Whether ``sample``'s own det J misses folds that ``jacobian_points`` would see: on
+        lattices coarser than one voxel, and always with ``jacobian_stencil="central"`` (every
+        sample's own stencil is a forward one)."""
+        coarse = sample.is_grid and max(sample.spacing or (1, 1, 1)) > 1
+        return self.jacobian_points > 0 and (coarse or self.jacobian_stencil == "central")
+
+    def extra_penalty(self, generator: torch.Generator) -> Tensor:
         """Penalty on ``jacobian_points`` random foreground points, with its own mean: folds
         between lattice points must not be diluted by the lattice."""
         extra = RandomSampler(num_points=self.jacobian_points).sample(self.shape, generator=generator, mask=self.mask)
@@ -215,14 +222,12 @@ class RegistrationModule(pl.LightningModule):
             phi = self.transform(pts)
             assert sample.spacing is not None
             det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
-            coarse = max(sample.spacing) > 1
         else:
             phi_vox, det = self._stencil_det(pts)
             phi = voxel_to_normalized(phi_vox, shape)
-            coarse = False
         reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
-        if self.jacobian_points > 0 and generator is not None and (coarse or self.jacobian_stencil == "central"):
-            reg = reg + self._extra_penalty(generator)
+        if generator is not None and self.needs_extra_points(sample):
+            reg = reg + self.extra_penalty(generator)
         warped = sample_image(self.moving, phi)
         fixed = sample_image(self.fixed, pts)
         sim = self.similarity(fixed, warped, is_grid=sample.is_grid)

@@ -91,7 +91,7 @@ def test_central_penalty_sees_a_fold_and_its_gradient_undoes_it(tiny_pair) -> No
     opt = torch.optim.Adam(module.field.parameters(), lr=1e-3)
     first = None
     for step in range(60):
-        pen = module._extra_penalty(module._generator(step))
+        pen = module.extra_penalty(module._generator(step))
         first = float(pen.detach()) if first is None else first
         opt.zero_grad()
         pen.backward()
