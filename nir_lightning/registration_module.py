@@ -19,7 +19,7 @@ from nir_lightning.errors import InputError
 from nir_lightning.evaluate import Registration, evaluate, foreground_mask
 from nir_lightning.fields import DisplacementField, NeuralField
 from nir_lightning.hybrid import ComposedField, HybridSchedule
-from nir_lightning.jacobian import determinant, jacobian_forward
+from nir_lightning.jacobian import determinant, jacobian_central_interior, jacobian_forward
 from nir_lightning.losses import Similarity, jacobian_penalty, local_ncc
 from nir_lightning.metrics import dice_per_label, mean_dice
 from nir_lightning.pair import ImagePair
@@ -65,7 +65,9 @@ class RegistrationModule(pl.LightningModule):
             the folding metric and of ANTs' ``CreateJacobianDeterminantImage``). Forward
             differences cannot see an oscillation two voxels wide, which central ones report as
             a fold; ``"central"`` penalises those too, so the extra points are then also added
-            for samplers whose own Jacobian is already one voxel fine.
+            for samplers whose own Jacobian is already one voxel fine, and one-voxel lattices
+            (mini-patches, ``stride=1``) also penalise their interior central-difference det J
+            (no extra field evaluations).
         seed: seeds the coordinate sampling (step ``t`` uses ``seed`` and ``t``, so a resumed
             fit samples exactly what an uninterrupted one would).
         val_stride: lattice stride of the validation metrics.
@@ -197,6 +199,16 @@ class RegistrationModule(pl.LightningModule):
         coarse = sample.is_grid and max(sample.spacing or (1, 1, 1)) > 1
         return self.jacobian_points > 0 and (coarse or self.jacobian_stencil == "central")
 
+    @staticmethod
+    def lattice_sees_central(sample: CoordinateSample) -> bool:
+        """Whether ``sample`` is a one-voxel lattice with interior points (every side >= 3),
+        on which central-difference det J costs no extra field evaluations."""
+        return (
+            sample.is_grid
+            and tuple(sample.spacing or ()) == (1, 1, 1)
+            and all(int(d) >= 3 for d in sample.points.shape[1:4])
+        )
+
     def extra_penalty(self, generator: torch.Generator) -> Tensor:
         """Penalty on ``jacobian_points`` random foreground points, with its own mean: folds
         between lattice points must not be diluted by the lattice."""
@@ -213,7 +225,9 @@ class RegistrationModule(pl.LightningModule):
         The sample's own det J uses forward differences (one voxel fine for random points and
         mini-patches, ``stride`` voxels on the downsize lattice). ``jacobian_points`` extra
         points with a one-voxel stencil are added where that misses folds: on lattices coarser
-        than one voxel, and always with ``jacobian_stencil="central"``.
+        than one voxel, and always with ``jacobian_stencil="central"``, which on one-voxel
+        lattices also adds the penalty of their interior central-difference det J (a separate
+        mean, like the extra points').
         """
         pts = sample.points
         shape = self.shape
@@ -221,11 +235,15 @@ class RegistrationModule(pl.LightningModule):
         if sample.is_grid:
             phi = self.transform(pts)
             assert sample.spacing is not None
-            det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
+            phi_vox = normalized_to_voxel(phi, shape)
+            det = determinant(jacobian_forward(phi_vox, sample.spacing))
         else:
             phi_vox, det = self._stencil_det(pts)
             phi = voxel_to_normalized(phi_vox, shape)
         reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
+        if self.jacobian_stencil == "central" and self.lattice_sees_central(sample):
+            det_c = determinant(jacobian_central_interior(phi_vox))
+            reg = reg + jacobian_penalty(det_c, kind=kind, margin=self.margin)  # type: ignore[arg-type]
         if generator is not None and self.needs_extra_points(sample):
             reg = reg + self.extra_penalty(generator)
         warped = sample_image(self.moving, phi)

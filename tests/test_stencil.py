@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nir_lightning.coords import voxel_to_normalized
+from nir_lightning.coords import normalized_to_voxel, voxel_to_normalized
 from nir_lightning.errors import InputError
 from nir_lightning.fields import DisplacementField
+from nir_lightning.losses import jacobian_penalty
 from nir_lightning.metrics import jacobian_determinant
 from nir_lightning.pair import load_pair
 from nir_lightning.registration_module import RegistrationModule
@@ -75,6 +76,28 @@ def _extra_evaluations(module: RegistrationModule, sampler) -> int:
 def test_extra_points_are_added_where_the_sample_cannot_see_the_folds(tiny_pair, sampler, stencil: str, extra: int) -> None:
     module = _module(tiny_pair, sampler=sampler, window=3, jacobian_points=64, jacobian_stencil=stencil)
     assert _extra_evaluations(module, sampler) == extra
+
+
+@pytest.mark.parametrize("sampler", [MinipatchSampler(num_patches=2, patch_size=6), DownsizeSampler(stride=1)])
+def test_one_voxel_lattices_add_the_central_det_of_the_folding_metric(tiny_pair, sampler) -> None:
+    """With ``jacobian_stencil="central"`` a one-voxel lattice's penalty gains the mean
+    ReLU(margin - det) of its interior points, with det J exactly the dense det that
+    ``folding_percent`` counts at those voxels."""
+    forward = _module(tiny_pair, sampler=sampler, window=3, jacobian_points=0, jacobian_stencil="forward")
+    central = _module(tiny_pair, sampler=sampler, window=3, jacobian_points=0, jacobian_stencil="central")
+    shape = central.shape
+    gen = central._generator(0)
+    sample = sampler.sample(shape, generator=gen, mask=central.mask)
+    with torch.no_grad():
+        added = float(central.model_step(sample)["jedt"] - forward.model_step(sample)["jedt"])
+        dense = jacobian_determinant(normalized_to_voxel_displacement(dense_field(central.field, shape), shape))
+    vox = normalized_to_voxel(sample.points, shape).round().long()[:, 1:-1, 1:-1, 1:-1].reshape(-1, 3)
+    assert vox.numel() > 0, "the sample must have interior points"
+    det = dense[vox[:, 0], vox[:, 1], vox[:, 2]]
+    expected = float(jacobian_penalty(det, margin=central.margin))
+    print(f"\nadded central penalty {added:.4f}, metric-det penalty {expected:.4f}, {int((det <= 0).sum())} folded interior voxels")
+    assert expected > 0.01, "the test field must fold inside the lattice"
+    assert added == pytest.approx(expected, rel=2e-3, abs=1e-4)
 
 
 def test_central_penalty_sees_a_fold_and_its_gradient_undoes_it(tiny_pair) -> None:
