@@ -37,8 +37,6 @@ def main() -> None:
 
     from nir_lightning.cli import NIRCLI
     from nir_lightning.coords import normalized_to_voxel
-    from nir_lightning.jacobian import determinant, jacobian_forward
-    from nir_lightning.losses import jacobian_penalty
     from nir_lightning.warp import sample_image
 
     cli_args = [f"--data.fixed={args.fixed}", f"--data.moving={args.moving}"]
@@ -78,8 +76,7 @@ def main() -> None:
             raise SystemExit("profile_step.py times the lattice samplers (downsize, minipatch); got a random sampler")
         phi = model.transform(sample.points)
         mark("field forward on the lattice")
-        det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
-        reg = jacobian_penalty(det, kind=model.regularizer, margin=model.margin)
+        reg = model.lattice_penalty(sample, normalized_to_voxel(phi, shape))
         mark("det J + penalty on the lattice")
         if model.needs_extra_points(sample):
             reg = reg + model.extra_penalty(gen)

@@ -22,39 +22,25 @@ def jacobian_forward(phi_vox: Tensor, spacing: tuple[float, float, float]) -> Te
     return torch.stack([d0, d1, d2], dim=-1)
 
 
-def jacobian_central_interior(phi_vox: Tensor) -> Tensor:
-    """Central-difference Jacobian at the interior points of a one-voxel lattice.
+def jacobian_central(phi_vox: Tensor) -> Tensor:
+    """Central-difference Jacobian (one-sided at the border) of a transform on a one-voxel lattice.
 
     The stencil of the dense det J that ``folding_percent`` counts: it reads a fold where the
     transform oscillates two voxels wide, which forward differences cannot see.
 
     Args:
-        phi_vox: ``(B, d0, d1, d2, 3)`` transformed positions in fixed voxels, on a lattice of
-            step one voxel along every axis (each ``d_a >= 3``).
+        phi_vox: ``(..., D0, D1, D2, 3)`` transformed positions in voxels, on the full grid or
+            on lattices of step one voxel (e.g. a batch of mini-patches).
 
     Returns:
-        ``(B, d0-2, d1-2, d2-2, 3, 3)``; same convention as :func:`jacobian_forward`.
+        ``(..., D0, D1, D2, 3, 3)``; same convention as :func:`jacobian_forward`.
 
-    >>> x = torch.stack(torch.meshgrid(*[torch.arange(4.0)] * 3, indexing="ij"), dim=-1)[None]
-    >>> jacobian_central_interior(2 * x).shape, float(determinant(jacobian_central_interior(2 * x)).min())
-    (torch.Size([1, 2, 2, 2, 3, 3]), 8.0)
+    >>> x = torch.stack(torch.meshgrid(*[torch.arange(4.0)] * 3, indexing="ij"), dim=-1)
+    >>> jac = jacobian_central(2 * x.expand(5, 4, 4, 4, 3))
+    >>> jac.shape, float(determinant(jac).min())
+    (torch.Size([5, 4, 4, 4, 3, 3]), 8.0)
     """
-    d0 = (phi_vox[:, 2:, 1:-1, 1:-1] - phi_vox[:, :-2, 1:-1, 1:-1]) / 2
-    d1 = (phi_vox[:, 1:-1, 2:, 1:-1] - phi_vox[:, 1:-1, :-2, 1:-1]) / 2
-    d2 = (phi_vox[:, 1:-1, 1:-1, 2:] - phi_vox[:, 1:-1, 1:-1, :-2]) / 2
-    return torch.stack([d0, d1, d2], dim=-1)
-
-
-def jacobian_central(phi_vox: Tensor) -> Tensor:
-    """Central-difference Jacobian (one-sided at the border) of a dense transform.
-
-    Args:
-        phi_vox: ``(D0, D1, D2, 3)`` transformed positions in voxels, on the full grid.
-
-    Returns:
-        ``(D0, D1, D2, 3, 3)``; same convention as :func:`jacobian_forward`.
-    """
-    grads = torch.gradient(phi_vox, dim=(0, 1, 2))
+    grads = torch.gradient(phi_vox, dim=(-4, -3, -2))
     return torch.stack(grads, dim=-1)
 
 

@@ -19,7 +19,7 @@ from nir_lightning.errors import InputError
 from nir_lightning.evaluate import Registration, evaluate, foreground_mask
 from nir_lightning.fields import DisplacementField, NeuralField
 from nir_lightning.hybrid import ComposedField, HybridSchedule
-from nir_lightning.jacobian import determinant, jacobian_central_interior, jacobian_forward
+from nir_lightning.jacobian import determinant, jacobian_central, jacobian_forward
 from nir_lightning.losses import Similarity, jacobian_penalty, local_ncc
 from nir_lightning.metrics import dice_per_label, mean_dice
 from nir_lightning.pair import ImagePair
@@ -199,25 +199,28 @@ class RegistrationModule(pl.LightningModule):
         coarse = sample.is_grid and max(sample.spacing or (1, 1, 1)) > 1
         return self.jacobian_points > 0 and (coarse or self.jacobian_stencil == "central")
 
-    @staticmethod
-    def lattice_sees_central(sample: CoordinateSample) -> bool:
-        """Whether ``sample`` is a one-voxel lattice with interior points (every side >= 3),
-        on which central-difference det J costs no extra field evaluations."""
-        return (
-            sample.is_grid
-            and tuple(sample.spacing or ()) == (1, 1, 1)
-            and all(int(d) >= 3 for d in sample.points.shape[1:4])
-        )
+    def _penalty(self, det: Tensor) -> Tensor:
+        return jacobian_penalty(det, kind=self.regularizer, margin=self.margin)  # type: ignore[arg-type]
+
+    def lattice_penalty(self, sample: CoordinateSample, phi_vox: Tensor) -> Tensor:
+        """Penalty of a lattice sample's own det J, from the transformed lattice ``phi_vox``
+        ``(B, d0, d1, d2, 3)`` (fixed voxels): forward differences at the lattice step; with
+        ``jacobian_stencil="central"`` on a one-voxel lattice (mini-patches, ``stride=1``) plus,
+        as a separate mean, central differences at its interior points (no extra field
+        evaluations)."""
+        assert sample.spacing is not None
+        reg = self._penalty(determinant(jacobian_forward(phi_vox, sample.spacing)))
+        if self.jacobian_stencil == "central" and tuple(sample.spacing) == (1, 1, 1) and min(phi_vox.shape[1:4]) >= 3:
+            reg = reg + self._penalty(determinant(jacobian_central(phi_vox)[:, 1:-1, 1:-1, 1:-1]))
+        return reg
 
     def extra_penalty(self, generator: torch.Generator) -> Tensor:
         """Penalty on ``jacobian_points`` random foreground points, with its own mean: folds
         between lattice points must not be diluted by the lattice."""
         extra = RandomSampler(num_points=self.jacobian_points).sample(self.shape, generator=generator, mask=self.mask)
         if self.jacobian_stencil == "central":
-            det = self._central_det(extra.points)
-        else:
-            det = self._stencil_det(extra.points)[1]
-        return jacobian_penalty(det, kind=self.regularizer, margin=self.margin)  # type: ignore[arg-type]
+            return self._penalty(self._central_det(extra.points))
+        return self._penalty(self._stencil_det(extra.points)[1])
 
     def model_step(self, sample: CoordinateSample, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Similarity and folding penalty of ``self.field`` on one coordinate sample.
@@ -230,20 +233,13 @@ class RegistrationModule(pl.LightningModule):
         mean, like the extra points').
         """
         pts = sample.points
-        shape = self.shape
-        kind = self.regularizer
         if sample.is_grid:
             phi = self.transform(pts)
-            assert sample.spacing is not None
-            phi_vox = normalized_to_voxel(phi, shape)
-            det = determinant(jacobian_forward(phi_vox, sample.spacing))
+            reg = self.lattice_penalty(sample, normalized_to_voxel(phi, self.shape))
         else:
             phi_vox, det = self._stencil_det(pts)
-            phi = voxel_to_normalized(phi_vox, shape)
-        reg = jacobian_penalty(det, kind=kind, margin=self.margin)  # type: ignore[arg-type]
-        if self.jacobian_stencil == "central" and self.lattice_sees_central(sample):
-            det_c = determinant(jacobian_central_interior(phi_vox))
-            reg = reg + jacobian_penalty(det_c, kind=kind, margin=self.margin)  # type: ignore[arg-type]
+            phi = voxel_to_normalized(phi_vox, self.shape)
+            reg = self._penalty(det)
         if generator is not None and self.needs_extra_points(sample):
             reg = reg + self.extra_penalty(generator)
         warped = sample_image(self.moving, phi)
