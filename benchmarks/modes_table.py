@@ -1,12 +1,13 @@
 """Displacement vs diffeomorphic x random / downsize / minipatch / hybrid on the shared brain pair.
 
-Every row is one ``nir register`` run (the user's path: same configs, same outputs) with the
-same step budget; the hybrid rows switch from downsize to mini-patches halfway. Prints a
+Every row is one :func:`nir_lightning.register_pair` run (what ``nir register`` runs: same
+configs, same outputs) with the same step budget; the hybrid rows switch from downsize to mini-patches halfway. Prints a
 Markdown table of Dice, HD95, folding, inverse consistency and seconds, and writes it with the
 raw metrics to ``--output`` (``results.md``, ``results.json``; each row's outputs in a subfolder).
 
     python benchmarks/modes_table.py --steps 400                      # the full table (slow on CPU)
     python benchmarks/modes_table.py --steps 5 --rows displacement/downsize,diffeomorphic/hybrid
+    python benchmarks/modes_table.py --model.lam=20                   # any config override, every row
 
 Run it alone on an idle machine: the seconds column is wall-clock time.
 """
@@ -14,13 +15,16 @@ Run it alone on an idle machine: the seconds column is wall-clock time.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))  # harness.methods.overrides_from_args
 DATA = REPO.parent / "shared" / "data" / "brain-pair"
 MODES = ("displacement", "diffeomorphic")
 SAMPLERS = ("random", "downsize", "minipatch", "hybrid")
@@ -41,25 +45,29 @@ def row_configs(mode: str, sampler: str) -> list[str]:
     return [str(f) for f in files]
 
 
-def run_row(mode: str, sampler: str, *, steps: int, out: Path, seed: int, extra: list[str]) -> dict:
-    from nir_lightning.cli import register
+def run_row(
+    mode: str, sampler: str, *, steps: int, out: Path, seed: int, overrides: dict[str, str], threads: int | None
+) -> dict[str, Any]:
+    """One row: :func:`nir_lightning.register_pair` on the 2 mm brain pair; returns its metrics
+    (``metrics.json``) plus ``seconds_row``."""
+    from nir_lightning import register_pair
 
     pair = DATA / "2mm"
-    argv = [
-        "--fixed", str(pair / "subjA_t1.nii.gz"),
-        "--moving", str(pair / "subjB_t1.nii.gz"),
-        "--fixed-labels", str(pair / "subjA_aseg.nii.gz"),
-        "--moving-labels", str(pair / "subjB_aseg.nii.gz"),
-        "--labels", str(DATA / "labels30.tsv"),
-        "--output", str(out / f"{mode}_{sampler}"),
-        "--overwrite",
-        "--seed", str(seed),
-    ]
-    for c in row_configs(mode, sampler):
-        argv += ["-c", c]
-    argv += [f"--trainer.max_steps={steps}", *extra]
     t0 = time.perf_counter()
-    metrics = register(argv)
+    result = register_pair(
+        pair / "subjA_t1.nii.gz",
+        pair / "subjB_t1.nii.gz",
+        fixed_labels=pair / "subjA_aseg.nii.gz",
+        moving_labels=pair / "subjB_aseg.nii.gz",
+        labels=str(DATA / "labels30.tsv"),
+        config=row_configs(mode, sampler),
+        output=out / f"{mode}_{sampler}",
+        overrides={"trainer.max_steps": steps, **overrides},
+        seed=seed,
+        threads=threads,
+        overwrite=True,
+    )
+    metrics = dict(result.metrics)
     metrics["seconds_row"] = time.perf_counter() - t0
     return metrics
 
@@ -68,7 +76,7 @@ def _fmt(value: object, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
-def markdown(rows: list[tuple[str, str, dict]], steps: int) -> str:
+def markdown(rows: list[tuple[str, str, dict[str, Any]]], steps: int) -> str:
     lines = [
         "| field | sampler | Dice | HD95 (mm) | folding % | folding voxels | inverse consistency (mm) | fit s | total s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -104,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default="all", help="'all' or comma-separated MODE/SAMPLER, e.g. displacement/downsize,diffeomorphic/hybrid")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "modes"), help="output folder")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: as nir register chooses)")
     args, extra = p.parse_known_args(argv)
+    from harness.methods import overrides_from_args
+
+    try:
+        overrides = overrides_from_args(extra)  # e.g. --model.lam=20: config overrides for every row
+    except ValueError as exc:
+        p.error(str(exc))
     if args.rows == "all":
         todo = [(m, s) for m in MODES for s in SAMPLERS]
     else:
@@ -117,21 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     if not (DATA / "2mm" / "subjA_t1.nii.gz").exists():
         p.error(f"brain pair not found under {DATA}")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    from nir_lightning.cli import _quiet_third_party
+    from nir_lightning.io import write_json_atomic
 
-    _quiet_third_party()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str, dict]] = []
+    rows: list[tuple[str, str, dict[str, Any]]] = []
     for mode, sampler in todo:
         print(f"== {mode} / {sampler}: {args.steps} steps", flush=True)
-        metrics = run_row(mode, sampler, steps=args.steps, out=out, seed=args.seed, extra=extra)
+        metrics = run_row(mode, sampler, steps=args.steps, out=out, seed=args.seed, overrides=overrides, threads=args.threads)
         rows.append((mode, sampler, metrics))
         table = markdown(rows, args.steps)
         (out / "results.md").write_text(table + "\n")
-        (out / "results.json").write_text(
-            json.dumps([{"mode": m, "sampler": s, **{k: v for k, v in r.items() if k != "config"}} for m, s, r in rows], indent=2, default=str)
-        )
+        write_json_atomic(out / "results.json", [{"mode": m, "sampler": s, **{k: v for k, v in r.items() if k != "config"}} for m, s, r in rows])
     print()
     print(markdown(rows, args.steps))
     return 0

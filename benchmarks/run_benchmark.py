@@ -47,14 +47,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pairs", help="CSV with columns fixed,moving,fixed_labels,moving_labels[,labels][,name]; relative paths are relative to the CSV")
-    src.add_argument("--demo", action="store_true", help="the synthetic phantom pair of nir_lightning.phantom (no data needed)")
+    src.add_argument("--demo", action="store_true", help="the synthetic phantom pair of nir_lightning.data.phantom (no data needed)")
     p.add_argument("--full", action="store_true", help="the 1 mm brain pair instead of 2 mm")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "brain-pair"), help="folder of the shared brain pair")
     p.add_argument("--labels", help="label list (TSV, first column) for every pair; default: labels30.tsv for the brain pair, all common labels otherwise")
     p.add_argument("--demo-shape", default="40,44,38", help="phantom grid for --demo (every axis >= 37: see the report)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated: nir, nir:NAME (see --nir-config), ants, fireants-greedy, fireants-syn")
     p.add_argument("--nir-config", action="append", default=[], metavar="NAME=A.yaml[+B.yaml]", help="extra nir_lightning run 'nir:NAME' with these config files (repeatable)")
-    p.add_argument("--nir-args", default="", help="extra options for every nir run, e.g. '--trainer.max_steps=300 --model.lam=20'")
+    p.add_argument("--nir-args", default="", help="config overrides for every nir run (register_pair's overrides), e.g. '--trainer.max_steps=300 --model.lam=20'")
     p.add_argument("--device", default="cpu", help="cpu or cuda (nir: --trainer.accelerator=gpu; FireANTs: device='cuda'; ANTs is CPU-only)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for every method (torch and ITK)")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def resolve_pairs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     keys = ("fixed", "moving", "fixed_labels", "moving_labels")
     if args.demo:
-        from nir_lightning.phantom import write_demo_pair
+        from nir_lightning.data.phantom import write_demo_pair
 
         shape = tuple(int(s) for s in args.demo_shape.split(","))
         files = write_demo_pair(out / "inputs", shape=shape)
@@ -86,7 +86,7 @@ def resolve_pairs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                 missing = [k for k in keys if not (row.get(k) or "").strip()]
                 if missing:
                     sys.exit(f"run_benchmark: {csv_path} row {i + 2} lacks {', '.join(missing)} (columns: fixed,moving,fixed_labels,moving_labels[,labels][,name])")
-                pair = {k: str((csv_path.parent / row[k].strip()).resolve()) for k in keys}
+                pair: dict[str, Any] = {k: str((csv_path.parent / row[k].strip()).resolve()) for k in keys}
                 lab = (row.get("labels") or "").strip()
                 pair["labels"] = args.labels or (str((csv_path.parent / lab).resolve()) if lab and not lab.replace(",", "").isdigit() else lab or None)
                 pair["name"] = (row.get("name") or "").strip() or f"pair{i + 1}"
@@ -129,8 +129,12 @@ def resolve_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, list
         configs[f"nir:{name}"] = paths
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods += [m for m in configs if m not in methods]
-    from harness.methods import runner_for
+    from harness.methods import overrides_from_args, runner_for
 
+    try:
+        overrides_from_args(shlex.split(args.nir_args))
+    except ValueError as exc:
+        sys.exit(f"run_benchmark: --nir-args: {exc}")
     for m in methods:
         if m.startswith("nir:") and m not in configs:
             sys.exit(f"run_benchmark: method {m} needs --nir-config {m[4:]}=FILE.yaml")
@@ -283,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     from harness.score import load_eval_pair, load_field, load_labels, score_field
 
+    from nir_lightning.io import write_json_atomic
+
     env = child_env(args.threads, args.seed)
     rows: list[dict[str, Any]] = []
     names: dict[int, str] = {}
@@ -322,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 continue
             row.update(status="ok", **scored.metrics)
-            (folder / "metrics.json").write_text(json.dumps({**row, "worker": info}, indent=2, default=str) + "\n")
+            write_json_atomic(folder / "metrics.json", {**row, "worker": info})
             agree = row.get("native_label_agreement")
-            print(f"Dice {row['dice']:.3f}" + (f" (lin. one-hot {row['dice_onehot_linear']:.3f})" if "dice_onehot_linear" in row else "")
-                  + (f", HD95 {row['hd95']:.2f} mm" if "hd95" in row else "")
+            print(f"Dice {row['dice_after']:.3f}" + (f" (lin. one-hot {row['dice_onehot_linear']:.3f})" if "dice_onehot_linear" in row else "")
+                  + (f", HD95 {row['hd95_after']:.2f} mm" if "hd95_after" in row else "")
                   + f", det J<=0 {row['folding_percent']:.4f}% ({row['folding_count']}), reg {row['seconds_reg']:.1f} s, "
                   f"wall {row['seconds_wall']:.1f} s, RSS {row['peak_rss_mb']:.0f} MB"
                   + (f", CUDA {row['peak_cuda_mb']:.0f} MB" if row.get("peak_cuda_mb") is not None else "")
@@ -352,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     md = markdown(rows, header, names)
     (out / "results.md").write_text(md)
     plot(out / "dice_vs_seconds.png", rows)
-    (out / "run.json").write_text(json.dumps({"header": header, "args": vars(args), "methods": methods}, indent=2, default=str) + "\n")
+    write_json_atomic(out / "run.json", {"header": header, "args": vars(args), "methods": methods})
     if args.readme:
         update_readme(REPO / "README.md", md)
     print(f"\nwrote {out / 'results.csv'}, {out / 'per_structure.csv'}, {out / 'results.md'}, {out / 'dice_vs_seconds.png'}\n")

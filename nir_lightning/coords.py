@@ -22,6 +22,10 @@ Convention
   millimetres in **LPS** (``d_LPS = (-d_R, -d_A, d_S)`` of the RAS vector), shape
   ``(X, Y, Z, 1, 3)``, NIfTI intent ``vector``; ``p_fixed + d(p_fixed)`` is the matching
   point in the moving image. See :func:`ras_to_lps`.
+* **Composition** (ANTs' order, for an affine part ``A`` and a deformable part ``u``): the
+  displacement acts in the fixed space first, then the affine maps to the moving space,
+  ``phi(p) = A(p + u(p))`` in world coordinates; ANTs applies the same chain as
+  ``antsApplyTransforms -t displacement.nii.gz -t affine.mat``.
 """
 
 from __future__ import annotations
@@ -124,6 +128,30 @@ def world_to_voxel(world: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def voxel_displacement_to_world(disp_voxel: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """A displacement in voxels ``(..., 3)`` to RAS millimetres (rotation/scaling only)."""
     return np.asarray(disp_voxel, dtype=np.float64) @ np.asarray(affine, dtype=np.float64)[:3, :3].T
+
+
+def world_displacement_to_voxel(disp_ras_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """RAS millimetre displacements ``(..., 3)`` to voxels of the grid of ``affine``.
+
+    The inverse of :func:`voxel_displacement_to_world` (linear part only).
+
+    >>> a = np.diag([2.0, 3.0, 4.0, 1.0])
+    >>> world_displacement_to_voxel(voxel_displacement_to_world(np.array([1.0, 1.0, 1.0]), a), a)
+    array([1., 1., 1.])
+    """
+    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return np.asarray(disp_ras_mm, dtype=np.float64) @ np.linalg.inv(rot).T
+
+
+def normalized_to_voxel_displacement(phi: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """Dense ``phi`` ``(D0, D1, D2, 3)`` (normalized) to its displacement in voxels, same shape.
+
+    >>> phi = identity_grid((3, 3, 3)) + 1.0  # one normalized unit = (n - 1) / 2 = 1 voxel here
+    >>> normalized_to_voxel_displacement(phi, (3, 3, 3))[0, 0, 0].tolist()
+    [1.0, 1.0, 1.0]
+    """
+    ident = identity_grid(shape, device=phi.device, dtype=phi.dtype)
+    return (phi - ident) * normalized_to_voxel_scale(shape).to(phi)
 
 
 def ras_to_lps(vectors: np.ndarray) -> np.ndarray:

@@ -73,7 +73,7 @@ class RandomSampler(CoordinateSampler):
 
     def __init__(self, *, num_points: int = 2**16) -> None:
         if num_points < 2:
-            raise InputError(f"model.sampler.init_args.num_points must be >= 2, got {num_points}; use e.g. 65536 random points per step.")
+            raise InputError(f"RandomSampler.num_points must be >= 2, got {num_points}; use e.g. 65536 random points per step.", owner="RandomSampler", param="num_points", value=num_points)
         self.num_points = num_points
 
     def sample(
@@ -114,7 +114,7 @@ class DownsizeSampler(CoordinateSampler):
 
     def __init__(self, *, stride: int = 3) -> None:
         if stride < 1:
-            raise InputError(f"model.sampler.init_args.stride must be >= 1 (1 = every voxel), got {stride}; use e.g. stride=3.")
+            raise InputError(f"DownsizeSampler.stride must be >= 1 (1 = every voxel), got {stride}; use e.g. stride=3.", owner="DownsizeSampler", param="stride", value=stride)
         self.stride = stride
 
     def sample(
@@ -150,9 +150,9 @@ class MinipatchSampler(CoordinateSampler):
 
     def __init__(self, *, num_patches: int = 8, patch_size: int = 32) -> None:
         if num_patches < 1:
-            raise InputError(f"model.sampler.init_args.num_patches must be >= 1, got {num_patches}; use e.g. num_patches=8.")
+            raise InputError(f"MinipatchSampler.num_patches must be >= 1, got {num_patches}; use e.g. num_patches=8.", owner="MinipatchSampler", param="num_patches", value=num_patches)
         if patch_size < 2:
-            raise InputError(f"model.sampler.init_args.patch_size must be >= 2 voxels, got {patch_size}; use e.g. patch_size=32.")
+            raise InputError(f"MinipatchSampler.patch_size must be >= 2 voxels, got {patch_size}; use e.g. patch_size=32.", owner="MinipatchSampler", param="patch_size", value=patch_size)
         self.num_patches = num_patches
         self.patch_size = patch_size
 
@@ -183,30 +183,3 @@ class MinipatchSampler(CoordinateSampler):
 
     def __repr__(self) -> str:
         return f"MinipatchSampler(num_patches={self.num_patches}, patch_size={self.patch_size})"
-
-
-def full_grid_chunks(
-    shape: tuple[int, int, int],
-    *,
-    max_points: int = 2**18,
-    device: torch.device | str | None = None,
-):
-    """Yield ``(slice, points)`` slabs along axis 0 covering the whole fixed grid.
-
-    ``points`` is ``(1, s, D1, D2, 3)`` with ``s * D1 * D2 <= max(max_points, D1 * D2)``,
-    so dense inference runs with bounded memory.
-
-    >>> [sl for sl, _ in full_grid_chunks((4, 2, 2), max_points=8)]
-    [slice(0, 2, None), slice(2, 4, None)]
-    """
-    plane = shape[1] * shape[2]
-    step = max(1, max_points // plane)
-    for start in range(0, shape[0], step):
-        stop = min(shape[0], start + step)
-        vox_axes = [
-            torch.arange(start, stop, device=device, dtype=torch.float32),
-            torch.arange(shape[1], device=device, dtype=torch.float32),
-            torch.arange(shape[2], device=device, dtype=torch.float32),
-        ]
-        vox = torch.stack(torch.meshgrid(*vox_axes, indexing="ij"), dim=-1)
-        yield slice(start, stop), voxel_to_normalized(vox, shape).unsqueeze(0)

@@ -43,7 +43,7 @@ def configs_dir() -> Path:
 
 def write_pair(folder: Path, shape: tuple[int, int, int], seed: int = 1) -> dict[str, Path]:
     """The synthetic phantom pair (fixed, moving, both label maps, true displacement)."""
-    from nir_lightning.phantom import write_demo_pair
+    from nir_lightning.data.phantom import write_demo_pair
 
     files = write_demo_pair(folder, shape=shape, seed=seed)
     assert set(files) >= {"fixed", "moving", "fixed_labels", "moving_labels", "true_displacement_vox"}

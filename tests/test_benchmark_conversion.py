@@ -1,7 +1,7 @@
 """The benchmark's conversion of peer results to nir_lightning's displacement convention is right.
 
 A peer scored wrongly is worse than no peer, so for each peer the field we convert and then
-apply with nir_lightning's own warp code (``nir_lightning.warp``) must reproduce what the peer
+apply with nir_lightning's own warp code (``nir_lightning.core.resample``) must reproduce what the peer
 itself produces with its own resampler:
 
 * ANTs: a known synthetic displacement written as an ANTs warp, composed with a known affine
@@ -34,13 +34,12 @@ from harness.convert import (
     field_to_phi,
     fireants_coords_to_field,
     warp_with_field,
-    world_displacement_to_voxel,
 )
 from harness.score import load_eval_pair, load_field, score_field
 
-from nir_lightning.coords import ras_to_lps, voxel_displacement_to_world, voxel_to_world
+from nir_lightning.coords import ras_to_lps, voxel_displacement_to_world, voxel_to_world, world_displacement_to_voxel
+from nir_lightning.data.phantom import write_demo_pair
 from nir_lightning.io import save_displacement_itk
-from nir_lightning.phantom import write_demo_pair
 
 # make_phantom's bias field pads circularly by 36 voxels, so every axis needs >= 37 voxels.
 SHAPE = (40, 44, 38)
@@ -87,12 +86,47 @@ def test_world_voxel_round_trip_and_zero_field_scores_as_before(pair: dict[str, 
     np.testing.assert_allclose(disp_vox.numpy(), true_vox, atol=1e-4)
     ev = load_eval_pair(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"], None)
     zero = score_field(np.zeros((*SHAPE, 3), np.float32), affine, ev, hd95=False, onehot=True)
-    assert zero.metrics["dice"] == pytest.approx(zero.metrics["dice_before"])
-    assert zero.metrics["folding_count"] == 0
+    assert zero.metrics["dice_after"] == pytest.approx(zero.metrics["dice_before"])
+    assert zero.metrics["dice_onehot_linear"] == pytest.approx(zero.metrics["dice_before"])
+    assert zero.metrics["folding_count"] == 0 and zero.metrics["folding_percent"] == 0.0
     truth = score_field(back, aff2, ev, hd95=False, onehot=False)
-    assert truth.metrics["dice"] > zero.metrics["dice"] + 0.2  # the known transform aligns the labels
+    assert truth.metrics["dice_after"] > zero.metrics["dice_after"] + 0.2  # the known transform aligns the labels
+    assert "hd95_after" not in truth.metrics and "dice_onehot_linear" not in truth.metrics
     with pytest.raises(ConversionError):
         score_field(back, np.diag([2.0, 2.0, 2.0, 1.0]), ev, hd95=False, onehot=False)  # wrong grid: refused
+
+
+def test_harness_scores_a_field_as_evaluate_does_with_the_same_keys(pair: dict[str, str], tmp_path: Path) -> None:
+    """One scoring path: a nir field written as ``displacement.nii.gz`` and scored by the harness
+    gives evaluate()'s (so metrics.json's) numbers under the same key names."""
+    from nir_lightning.evaluation.evaluate import evaluate
+    from nir_lightning.fields import DisplacementField
+
+    torch.manual_seed(0)
+    field = DisplacementField(width=32, num_frequencies=8)
+    with torch.no_grad():
+        for p in field.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ev = load_eval_pair(pair["fixed"], pair["moving"], pair["fixed_labels"], pair["moving_labels"], None)
+    reference = evaluate(field.eval(), ev, hd95=True)
+    ras = voxel_displacement_to_world(reference.disp_vox.numpy(), ev.fixed_affine).astype(np.float32)
+    save_displacement_itk(ras, ev.fixed_affine, tmp_path / "displacement.nii.gz")
+    disp, aff = load_field(str(tmp_path / "displacement.nii.gz"))
+    assert reference.warped_labels is not None
+    scored = score_field(disp, aff, ev, hd95=True, onehot=False, native_labels=reference.warped_labels.numpy())
+    m, ref = scored.metrics, reference.metrics
+    shared = {"labels", "dice_before", "dice_after", "dice_per_label", "dice_per_label_before", "hd95_before",
+              "hd95_after", "hd95_per_label", "folding_count", "folding_percent", "jacobian_det_min",
+              "jacobian_det_std", "foreground_voxels", "displacement_mean_mm"}
+    assert shared <= set(m) and shared <= set(ref)
+    assert ref["folding_count"] > 0 and ref["dice_after"] != ref["dice_before"]  # the test has power
+    for key in ("labels", "dice_before", "dice_per_label_before", "hd95_before", "foreground_voxels"):
+        assert m[key] == ref[key], key  # untouched by the field's round trip through the file
+    assert m["dice_after"] == pytest.approx(ref["dice_after"], abs=2e-3)
+    assert m["hd95_after"] == pytest.approx(ref["hd95_after"], rel=0.05)
+    assert m["folding_count"] == pytest.approx(ref["folding_count"], rel=0.02)
+    assert m["displacement_mean_mm"] == pytest.approx(ref["displacement_mean_mm"], rel=1e-4)
+    assert m["native_label_agreement"] > 0.99
 
 
 # -- ANTs -----------------------------------------------------------------------------------
@@ -218,7 +252,7 @@ def test_harness_quick_demo_end_to_end(tmp_path: Path) -> None:
             assert f"SKIP {r['method']}:" in res.stdout
             continue
         assert r["status"] == "ok", r
-        assert 0.0 <= float(r["dice"]) <= 1.0 and float(r["seconds_reg"]) > 0 and float(r["peak_rss_mb"]) > 0
+        assert 0.0 <= float(r["dice_after"]) <= 1.0 and float(r["seconds_reg"]) > 0 and float(r["peak_rss_mb"]) > 0
         assert float(r["native_label_agreement"]) > 0.99  # our warp of the converted field = the method's own
     nir = rows[0]
-    assert float(nir["dice"]) == pytest.approx(float(nir["dice_self_reported"]), abs=2e-3)  # same path as nir register
+    assert float(nir["dice_after"]) == pytest.approx(float(nir["dice_self_reported"]), abs=2e-3)  # same path as nir register

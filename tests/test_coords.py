@@ -1,4 +1,4 @@
-"""The coordinate convention (nir_lightning.coords) and identity warps (nir_lightning.warp)."""
+"""The coordinate convention (nir_lightning.coords) and identity warps (nir_lightning.core.resample)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from nir_lightning.coords import (
     identity_grid,
     lps_to_ras,
     normalized_to_voxel,
+    normalized_to_voxel_displacement,
     normalized_to_voxel_scale,
     ras_to_lps,
     to_grid_sample,
@@ -23,11 +24,7 @@ from nir_lightning.coords import (
     voxel_to_world,
     world_to_voxel,
 )
-from nir_lightning.warp import (
-    normalized_to_voxel_displacement,
-    sample_image,
-    warp_image,
-)
+from nir_lightning.core.resample import sample_image, warp_image
 
 shapes = st.tuples(*[st.integers(min_value=2, max_value=40)] * 3)
 

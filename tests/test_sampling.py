@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from nir_lightning.coords import normalized_to_voxel
-from nir_lightning.sampling import (
-    CoordinateSample,
-    DownsizeSampler,
-    MinipatchSampler,
-    RandomSampler,
-    full_grid_chunks,
-)
+from nir_lightning.core.chunked import grid_chunks as full_grid_chunks
+from nir_lightning.sampling import CoordinateSample, DownsizeSampler, MinipatchSampler, RandomSampler
 
 SHAPE = (13, 17, 11)
 

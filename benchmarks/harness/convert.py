@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -24,9 +25,10 @@ from nir_lightning.coords import (
     identity_grid,
     normalized_to_voxel_scale,
     voxel_to_world,
+    world_displacement_to_voxel,
 )
+from nir_lightning.core.resample import warp_image
 from nir_lightning.io import load_displacement_itk
-from nir_lightning.warp import warp_image
 
 AFFINE_ATOL = 1e-3  # mm; headers written by ITK and nibabel agree to float32 precision
 
@@ -38,21 +40,13 @@ class ConversionError(RuntimeError):
 # -- generic -----------------------------------------------------------------------------
 
 
-def world_displacement_to_voxel(disp_ras_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """RAS millimetre displacements ``(..., 3)`` to voxels of the grid of ``affine``.
-
-    The inverse of :func:`nir_lightning.coords.voxel_displacement_to_world` (linear part only).
-    """
-    rot = np.asarray(affine, dtype=np.float64)[:3, :3]
-    return np.asarray(disp_ras_mm, dtype=np.float64) @ np.linalg.inv(rot).T
-
-
 def field_to_phi(disp_ras_mm: np.ndarray, affine: np.ndarray) -> tuple[Tensor, Tensor]:
     """A dense RAS-mm field on the fixed grid to ``(phi, disp_vox)``, both ``(X, Y, Z, 3)`` float32.
 
     ``phi`` is in nir_lightning's normalized coordinates (``align_corners=True``), ready for
-    :func:`nir_lightning.warp.warp_image`; ``disp_vox`` is the displacement in fixed voxels,
-    ready for :func:`nir_lightning.metrics.jacobian_determinant`.
+    :func:`nir_lightning.core.resample.warp_image` and
+    :func:`nir_lightning.evaluation.scoring.score_transform`; ``disp_vox`` is the displacement
+    in fixed voxels (:func:`nir_lightning.coords.world_displacement_to_voxel`).
     """
     shape = tuple(int(s) for s in disp_ras_mm.shape[:3])
     disp_vox = torch.as_tensor(world_displacement_to_voxel(disp_ras_mm, affine), dtype=torch.float32)
@@ -108,7 +102,7 @@ def ants_transforms_to_field(
     path = ants.apply_transforms(fixed=fixed_img, moving=moving_img, transformlist=list(transformlist), compose=prefix)
     if not isinstance(path, str) or not Path(path).is_file():
         raise ConversionError(f"ants.apply_transforms(compose=...) did not write a composite field (returned {path!r})")
-    img = nib.load(path)
+    img: Any = nib.load(path)  # a Nifti1Image
     check_field_grid(img.shape, img.affine, fixed_shape, fixed_affine, "ANTs composite field")
     disp_ras, _ = load_displacement_itk(path)
     return disp_ras.astype(np.float32)
@@ -134,10 +128,10 @@ def fireants_coords_to_field(
     with the moving and fixed NIfTI affines, subtract. Any affine FireANTs composed (its
     ``init_affine``) is already inside ``coords``.
     """
-    c = coords.detach().to("cpu", torch.float64)
-    if c.dim() != 5 or c.shape[0] != 1 or c.shape[-1] != 3:
-        raise ConversionError(f"FireANTs coordinates must be (1, K, J, I, 3), got {tuple(c.shape)}")
-    c = c[0].permute(2, 1, 0, 3).numpy()  # (I, J, K, 3), components (i, j, k)
+    ct = coords.detach().to("cpu", torch.float64)
+    if ct.dim() != 5 or ct.shape[0] != 1 or ct.shape[-1] != 3:
+        raise ConversionError(f"FireANTs coordinates must be (1, K, J, I, 3), got {tuple(ct.shape)}")
+    c = ct[0].permute(2, 1, 0, 3).numpy()  # (I, J, K, 3), components (i, j, k)
     if tuple(c.shape[:3]) != tuple(int(s) for s in fixed_shape):
         raise ConversionError(f"FireANTs coordinates on grid {c.shape[:3]}, fixed grid is {tuple(fixed_shape)}")
     n_m = np.asarray([float(s) for s in moving_shape])

@@ -7,9 +7,10 @@ of the moving labels, used only to cross-check the conversion), and returns a di
 
 Settings (full runs; ``quick`` shrinks only the iteration counts, for smoke tests):
 
-* ``nir``: ``nir register`` (the package entry point, ``nir_lightning.cli.main``) with the
-  package's default configuration (no ``-c``) or the named config files; accelerator ``cpu`` or
-  ``gpu`` (``--trainer.accelerator``). ``seconds_reg`` = ``seconds_fit`` of its ``metrics.json``
+* ``nir``: :func:`nir_lightning.register_pair` (what ``nir register`` runs) with the package's
+  default configuration (no config file) or the named config files; accelerator ``cpu`` or
+  ``gpu`` (override ``trainer.accelerator``), ``threads`` torch threads, the run's seed, then the
+  ``--nir-args`` overrides. ``seconds_reg`` = ``seconds_fit`` of its ``metrics.json``
   (``trainer.fit``: includes loading the pair, excludes the dense evaluation on the grid).
 * ``ants``: ``ants.registration(type_of_transform="SyNOnly", syn_metric="CC", syn_sampling=2``
   (the CC radius), ``reg_iterations=(100, 70, 50))`` with antspyx's defaults for the rest:
@@ -27,8 +28,8 @@ Settings (full runs; ``quick`` shrinks only the iteration counts, for smoke test
 
 from __future__ import annotations
 
-import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,7 @@ FIREANTS_SETTINGS: dict[str, Any] = {
 }
 FIREANTS_QUICK = {"iterations": [10, 5]}
 
-NIR_QUICK_ARGS = ["--trainer.max_steps=20"]
+NIR_QUICK: dict[str, Any] = {"trainer.max_steps": 20}
 
 PEER_MODULES = {"ants": ("ants", "antspyx"), "fireants-greedy": ("fireants", "fireants"), "fireants-syn": ("fireants", "fireants")}
 """method -> (import name, pip name) of the peer it needs."""
@@ -80,33 +81,60 @@ def _sync(device: str) -> None:
 
 
 def _nib_affine(path: str) -> tuple[tuple[int, int, int], np.ndarray]:
-    img = nib.load(path)
-    return tuple(int(s) for s in img.shape[:3]), np.asarray(img.affine, dtype=np.float64)  # type: ignore[return-value]
+    img: Any = nib.load(path)  # a Nifti1Image
+    shape = tuple(int(s) for s in img.shape[:3])
+    return (shape[0], shape[1], shape[2]), np.asarray(img.affine, dtype=np.float64)
 
 
 # -- nir_lightning -----------------------------------------------------------------------
 
 
+def overrides_from_args(args: Sequence[str]) -> dict[str, str]:
+    """Config overrides given as command-line options (``--nir-args``, extra options of
+    ``modes_table.py``) as the mapping :func:`nir_lightning.register_pair` takes.
+
+    >>> overrides_from_args(["--trainer.max_steps=300", "--model.lam", "20"])
+    {'trainer.max_steps': '300', 'model.lam': '20'}
+    """
+    out: dict[str, str] = {}
+    items = list(args)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) == 2:
+            raise ValueError(f"expected a config option --KEY=VALUE or --KEY VALUE, got {item!r}")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ValueError(f"config option --{key} has no value (use --{key}=VALUE)")
+            i += 1
+            value = items[i]
+        out[key] = value
+        i += 1
+    return out
+
+
+def nir_overrides(spec: dict[str, Any]) -> dict[str, Any]:
+    """The nir run's config overrides: accelerator, ``quick`` steps, then the user's ``nir_args``
+    (later entries win)."""
+    cuda = spec["device"].startswith("cuda")
+    device: dict[str, Any] = {"trainer.accelerator": "gpu", "trainer.devices": 1} if cuda else {"trainer.accelerator": "cpu"}
+    return {**device, **(NIR_QUICK if spec.get("quick") else {}), **overrides_from_args(spec.get("nir_args", []))}
+
+
 def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    from nir_lightning.cli import main
+    from nir_lightning import register_pair
 
     nir_out = out / "nir_output"
-    argv = ["register", "--fixed", spec["fixed"], "--moving", spec["moving"],
-            "--fixed-labels", spec["fixed_labels"], "--moving-labels", spec["moving_labels"],
-            "--output", str(nir_out), "--overwrite", "--seed", str(spec["seed"])]
-    if spec.get("labels"):
-        argv += ["--labels", spec["labels"]]
-    for cfg in spec.get("nir_configs", []):
-        argv += ["-c", cfg]
-    argv += ["--trainer.accelerator=gpu", "--trainer.devices=1"] if spec["device"].startswith("cuda") else ["--trainer.accelerator=cpu"]
-    if spec.get("quick"):
-        argv += NIR_QUICK_ARGS
-    argv += list(spec.get("nir_args", []))
-    print("nir", " ".join(argv), flush=True)
-    rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"nir register exited with {rc}")
-    m = json.loads((nir_out / "metrics.json").read_text())
+    configs = list(spec.get("nir_configs", []))
+    overrides = nir_overrides(spec)
+    print("nir register_pair: config", configs, "overrides", overrides, "seed", spec["seed"], flush=True)
+    res = register_pair(
+        spec["fixed"], spec["moving"], fixed_labels=spec["fixed_labels"], moving_labels=spec["moving_labels"],
+        labels=spec.get("labels") or None, config=configs, output=nir_out, overrides=overrides,
+        seed=int(spec["seed"]), threads=int(spec["threads"]), overwrite=True,
+    )
+    m = res.metrics
     # nir's own file is already in the common convention: copy it as is.
     (out / "displacement.nii.gz").write_bytes((nir_out / "displacement.nii.gz").read_bytes())
     if (nir_out / "warped_labels.nii.gz").exists():
@@ -118,7 +146,7 @@ def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
         "nir_device": m.get("device"),
         "dice_self_reported": m.get("dice_after"),
         "folding_percent_self_reported": m.get("folding_percent"),
-        "settings": {"argv": argv, "config": m.get("config")},
+        "settings": {"config_files": configs, "overrides": overrides, "config": m.get("config")},
     }
 
 
@@ -189,7 +217,10 @@ def run_fireants(spec: dict[str, Any], out: Path, *, syn: bool) -> dict[str, Any
     return {"seconds_reg": seconds, "settings": {"class": Registration.__name__, **settings}}
 
 
-RUNNERS = {
+Runner = Callable[[dict[str, Any], Path], dict[str, Any]]
+"""``runner(spec, out) -> info``: runs one method on one pair (see the module docstring)."""
+
+RUNNERS: dict[str, Runner] = {
     "nir": run_nir,
     "ants": run_ants,
     "fireants-greedy": lambda spec, out: run_fireants(spec, out, syn=False),
@@ -197,7 +228,7 @@ RUNNERS = {
 }
 
 
-def runner_for(method: str):
+def runner_for(method: str) -> Runner:
     """``nir`` and ``nir:NAME`` (named configs) share the nir runner."""
     base = "nir" if method == "nir" or method.startswith("nir:") else method
     if base not in RUNNERS:

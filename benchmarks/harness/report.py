@@ -1,8 +1,11 @@
 """Write a run's results: ``results.csv``, ``per_structure.csv``, ``results.md``, ``dice_vs_seconds.png``.
 
 Ratios are to the **best peer of the same run and pair**: the peer (ANTs or FireANTs, never a
-nir_lightning configuration) with the highest mean Dice. ``dice_ratio = dice / dice_best_peer``
+nir_lightning configuration) with the highest mean Dice. ``dice_ratio = dice_after / dice_after_best_peer``
 (> 1: better than it), ``time_ratio = seconds_reg / seconds_reg_best_peer`` (< 1: faster).
+
+Rows carry the metric keys of ``metrics.json`` (``dice_after``, ``hd95_after``, ``folding_percent``,
+...; see :mod:`nir_lightning.evaluation.scoring`), so the CSV columns have the same names.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 CSV_COLUMNS = [
-    "pair", "method", "status", "device", "dice", "dice_onehot_linear", "dice_before", "hd95",
-    "folding_percent", "folding_count", "jacobian_det_min", "seconds_reg", "seconds_wall",
+    "pair", "method", "status", "device", "dice_after", "dice_onehot_linear", "dice_before", "hd95_after",
+    "hd95_before", "folding_percent", "folding_count", "jacobian_det_min", "seconds_reg", "seconds_wall",
     "peak_rss_mb", "peak_cuda_mb", "dice_ratio", "time_ratio", "best_peer",
     "native_label_agreement", "dice_native", "dice_self_reported", "steps", "threads", "note",
 ]
@@ -27,13 +30,13 @@ def is_peer(method: str) -> bool:
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     for pair in dict.fromkeys(r["pair"] for r in rows):
-        peers = [r for r in rows if r["pair"] == pair and is_peer(r["method"]) and r["status"] == "ok" and _num(r.get("dice"))]
-        best = max(peers, key=lambda r: r["dice"]) if peers else None
+        peers = [r for r in rows if r["pair"] == pair and is_peer(r["method"]) and r["status"] == "ok" and _num(r.get("dice_after"))]
+        best = max(peers, key=lambda r: r["dice_after"]) if peers else None
         for r in rows:
             if r["pair"] != pair or best is None or r["status"] != "ok":
                 continue
             r["best_peer"] = best["method"]
-            r["dice_ratio"] = r["dice"] / best["dice"] if best["dice"] else None
+            r["dice_ratio"] = r["dice_after"] / best["dice_after"] if best["dice_after"] else None
             r["time_ratio"] = r["seconds_reg"] / best["seconds_reg"] if best["seconds_reg"] else None
 
 
@@ -56,7 +59,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 def write_per_structure(path: Path, rows: Sequence[dict[str, Any]], names: dict[int, str]) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["pair", "method", "label", "name", "dice", "dice_onehot_linear", "hd95"])
+        w.writerow(["pair", "method", "label", "name", "dice_after", "dice_onehot_linear", "hd95_after"])
         for r in rows:
             for lab, d in (r.get("dice_per_label") or {}).items():
                 w.writerow([r["pair"], r["method"], lab, names.get(int(lab), ""), "" if d is None else d,
@@ -80,7 +83,7 @@ def markdown(rows: Sequence[dict[str, Any]], header: dict[str, Any], names: dict
         lines += [f"## {pair}", ""]
         if best:
             b = next(r for r in prs if r["method"] == best)
-            lines.append(f"Best peer (highest Dice): **{best}**, Dice {b['dice']:.3f} in {b['seconds_reg']:.1f} s. "
+            lines.append(f"Best peer (highest Dice): **{best}**, Dice {b['dice_after']:.3f} in {b['seconds_reg']:.1f} s. "
                          "Dice ratio > 1 = better than it; time ratio < 1 = faster.")
         before = next((r.get("dice_before") for r in prs if _num(r.get("dice_before"))), None)
         if before is not None:
@@ -93,8 +96,8 @@ def markdown(rows: Sequence[dict[str, Any]], header: dict[str, Any], names: dict
                 lines.append(f"| {r['method']} | {r.get('device', '')} | {r['status']}: {r.get('note', '')} |" + " |" * 11)
                 continue
             lines.append(
-                f"| {r['method']} | {r['device']} | {_fmt(r.get('dice'), '.3f')} | {_fmt(r.get('dice_onehot_linear'), '.3f')} | "
-                f"{_fmt(r.get('hd95'), '.2f')} | {_fmt(r.get('folding_percent'), '.4f')} ({r.get('folding_count', '–')}) | "
+                f"| {r['method']} | {r['device']} | {_fmt(r.get('dice_after'), '.3f')} | {_fmt(r.get('dice_onehot_linear'), '.3f')} | "
+                f"{_fmt(r.get('hd95_after'), '.2f')} | {_fmt(r.get('folding_percent'), '.4f')} ({r.get('folding_count', '–')}) | "
                 f"{_fmt(r.get('seconds_reg'), '.1f')} | {_fmt(r.get('seconds_wall'), '.1f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | "
                 f"{_fmt(r.get('peak_cuda_mb'), '.0f')} | {_fmt(r.get('dice_ratio'), '.3f')} | {_fmt(r.get('time_ratio'), '.3f')} | "
                 f"{_fmt(100 * r['native_label_agreement'] if _num(r.get('native_label_agreement')) else None, '.2f')} % |"
@@ -130,7 +133,7 @@ def plot(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r["status"] == "ok" and _num(r.get("dice")) and _num(r.get("seconds_reg"))]
+    ok = [r for r in rows if r["status"] == "ok" and _num(r.get("dice_after")) and _num(r.get("seconds_reg"))]
     pairs = list(dict.fromkeys(r["pair"] for r in ok))
     markers = "osD^v<>ph*"
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
@@ -138,9 +141,9 @@ def plot(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         prs = [r for r in ok if r["pair"] == pair]
         for r in prs:
             color = "tab:red" if not is_peer(r["method"]) else "tab:blue"
-            ax.scatter(r["seconds_reg"], r["dice"], marker=markers[i % len(markers)], color=color, s=40, zorder=3)
+            ax.scatter(r["seconds_reg"], r["dice_after"], marker=markers[i % len(markers)], color=color, s=40, zorder=3)
             label = r["method"] if len(pairs) == 1 else f"{r['method']} ({pair})"
-            ax.annotate(label, (r["seconds_reg"], r["dice"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.annotate(label, (r["seconds_reg"], r["dice_after"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     if ok and max(r["seconds_reg"] for r in ok) / max(min(r["seconds_reg"] for r in ok), 1e-3) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("registration seconds")

@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str]) -> int:
@@ -27,13 +28,14 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(int(threads))
     torch.manual_seed(int(spec["seed"]))
     from harness.methods import runner_for
+    from nir_lightning.io import write_json_atomic
 
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     cuda = spec["device"].startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    info: dict = {"method": spec["method"], "device": spec["device"], "ok": False}
+    info: dict[str, Any] = {"method": spec["method"], "device": spec["device"], "ok": False}
     try:
         info.update(runner_for(spec["method"])(spec, out))
         info["ok"] = True
@@ -48,7 +50,7 @@ def main(argv: list[str]) -> int:
         info["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
         info["peak_cuda_reserved_mb"] = torch.cuda.max_memory_reserved() / 2**20
         info["gpu"] = torch.cuda.get_device_name()
-    (out / "worker.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    write_json_atomic(out / "worker.json", info)  # strict JSON: NaN as null
     return 0 if info["ok"] else 1
 
 

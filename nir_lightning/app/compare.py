@@ -1,0 +1,378 @@
+"""``nir compare RUN_DIR ...``: compare runs from their logged files, without the W&B web UI.
+
+A run folder is any of:
+
+* a ``nir register`` output folder (``metrics.json``, curves in ``logs/version_*/metrics.csv``);
+* a ``CSVLogger`` version folder (``runs/nir/version_3``: ``metrics.csv``, ``config.yaml`` and,
+  with :class:`~nir_lightning.training.QCLogger`, ``summary.json``);
+* a folder above those (``runs/nir``): its most recently written ``metrics.csv`` is used;
+* a folder with only ``summary.json`` (final values, no curves).
+
+A listed folder that holds none of these (an empty leftover of an interrupted run) is skipped
+with a warning on stderr; ``nir compare`` fails only when no listed folder holds a run.
+
+Final values are the last logged value of each curve, overridden by ``summary.json`` and then
+by ``metrics.json`` (dense metrics of the written result). The table is printed; the curves
+(loss, Dice, folding, NCC against step or fit time) are plotted into one PNG, each run in one
+colour in every panel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from nir_lightning.errors import InputError
+from nir_lightning.training.tracking import SUMMARY_FILE, TIME_KEY
+
+CURVES: tuple[str, ...] = ("train/loss", "val/dice", "val/folding_percent", "val/lncc")
+"""Curves plotted by default (those that no run logged are left out)."""
+
+COLUMNS: tuple[str, ...] = (
+    "steps",
+    "seconds_fit",
+    "train/loss",
+    "val/lncc",
+    "val/dice",
+    "val/folding_percent",
+    "dice_before",
+    "dice_after",
+    "folding_percent",
+    "hd95_after",
+)
+"""Metric columns of the table, in order (columns that no run has are left out)."""
+
+CONFIG_COLUMNS: dict[str, tuple[str, ...]] = {
+    "field": ("model", "field", "class_path"),
+    "sampler": ("model", "sampler", "class_path"),
+    "lam": ("model", "lam"),
+    "lr": ("model", "lr"),
+}
+"""Config columns: name -> path in the resolved config (class paths shown by class name)."""
+
+
+@dataclass
+class RunRecord:
+    """One run read back from its files.
+
+    Attributes:
+        path: the folder given by the user.
+        name: a short unique name (set by :func:`load_runs`).
+        curves: metric -> ``(steps, values)`` float arrays, in step order, NaNs dropped.
+        final: final scalar metrics (see the module docstring for precedence).
+        config: the resolved config (``config.yaml`` or ``metrics.json["config"]``), or ``{}``.
+    """
+
+    path: Path
+    name: str
+    curves: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    final: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def config_value(self, keys: Sequence[str]) -> Any:
+        node: Any = self.config
+        for k in keys:
+            if not isinstance(node, dict) or k not in node:
+                return None
+            node = node[k]
+        return node
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def read_metrics_csv(path: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Curves of a ``CSVLogger`` ``metrics.csv``: metric -> ``(steps, values)``, empty cells dropped."""
+    rows: dict[str, list[tuple[float, float]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = _float(row.get("step", ""))
+            for key, text in row.items():
+                if key in ("step", "epoch") or key is None or text in ("", None):
+                    continue
+                value = _float(text)
+                if math.isfinite(value) and math.isfinite(step):
+                    rows.setdefault(key, []).append((step, value))
+    out = {}
+    for key, pairs in rows.items():
+        pairs.sort(key=lambda p: p[0])  # stable: same-step rows keep file order
+        arr = np.asarray(pairs, dtype=np.float64)
+        out[key] = (arr[:, 0], arr[:, 1])
+    return out
+
+
+def _find_metrics_csv(folder: Path) -> Path | None:
+    if (folder / "metrics.csv").is_file():
+        return folder / "metrics.csv"
+    found = [p for p in folder.rglob("metrics.csv") if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"could not read '{path}': {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+class EmptyRunFolderError(InputError):
+    """A folder that exists but holds no run files (skipped by :func:`load_runs`)."""
+
+
+def load_run(path: str | Path) -> RunRecord:
+    """Read one run folder (see the module docstring for the layouts understood).
+
+    Raises :class:`EmptyRunFolderError` for a folder with no ``metrics.csv``, ``metrics.json``
+    or ``summary.json`` (or only empty ones), :class:`InputError` for a path that is no folder.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"run folder not found: '{folder}'.")
+    metrics_csv = _find_metrics_csv(folder)
+    metrics_json = folder / "metrics.json"
+    log_dir = metrics_csv.parent if metrics_csv is not None else folder  # where summary.json and config.yaml live
+    if metrics_csv is None and not metrics_json.is_file() and not (log_dir / SUMMARY_FILE).is_file():
+        raise EmptyRunFolderError(
+            f"'{folder}' holds no metrics.csv (CSV logger), metrics.json (nir register) or {SUMMARY_FILE} (QCLogger); is it a run folder?"
+        )
+    rec = RunRecord(path=folder, name=folder.name)
+    if metrics_csv is not None:
+        rec.curves = read_metrics_csv(metrics_csv)
+        rec.final = {k: float(v[-1]) for k, (_, v) in rec.curves.items() if len(v)}
+        if rec.curves:
+            rec.final["steps"] = float(max(s.max() for s, _ in rec.curves.values()) + 1)  # steps are 0-based
+        if TIME_KEY in rec.curves:
+            rec.final["seconds_fit"] = float(rec.curves[TIME_KEY][1][-1])
+    if (log_dir / SUMMARY_FILE).is_file():
+        rec.final.update({k: float(v) for k, v in _read_json(log_dir / SUMMARY_FILE).items() if _is_number(v)})
+    if (log_dir / "config.yaml").is_file():
+        rec.config = yaml.safe_load((log_dir / "config.yaml").read_text()) or {}
+    if metrics_json.is_file():
+        data = _read_json(metrics_json)
+        rec.final.update({k: float(v) for k, v in data.items() if _is_number(v)})
+        if isinstance(data.get("config"), dict):
+            rec.config = data["config"]
+    if not rec.curves and not rec.final:  # e.g. a header-only metrics.csv of a run killed at once
+        raise EmptyRunFolderError(f"'{folder}' holds run files but no logged values (killed before the first step?)")
+    return rec
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _unique_names(paths: Sequence[Path]) -> list[str]:
+    """Shortest path suffixes that tell the runs apart (``a/version_0``, ``b/version_0``)."""
+    parts = [p.resolve().parts for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[RunRecord]:
+    """:func:`load_run` for each folder, named by their shortest distinct path suffixes.
+
+    Folders without run files are skipped with a warning on stderr (``nir compare runs/*``
+    should not fail on one empty leftover); an error only if none holds a run.
+    """
+    if not paths:
+        raise InputError("nir compare needs at least one run folder.")
+    runs: list[RunRecord] = []
+    empty: list[str] = []
+    for p in paths:
+        try:
+            runs.append(load_run(p))
+        except EmptyRunFolderError as exc:
+            empty.append(str(exc))
+    if not runs:
+        raise InputError("none of the listed folders holds a run: " + "; ".join(empty))
+    for msg in empty:
+        print(f"nir compare: warning: skipping a folder: {msg}", file=sys.stderr, flush=True)
+    for rec, name in zip(runs, _unique_names([r.path for r in runs]), strict=True):
+        rec.name = name
+    return runs
+
+
+def compare_table(runs: Sequence[RunRecord], *, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per run: ``run``, config columns, then metric columns (``None`` where missing).
+
+    Columns that no run has are dropped.
+    """
+    metric_cols = list(columns) if columns is not None else [c for c in COLUMNS if any(c in r.final for r in runs)]
+    rows = []
+    for r in runs:
+        row: dict[str, Any] = {"run": r.name}
+        for name, keys in CONFIG_COLUMNS.items():
+            value = r.config_value(keys)
+            row[name] = value.rsplit(".", 1)[-1] if isinstance(value, str) and "." in value and name in ("field", "sampler") else value
+        for c in metric_cols:
+            row[c] = r.final.get(c)
+        rows.append(row)
+    config_cols = [n for n in CONFIG_COLUMNS if any(row[n] is not None for row in rows)]
+    keep = ["run", *config_cols, *metric_cols]
+    return [{k: row[k] for k in keep} for row in rows]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v.is_integer() and abs(v) < 1e9:
+            return str(int(v))
+        return f"{v:.4g}"
+    return str(v)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Plain-text table with aligned columns (numbers to 4 significant digits).
+
+    >>> print(format_table([{"run": "a", "val/dice": 0.81234}, {"run": "bb", "val/dice": None}]))
+    run  val/dice
+    a      0.8123
+    bb          -
+    """
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    cells = [[_fmt(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths, strict=True))).rstrip()]
+    for line in cells:
+        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths, strict=True))).rstrip())
+    return "\n".join(lines)
+
+
+def _time_of(rec: RunRecord, steps: np.ndarray) -> np.ndarray | None:
+    if TIME_KEY not in rec.curves:
+        return None
+    ts, tv = rec.curves[TIME_KEY]
+    return np.interp(steps, ts, tv)  # val rows carry no time: interpolate the train-row clock
+
+
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def run_styles(runs: Sequence[RunRecord]) -> dict[str, dict[str, str]]:
+    """Colour (and line style) of each run, by run order: one look per run in every panel.
+
+    Fixed ``tab10`` colours (not the global style's cycle, so plots are reproducible); runs
+    11-20 reuse them dashed, and so on.
+
+    >>> run_styles([RunRecord(Path("a"), "a"), RunRecord(Path("b"), "b")])["b"]
+    {'color': '#ff7f0e', 'linestyle': '-'}
+    """
+    palette = [to_hex(c) for c in colormaps["tab10"].colors]  # type: ignore[attr-defined]
+    return {
+        r.name: {"color": palette[i % len(palette)], "linestyle": _LINESTYLES[(i // len(palette)) % len(_LINESTYLES)]}
+        for i, r in enumerate(runs)
+    }
+
+
+def plot_curves(
+    runs: Sequence[RunRecord],
+    path: str | Path | None = None,
+    *,
+    metrics: Sequence[str] | None = None,
+    x: Literal["step", "time"] = "step",
+    panel_inches: float = 3.2,
+    dpi: int = 100,
+) -> Figure:
+    """One panel per metric (default :data:`CURVES` that some run has), one line per run; returns the figure.
+
+    Each run keeps its colour from :func:`run_styles` in every panel (a run without a curve
+    leaves its colour unused there), and the one legend shows the same colours, in run order.
+    ``x="time"`` plots against fit seconds (``time/seconds`` from
+    :class:`~nir_lightning.training.QCLogger`; runs without it are left out).
+    Saves a PNG to ``path`` when given.
+    """
+    if x not in ("step", "time"):
+        raise InputError(f"x must be 'step' or 'time', got {x!r}")
+    names = list(metrics) if metrics is not None else [m for m in CURVES if any(m in r.curves for r in runs)]
+    if not names:
+        raise InputError("none of the runs logged any of the curves " + ", ".join(metrics or CURVES))
+    fig = Figure(figsize=(panel_inches * len(names), panel_inches * 0.8), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    styles = run_styles(runs)
+    handles: dict[str, Line2D] = {}  # run -> its first line, for the one legend of all panels
+    for ax, name in zip(axes, names, strict=True):
+        for rec in runs:
+            if name not in rec.curves:
+                continue
+            steps, values = rec.curves[name]
+            xs = steps if x == "step" else _time_of(rec, steps)
+            if xs is None:
+                continue
+            (line,) = ax.plot(xs, values, marker="o" if len(values) < 20 else None, markersize=3, label=rec.name, **styles[rec.name])
+            handles.setdefault(rec.name, line)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step" if x == "step" else "fit seconds", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    order = [r.name for r in runs if r.name in handles]
+    fig.legend([handles[n] for n in order], order, loc="upper center", ncol=max(1, min(len(order), 6)), fontsize=7, frameon=False)
+    if path is not None:
+        from nir_lightning.evaluation.qc_figure import figure_to_array, save_png
+
+        save_png(figure_to_array(fig), path)
+    return fig
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nir compare",
+        description="Compare runs from their logged files: print a table of final metrics and plot loss/Dice/folding curves.",
+    )
+    p.add_argument("runs", nargs="+", help="run folders: nir register outputs, CSV logger version folders, or folders above them "
+                   "(folders without run files are skipped with a warning)")
+    p.add_argument("--plot", default="compare.png", help="PNG of the curves (default: compare.png; '' for none)")
+    p.add_argument("--x", choices=("step", "time"), default="step", help="x axis of the curves (default: step)")
+    p.add_argument("--metrics", help="curves to plot, comma-separated (default: " + ",".join(CURVES) + ")")
+    p.add_argument("--columns", help="table metric columns, comma-separated (default: all of " + ",".join(COLUMNS) + " present)")
+    p.add_argument("--csv", help="also write the table as CSV to this file")
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    """``nir compare``: print the table, write the plot (and the CSV table); returns 0.
+
+    Raises :class:`InputError` (exit 2) for a missing folder or when no listed folder holds a run.
+    """
+    args = _parser().parse_args(list(argv))
+    runs = load_runs(args.runs)
+    rows = compare_table(runs, columns=args.columns.split(",") if args.columns else None)
+    print(format_table(rows), flush=True)
+    if args.csv:
+        from nir_lightning.io import atomic_path
+
+        with atomic_path(args.csv) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        plot_curves(runs, args.plot, metrics=args.metrics.split(",") if args.metrics else None, x=args.x)
+        print(f"nir compare: curves written to {args.plot}", flush=True)
+    return 0

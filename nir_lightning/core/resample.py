@@ -1,0 +1,85 @@
+"""Intensity sampling and dense evaluation of transforms, in the convention of :mod:`nir_lightning.coords`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nir_lightning.coords import ALIGN_CORNERS, to_grid_sample
+from nir_lightning.core.chunked import DEFAULT_MAX_POINTS, evaluate_on_grid, slabs
+
+Interpolation = Literal["bilinear", "nearest"]
+
+
+def sample_image(
+    image: Tensor,
+    points: Tensor,
+    *,
+    mode: Interpolation = "bilinear",
+    padding_mode: Literal["zeros", "border"] = "zeros",
+) -> Tensor:
+    """Sample ``image`` ``(1, C, D0, D1, D2)`` at normalized ``points`` ``(B, d0, d1, d2, 3)``.
+
+    ``"bilinear"`` is trilinear in 3D. Returns ``(B, C, d0, d1, d2)``.
+
+    >>> img = torch.arange(8.0).reshape(1, 1, 2, 2, 2)
+    >>> pts = torch.tensor([[-1.0, -1.0, 1.0], [1.0, 1.0, 1.0]]).reshape(1, 2, 1, 1, 3)
+    >>> sample_image(img, pts).flatten().tolist()  # voxels (0,0,1) and (1,1,1)
+    [1.0, 7.0]
+    """
+    if image.dim() != 5 or image.shape[0] != 1:
+        raise ValueError(f"image must be (1, C, D0, D1, D2), got {tuple(image.shape)}")
+    b, d0, d1, d2, _ = points.shape
+    grid = to_grid_sample(points).reshape(1, b * d0, d1, d2, 3).to(image.dtype)
+    out = F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
+    c = image.shape[1]
+    return out.reshape(c, b, d0, d1, d2).transpose(0, 1)
+
+
+@torch.no_grad()
+def dense_field(
+    transform: Callable[[Tensor], Tensor],
+    shape: tuple[int, int, int],
+    *,
+    max_points: int = DEFAULT_MAX_POINTS,
+) -> Tensor:
+    """Evaluate ``phi`` on every voxel of the fixed grid, slab by slab (bounded memory).
+
+    ``transform`` is a field (an ``nn.Module``: evaluated on its parameters' device) or any
+    callable on normalized points. Returns normalized coordinates ``(D0, D1, D2, 3)``.
+
+    >>> dense_field(lambda x: x, (2, 3, 4)).shape
+    torch.Size([2, 3, 4, 3])
+    """
+    device = None
+    if isinstance(transform, nn.Module):
+        device = next(transform.parameters()).device
+    return evaluate_on_grid(transform, shape, max_points=max_points, device=device)
+
+
+@torch.no_grad()
+def warp_image(
+    image: Tensor,
+    phi: Tensor,
+    *,
+    mode: Interpolation = "bilinear",
+    max_points: int = 2**20,
+) -> Tensor:
+    """Warp ``image`` ``(1, C, D0, D1, D2)`` by a dense ``phi`` ``(D0', D1', D2', 3)``.
+
+    Evaluated slab by slab; returns ``(1, C, D0', D1', D2')``.
+
+    >>> img = torch.rand(1, 1, 3, 4, 5)
+    >>> from nir_lightning.coords import identity_grid
+    >>> bool(torch.allclose(warp_image(img, identity_grid((3, 4, 5))), img, atol=1e-6))
+    True
+    """
+    shape = phi.shape[:3]
+    out = torch.empty(1, image.shape[1], *shape, dtype=image.dtype, device=image.device)
+    for sl in slabs(shape[0], shape[1] * shape[2], max_points=max_points):
+        out[:, :, sl] = sample_image(image, phi[sl].unsqueeze(0).to(image.device), mode=mode)
+    return out

@@ -1,0 +1,66 @@
+"""The output folder of a registration: NIfTI files on the fixed grid, ``qc.png`` and ``metrics.json``.
+
+Every file is written atomically; ``metrics.json`` is removed first and written last, so a
+folder without it is incomplete (``--resume`` and ``register-many`` rely on that).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nir_lightning.coords import voxel_displacement_to_world
+from nir_lightning.data.pair import ImagePair
+from nir_lightning.evaluation.evaluate import RegistrationResult
+from nir_lightning.evaluation.output_files import OUTPUT_FILES
+from nir_lightning.io import save_displacement_itk, save_nifti, write_json_atomic
+
+__all__ = ["OUTPUT_FILES", "displacement_world", "write_outputs"]
+
+
+
+def displacement_world(reg: RegistrationResult, affine: np.ndarray) -> np.ndarray:
+    """The displacement as RAS millimetres ``(D0, D1, D2, 3)``."""
+    return voxel_displacement_to_world(reg.disp_vox.numpy(), affine).astype(np.float32)
+
+
+def write_outputs(
+    reg: RegistrationResult,
+    pair: ImagePair,
+    output_dir: str | Path,
+    *,
+    extra: dict[str, Any] | None = None,
+    qc_title: str | None = None,
+) -> dict[str, Any]:
+    """Write the NIfTI outputs (fixed affine), ``qc.png`` when ``qc_title`` is given, and
+    ``metrics.json``, each atomically; returns the metrics.
+
+    ``metrics.json`` is removed first and written last: a folder without it is incomplete
+    (``--resume`` and ``register-many`` rely on that).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)
+    if qc_title is not None:
+        from nir_lightning.evaluation.qc_figure import save_qc_figure  # matplotlib only when asked
+
+        save_qc_figure(pair, out / "qc.png", phi=reg.phi, title=qc_title, metrics=reg.metrics)
+    aff = pair.fixed_affine
+    save_nifti(reg.warped.numpy().astype(np.float32), aff, out / "warped.nii.gz")
+    if reg.warped_labels is not None:
+        save_nifti(reg.warped_labels.numpy(), aff, out / "warped_labels.nii.gz")
+    save_displacement_itk(displacement_world(reg, aff), aff, out / "displacement.nii.gz")
+    save_nifti(reg.det.numpy().astype(np.float32), aff, out / "jacobian_det.nii.gz")
+    if reg.inv_disp_vox is not None:
+        inv_mm = voxel_displacement_to_world(reg.inv_disp_vox.numpy(), aff).astype(np.float32)
+        save_displacement_itk(inv_mm, aff, out / "inverse_displacement.nii.gz")
+    else:  # an --overwrite run must not leave a stale inverse from an earlier diffeomorphic run
+        (out / "inverse_displacement.nii.gz").unlink(missing_ok=True)
+    metrics = dict(reg.metrics)
+    if pair.notes:
+        metrics["notes"] = list(pair.notes)
+    metrics.update(extra or {})
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,69 @@
+"""The training objective as a pure function of transform, images and sample.
+
+``loss = similarity(fixed(x), moving(phi(x))) + lam * folding(phi)`` over the sampled fixed
+points ``x``. The LightningModule's ``training_step`` and ``benchmarks/profile_step.py`` both
+call :func:`registration_objective`, so what is profiled is what is trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from nir_lightning.coords import normalized_to_voxel, voxel_to_normalized
+from nir_lightning.core.resample import sample_image
+from nir_lightning.losses.folding import FoldingPenalty, forward_stencil_det
+from nir_lightning.losses.similarity import Similarity
+from nir_lightning.sampling import CoordinateSample
+
+
+def registration_objective(
+    transform: Callable[[Tensor], Tensor],
+    fixed: Tensor,
+    moving: Tensor,
+    sample: CoordinateSample,
+    *,
+    similarity: Similarity,
+    folding: FoldingPenalty,
+    lam: float,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """Similarity and folding penalty of ``transform`` on one coordinate sample.
+
+    Args:
+        transform: ``phi`` on normalized points ``(B, d0, d1, d2, 3)``.
+        fixed, moving: images ``(1, 1, D0, D1, D2)`` on the fixed grid (scaled intensities).
+        sample: the sampled fixed points (a lattice, or unstructured points).
+        similarity, folding, lam: the two terms and the folding weight.
+        mask: fixed foreground ``(D0, D1, D2)`` (bool), where extra folding points are drawn.
+        generator: draws the extra folding points; ``None`` skips them.
+
+    Returns:
+        ``{"loss", "sim", "jedt"}`` scalars (``jedt``: the whole folding term before ``lam``).
+
+    >>> from nir_lightning.sampling import DownsizeSampler
+    >>> img = torch.rand(1, 1, 8, 8, 8)
+    >>> s = DownsizeSampler(stride=1).sample((8, 8, 8), generator=torch.Generator().manual_seed(0))
+    >>> out = registration_objective(lambda x: x, img, img, s, similarity=Similarity("lncc", window=3),
+    ...                              folding=FoldingPenalty(), lam=10.0)
+    >>> round(float(out["sim"]), 4), float(out["jedt"])
+    (-1.0, 0.0)
+    """
+    shape = (int(fixed.shape[-3]), int(fixed.shape[-2]), int(fixed.shape[-1]))
+    pts = sample.points
+    if sample.is_grid:
+        phi = transform(pts)
+        reg = folding.lattice(sample, normalized_to_voxel(phi, shape))
+    else:
+        phi_vox, det = forward_stencil_det(transform, pts, shape)
+        phi = voxel_to_normalized(phi_vox, shape)
+        reg = folding(det)
+    if generator is not None and folding.needs_extra_points(sample):
+        reg = reg + folding.extra(transform, shape, mask, generator)
+    warped = sample_image(moving, phi)
+    fixed_s = sample_image(fixed, pts)
+    sim = similarity(fixed_s, warped, is_grid=sample.is_grid)
+    return {"loss": sim + lam * reg, "sim": sim, "jedt": reg}

@@ -1,0 +1,112 @@
+"""LightningDataModule for one image pair: loads it once; batches are just step indices."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from nir_lightning.data.pair import ImagePair, load_pair
+from nir_lightning.errors import InputError
+
+
+class _Steps(Dataset[int]):
+    """Indices only: coordinates are sampled on the device inside ``training_step``."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+class PairDataModule(pl.LightningDataModule):
+    """One fixed/moving pair (optionally with label maps), loaded with MONAI transforms.
+
+    Hooks: ``setup`` (load and check the pair), ``train/val/predict_dataloader``.
+    Keyword arguments map one-to-one onto the CLI's ``data.*`` options.
+
+    Args:
+        fixed, moving: NIfTI paths. Required unless ``demo`` is set.
+        fixed_labels, moving_labels: optional NIfTI label maps (for Dice/HD95).
+        labels: labels to average Dice over: TSV path (first column) or ``"2,3,41"``.
+        percentiles: robust intensity range mapped to [0, 1].
+        steps_per_epoch: optimisation steps per "epoch" (sets validation cadence).
+        demo: use the built-in synthetic phantom pair (needs no files).
+        demo_dir: where the demo pair is written (a temporary folder if ``None``).
+    """
+
+    def __init__(
+        self,
+        *,
+        fixed: str | None = None,
+        moving: str | None = None,
+        fixed_labels: str | None = None,
+        moving_labels: str | None = None,
+        labels: str | list[int] | None = None,
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        steps_per_epoch: int = 100,
+        demo: bool = False,
+        demo_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if steps_per_epoch < 1:
+            raise InputError(f"data.steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        if not demo and (fixed is None or moving is None):
+            raise InputError("give data.fixed and data.moving (NIfTI paths), or set data.demo=true for the built-in phantom.")
+        self.fixed, self.moving = fixed, moving
+        self.fixed_labels, self.moving_labels = fixed_labels, moving_labels
+        self.labels = labels
+        self.percentiles = percentiles
+        self.steps_per_epoch = steps_per_epoch
+        self.demo = demo
+        self.demo_dir = demo_dir
+        self.pair: ImagePair | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pair is not None:
+            return
+        if self.demo:
+            from nir_lightning.data.phantom import write_demo_pair
+
+            folder = Path(self.demo_dir) if self.demo_dir else Path(tempfile.mkdtemp(prefix="nir_demo_"))
+            files = write_demo_pair(folder)
+            self.fixed, self.moving = str(files["fixed"]), str(files["moving"])
+            self.fixed_labels, self.moving_labels = str(files["fixed_labels"]), str(files["moving_labels"])
+        assert self.fixed is not None and self.moving is not None
+        self.pair = load_pair(
+            self.fixed,
+            self.moving,
+            fixed_labels=self.fixed_labels,
+            moving_labels=self.moving_labels,
+            labels=self.labels,
+            percentiles=self.percentiles,
+        )
+        if self.demo:
+            import nibabel as nib
+
+            img: Any = nib.load(str(files["true_displacement_vox"]))
+            true = img.get_fdata(dtype="float32")
+            self.pair.reference_disp_vox = torch.as_tensor(true)
+
+    def train_dataloader(self) -> DataLoader[int]:
+        return DataLoader(_Steps(self.steps_per_epoch), batch_size=1, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader[int]:
+        return DataLoader(_Steps(1), batch_size=1, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader[int]:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader[int]:
+        return self.val_dataloader()
+
+    def transfer_batch_to_device(self, batch: torch.Tensor, device: torch.device, dataloader_idx: int) -> torch.Tensor:
+        return batch  # step indices are not used on the device

@@ -1,0 +1,306 @@
+"""LightningModule that fits a neural field to one image pair: Lightning hooks only.
+
+The method itself lives below this layer: sampling in :mod:`nir_lightning.sampling`, the
+objective in :mod:`nir_lightning.losses.objective`, dense evaluation in
+:mod:`nir_lightning.evaluation`, the hybrid schedule in :mod:`nir_lightning.training.schedule`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from jsonargparse import lazy_instance
+from torch import Tensor
+
+from nir_lightning.coords import normalized_to_voxel
+from nir_lightning.core.jacobian import determinant, jacobian_forward
+from nir_lightning.core.resample import sample_image
+from nir_lightning.data.pair import ImagePair, foreground
+from nir_lightning.errors import InputError
+from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
+from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
+from nir_lightning.fields import ComposedField, DisplacementField, NeuralField
+from nir_lightning.losses import FoldingPenalty, Similarity, local_ncc, registration_objective
+from nir_lightning.sampling import CoordinateSample, CoordinateSampler, DownsizeSampler, MinipatchSampler
+from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, linear_decay
+
+log = logging.getLogger(__name__)
+
+
+class RegistrationModule(pl.LightningModule):
+    """Optimises ``field`` so that ``moving(field(x))`` matches ``fixed(x)``.
+
+    Hooks: ``setup`` (attach the datamodule's pair as non-persistent buffers; check the hybrid
+    schedule), ``on_fit_start`` / ``on_train_batch_start`` / ``on_fit_end`` (apply the hybrid
+    schedule's phase), ``training_step`` (sample -> :func:`~nir_lightning.losses.registration_objective`),
+    ``validation_step`` (cheap metrics on a coarse dense lattice), ``predict_step`` (dense
+    evaluation, :func:`nir_lightning.evaluation.evaluate`), ``configure_optimizers`` (Adam
+    with linear decay to ``lr_final_ratio * lr``). Keyword arguments map one-to-one onto
+    the CLI's ``model.*`` options.
+
+    Args:
+        field: the neural field (NF1 of the hybrid schedule).
+        field2: optional second field (NF2) for the hybrid schedule: trained in phase 2 on
+            ``field``'s output, so the transform is ``field2 o field``. Needs ``schedule``.
+            The current phase is the persistent buffer ``phase`` (1 or 2).
+        schedule: the hybrid schedule (:class:`~nir_lightning.training.schedule.HybridSchedule`:
+            switch step, phase-2 sampler and window); only with ``field2``.
+        sampler: coordinate sampler used for training.
+        similarity: ``"lncc"`` (squared local NCC), ``"ncc"`` (global) or ``"mse"``.
+        window: local NCC window in lattice samples.
+        regularizer: ``"jedt"`` (penalise det <= 0 only) or ``"unit"`` (|det - 1|).
+        lam: weight of the regulariser.
+        margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR).
+        lr: Adam learning rate at step 0.
+        lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
+        jacobian_points: random foreground points per step whose det J is taken with a
+            one-voxel stencil (coarse lattices miss folds between their points).
+        jacobian_stencil: finite differences of those points: ``"forward"`` (x, x+h; 4
+            evaluations per point) or ``"central"`` (x-h, x+h; 6 evaluations, the stencil of
+            the folding metric and of ANTs' ``CreateJacobianDeterminantImage``). Forward
+            differences cannot see an oscillation two voxels wide, which central ones report as
+            a fold; ``"central"`` penalises those too, so the extra points are then also added
+            for samplers whose own Jacobian is already one voxel fine, and one-voxel lattices
+            (mini-patches, ``stride=1``) also penalise their interior central-difference det J
+            (no extra field evaluations).
+        seed: seeds the coordinate sampling (step ``t`` uses ``seed`` and ``t``, so a resumed
+            fit samples exactly what an uninterrupted one would).
+        val_stride: lattice stride of the validation metrics.
+        eval_max_points: points per chunk of dense inference (bounds memory).
+    """
+
+    # buffers (registered in __init__ / attach_pair), declared for type checkers
+    phase: Tensor
+    fixed: Tensor
+    moving: Tensor
+    mask: Tensor
+
+    def __init__(
+        self,
+        *,
+        field: NeuralField = lazy_instance(DisplacementField),
+        field2: NeuralField | None = None,
+        schedule: HybridSchedule | None = None,
+        sampler: CoordinateSampler = lazy_instance(DownsizeSampler),
+        similarity: Literal["lncc", "ncc", "mse"] = "lncc",
+        window: int = 5,
+        regularizer: Literal["jedt", "unit"] = "jedt",
+        lam: float = 10.0,
+        margin: float = 0.3,
+        lr: float = 3e-4,
+        lr_final_ratio: float = 0.1,
+        jacobian_points: int = 4096,
+        jacobian_stencil: Literal["forward", "central"] = "forward",
+        seed: int = 0,
+        val_stride: int = 2,
+        eval_max_points: int = 2**18,
+    ) -> None:
+        super().__init__()
+        if not (math.isfinite(lam) and lam >= 0):
+            raise InputError(f"model.lam (weight of the folding penalty) must be a finite number >= 0, got {lam}; use e.g. lam=10, or 0 to switch the penalty off.")
+        if not (math.isfinite(lr) and lr > 0):
+            raise InputError(f"model.lr must be a finite number > 0, got {lr}; use e.g. lr=1e-4.")
+        if not 0 < lr_final_ratio <= 1:
+            raise InputError(f"model.lr_final_ratio must be in (0, 1], got {lr_final_ratio}")
+        if window < 2:
+            raise InputError(f"model.window (local NCC window, in lattice samples) must be >= 2, got {window}; use e.g. window=5.")
+        if isinstance(sampler, MinipatchSampler) and window > sampler.patch_size:
+            raise InputError(f"model.window={window} is larger than the mini-patch ({sampler.patch_size}); use a window <= patch_size.")
+        if (field2 is None) != (schedule is None):
+            raise InputError(
+                "model.field2 and model.schedule go together (the hybrid schedule: NF1, then NF2 on NF1's output); "
+                "use -c configs/model/hybrid.yaml, or set both, or neither."
+            )
+        try:
+            folding = FoldingPenalty(kind=regularizer, margin=margin, jacobian_points=jacobian_points, stencil=jacobian_stencil)
+        except InputError as exc:
+            raise InputError(f"model.{exc}") from None
+        if val_stride < 1 or eval_max_points < 1:
+            raise InputError("model.val_stride and model.eval_max_points must be >= 1")
+        self.save_hyperparameters(logger=False, ignore=["field", "field2", "schedule", "sampler"])
+        self.field = field
+        self.field2 = field2
+        self.schedule = schedule
+        self.register_buffer("phase", torch.tensor(PHASE_1, dtype=torch.long))  # persistent: resumes in its phase
+        self.sampler = sampler
+        self.similarity = Similarity(similarity, window=window)
+        self.folding = folding
+        self.regularizer = regularizer
+        self.lam = lam
+        self.lr = lr
+        self.lr_final_ratio = lr_final_ratio
+        self.seed = seed
+        self.val_stride = val_stride
+        self.eval_max_points = eval_max_points
+        self.pair: ImagePair | None = None
+        self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
+
+    # -- data ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.pair is None:
+            if dm is None or getattr(dm, "pair", None) is None:
+                raise RuntimeError("RegistrationModule needs a PairDataModule (or call attach_pair first).")
+            self.attach_pair(dm.pair)
+        if stage == "fit" and self.schedule is not None:
+            self._check_schedule(self.schedule)
+
+    def _check_schedule(self, schedule: HybridSchedule) -> None:
+        switch = schedule.resolve_switch_step(self.trainer.max_steps)
+        if self.trainer.max_steps is not None and 0 < self.trainer.max_steps <= switch:
+            log.warning("hybrid schedule: switch_step=%d >= trainer.max_steps=%d, so phase 2 never starts.", switch, self.trainer.max_steps)
+        window = schedule.phase2_window or self.similarity.window
+        patch = getattr(schedule.phase2_sampler, "patch_size", None)
+        if patch is not None and window > patch:
+            raise InputError(
+                f"model.window={window} is larger than the phase-2 mini-patch ({patch}); "
+                "set model.schedule.init_args.phase2_window <= patch_size."
+            )
+
+    def attach_pair(self, pair: ImagePair) -> None:
+        """Register the pair's images as (non-persistent) buffers so they follow the device."""
+        self.pair = pair
+        self.register_buffer("fixed", pair.fixed.float(), persistent=False)
+        self.register_buffer("moving", pair.moving.float(), persistent=False)
+        self.register_buffer("mask", pair.foreground_mask(), persistent=False)
+
+    @property
+    def margin(self) -> float:
+        return self.folding.margin
+
+    @property
+    def jacobian_points(self) -> int:
+        return self.folding.jacobian_points
+
+    @property
+    def jacobian_stencil(self) -> str:
+        return self.folding.stencil
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        assert self.pair is not None, "no pair attached"
+        return self.pair.shape
+
+    def _generator(self, step: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step)
+
+    # -- the method ------------------------------------------------------------------------
+    @property
+    def in_phase2(self) -> bool:
+        return self.field2 is not None and int(self.phase) >= 2
+
+    def transform_field(self) -> NeuralField:
+        """The transform being fitted: ``field``, or ``field2 o field`` in phase 2 of the hybrid schedule."""
+        if self.in_phase2:
+            assert self.field2 is not None
+            return ComposedField(self.field, self.field2)
+        return self.field
+
+    def transform(self, x: Tensor) -> Tensor:
+        """``phi(x)`` of :meth:`transform_field` for normalized points ``(..., 3)``."""
+        y = self.field(x)
+        if self.in_phase2:
+            assert self.field2 is not None
+            return self.field2(y)
+        return y
+
+    def model_step(self, sample: CoordinateSample, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The objective of the current transform on one sample (see :func:`~nir_lightning.losses.registration_objective`)."""
+        return registration_objective(
+            self.transform, self.fixed, self.moving, sample,
+            similarity=self.similarity, folding=self.folding, lam=self.lam, mask=self.mask, generator=generator,
+        )
+
+    # -- the hybrid schedule ---------------------------------------------------------------
+    def apply_phase(self, phase: int) -> None:
+        """Set ``phase`` and the matching trainable field, sampler and window."""
+        if phase not in (PHASE_1, PHASE_2):
+            raise ValueError(f"phase must be 1 or 2, got {phase}")
+        assert self.field2 is not None and self.schedule is not None
+        self.phase.fill_(phase)
+        for field_, trains in ((self.field, phase == PHASE_1), (self.field2, phase == PHASE_2)):
+            for p in field_.parameters():
+                p.requires_grad_(trains)
+                if not trains:
+                    p.grad = None
+        if phase == PHASE_2:
+            self.sampler = self.schedule.phase2_sampler
+            if self.schedule.phase2_window is not None:
+                self.similarity.window = self.schedule.phase2_window
+        else:
+            self.sampler, self.similarity.window = self._phase1
+
+    def on_fit_start(self) -> None:
+        # Runs after the module state (and so the phase buffer) is restored from a checkpoint.
+        self._phase1 = (self.sampler, self.similarity.window)
+        if self.schedule is not None:
+            self.apply_phase(int(self.phase))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.schedule is None or int(self.phase) != PHASE_1:
+            return
+        if self.global_step >= self.schedule.resolve_switch_step(self.trainer.max_steps):
+            log.info("hybrid schedule: phase 2 starts at step %d", self.global_step)
+            self.apply_phase(PHASE_2)
+
+    def on_fit_end(self) -> None:
+        # Leave the module trainable and with its configured sampler (the phase buffer stays).
+        if self.schedule is not None:
+            for p in self.parameters():
+                p.requires_grad_(True)
+            self.sampler, self.similarity.window = self._phase1
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        gen = self._generator(self.global_step)
+        sample = self.sampler.sample(self.shape, generator=gen, mask=self.mask)
+        out = self.model_step(sample, gen)
+        if not bool(torch.isfinite(out["loss"])):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.global_step} (similarity={float(out['sim'])}, penalty={float(out['jedt'])}); "
+                "lower model.lr or check the inputs for extreme intensities."
+            )
+        self.log(f"train/{self.similarity.kind}", out["sim"], prog_bar=False)
+        self.log(f"train/{self.regularizer}", out["jedt"])
+        self.log("train/loss", out["loss"], prog_bar=True)
+        return out["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        sampler = DownsizeSampler(stride=min(self.val_stride, min(self.shape)))
+        sample = sampler.sample(self.shape, generator=self._generator(0))
+        phi = self.transform(sample.points)
+        out_vox = normalized_to_voxel(phi, self.shape)
+        assert sample.spacing is not None
+        det = determinant(jacobian_forward(out_vox, sample.spacing))
+        fixed = sample_image(self.fixed, sample.points)
+        warped = sample_image(self.moving, phi)
+        self.log("val/lncc", local_ncc(fixed, warped, window=self.similarity.window))
+        mask = foreground(fixed[:, 0, :-1, :-1, :-1])
+        folded = (det <= 0) & mask
+        self.log("val/folding_percent", 100.0 * folded.sum() / mask.sum().clamp(min=1))
+        if self.pair is not None and self.pair.has_labels:
+            assert self.pair.fixed_labels is not None and self.pair.moving_labels is not None
+            ml = sample_image(self.pair.moving_labels.float().to(self.device), phi, mode="nearest")
+            fl = sample_image(self.pair.fixed_labels.float().to(self.device), sample.points, mode="nearest")
+            self.log("val/dice", mean_dice(dice_per_label(ml.round().cpu(), fl.round().cpu(), self.pair.labels)))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> RegistrationResult:
+        assert self.pair is not None
+        return evaluate(self.transform_field(), self.pair, max_points=self.eval_max_points)
+
+    def configure_optimizers(self) -> Any:
+        # One optimizer, one param group per field, all built now: a group added mid-fit would
+        # break resuming (see nir_lightning.training.schedule). The frozen field has requires_grad=False.
+        groups = [{"params": list(self.field.parameters()), "name": "field"}]
+        if self.field2 is not None:
+            groups.append({"params": list(self.field2.parameters()), "name": "field2"})
+        optimizer = torch.optim.Adam(groups, lr=self.lr)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        lambdas: Any = linear_decay(total, self.lr_final_ratio)
+        if self.schedule is not None:
+            lambdas = self.schedule.lr_lambdas(self.trainer.max_steps, total, self.lr_final_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

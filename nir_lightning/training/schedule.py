@@ -1,0 +1,125 @@
+"""Schedules of a fit: the learning-rate decay and the hybrid two-phase schedule.
+
+The hybrid schedule (the paper's answer to the sampler trade-off) is part of the model's
+config, ``model.schedule``: phase 1 fits ``model.field`` (NF1), normally with the ``downsize``
+sampler; from ``switch_step`` on, NF1 is frozen and ``model.field2`` (NF2) is fitted on
+full-resolution mini-patches at NF1's output, so the transform is ``phi = phi2 o phi1``
+(:class:`~nir_lightning.fields.ComposedField`). The module applies it in its own hooks
+(:meth:`~nir_lightning.training.module.RegistrationModule.apply_phase`); no callback is needed.
+
+Resuming at any step, across the switch included, works because nothing about the phase lives
+outside the checkpoint: both fields' parameter groups exist from ``configure_optimizers`` on
+(adding a group mid-fit breaks the optimizer's ``load_state_dict``; the frozen field has
+``requires_grad=False``, so Adam leaves it and its moments untouched), the phase is a
+persistent buffer of the module, freezing/sampler/window are re-applied in ``on_fit_start``
+(after the module state is restored, before the optimizer state), and coordinate sampling is a
+function of ``(seed, global_step)`` only. One optimizer under automatic optimization: two
+optimizers under manual optimization would advance ``global_step`` twice per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jsonargparse import lazy_instance
+
+from nir_lightning.errors import InputError
+from nir_lightning.sampling import CoordinateSampler, MinipatchSampler
+
+PHASE_1 = 1
+PHASE_2 = 2
+
+
+def linear_decay(total_steps: int, final_ratio: float = 0.1) -> Callable[[int], float]:
+    """LR factor falling linearly from 1 at step 0 to ``final_ratio`` at ``total_steps``.
+
+    >>> f = linear_decay(10, 0.1)
+    >>> [round(f(s), 2) for s in (0, 5, 10, 20)]
+    [1.0, 0.55, 0.1, 0.1]
+    """
+    total = max(1, int(total_steps))
+
+    def factor(step: int) -> float:
+        return 1.0 - (1.0 - final_ratio) * min(step, total) / total
+
+    return factor
+
+
+def two_phase_lr_lambdas(total_steps: int, switch_step: int, final_ratio: float) -> list[Callable[[int], float]]:
+    """LR factors of the two parameter groups: NF1 decays linearly over phase 1, NF2 is 0
+    before the switch and decays linearly over phase 2 (both from 1 to ``final_ratio``).
+
+    >>> f1, f2 = two_phase_lr_lambdas(10, 4, 0.1)
+    >>> [round(f1(s), 3) for s in (0, 4)], [round(f2(s), 3) for s in (3, 4, 10)]
+    ([1.0, 0.1], [0.0, 1.0, 0.1])
+    """
+    phase1 = linear_decay(max(1, switch_step), final_ratio)
+    phase2 = linear_decay(max(1, total_steps - switch_step), final_ratio)
+
+    def nf1(step: int) -> float:
+        return phase1(step)
+
+    def nf2(step: int) -> float:
+        return 0.0 if step < switch_step else phase2(step - switch_step)
+
+    return [nf1, nf2]
+
+
+class HybridSchedule:
+    """When phase 2 starts and how it samples (``model.schedule`` in configs).
+
+    Steps ``0 .. switch_step - 1`` are phase 1 (NF1 trains with ``model.sampler``); from
+    ``switch_step`` on, phase 2 (NF1 frozen, NF2 trains with ``phase2_sampler`` on ``NF2 o NF1``).
+
+    Args:
+        switch_step: the first step of phase 2. ``None``: ``switch_fraction * max_steps``.
+        switch_fraction: used when ``switch_step`` is ``None``.
+        phase2_sampler: sampler of phase 2 (full-resolution mini-patches in the paper).
+        phase2_window: local-NCC window (lattice samples) in phase 2; ``None`` keeps
+            ``model.window``. Full-resolution patches want a wider window than a stride-3 lattice.
+
+    >>> HybridSchedule(switch_step=100).resolve_switch_step(400)
+    100
+    >>> HybridSchedule(switch_fraction=0.25).resolve_switch_step(400)
+    100
+    """
+
+    def __init__(
+        self,
+        *,
+        switch_step: int | None = None,
+        switch_fraction: float = 0.5,
+        phase2_sampler: CoordinateSampler = lazy_instance(MinipatchSampler),
+        phase2_window: int | None = None,
+    ) -> None:
+        if switch_step is not None and switch_step < 0:
+            raise InputError(f"HybridSchedule.switch_step must be >= 0, got {switch_step}", owner="HybridSchedule", param="switch_step", value=switch_step)
+        if not 0 <= switch_fraction <= 1:
+            raise InputError(f"HybridSchedule.switch_fraction must be in [0, 1], got {switch_fraction}", owner="HybridSchedule", param="switch_fraction", value=switch_fraction)
+        if phase2_window is not None and phase2_window < 2:
+            raise InputError(f"HybridSchedule.phase2_window must be >= 2, got {phase2_window}", owner="HybridSchedule", param="phase2_window", value=phase2_window)
+        patch = getattr(phase2_sampler, "patch_size", None)
+        if phase2_window is not None and patch is not None and phase2_window > patch:
+            raise InputError(f"HybridSchedule.phase2_window={phase2_window} is larger than the mini-patch ({patch}); use a window <= patch_size.", owner="HybridSchedule", param="phase2_window", value=phase2_window)
+        self.switch_step = switch_step
+        self.switch_fraction = switch_fraction
+        self.phase2_sampler = phase2_sampler
+        self.phase2_window = phase2_window
+
+    def resolve_switch_step(self, max_steps: int | None) -> int:
+        """The step at which phase 2 starts, for a fit of ``max_steps`` steps."""
+        if self.switch_step is not None:
+            return int(self.switch_step)
+        if max_steps is None or max_steps < 0:
+            raise InputError("the hybrid schedule needs trainer.max_steps (or an explicit model.schedule.init_args.switch_step).")
+        return round(self.switch_fraction * max_steps)
+
+    def lr_lambdas(self, max_steps: int | None, total_steps: int, final_ratio: float) -> list[Callable[[int], float]]:
+        """Per-group LR factors ``[NF1, NF2]`` (see :func:`two_phase_lr_lambdas`)."""
+        return two_phase_lr_lambdas(total_steps, self.resolve_switch_step(max_steps), final_ratio)
+
+    def __repr__(self) -> str:
+        return (
+            f"HybridSchedule(switch_step={self.switch_step}, switch_fraction={self.switch_fraction}, "
+            f"phase2_sampler={self.phase2_sampler!r}, phase2_window={self.phase2_window})"
+        )

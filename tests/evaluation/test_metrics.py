@@ -1,0 +1,104 @@
+"""Dice, HD95, Jacobian determinants and folding counts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nir_lightning.core.jacobian import jacobian_central, jacobian_determinant
+from nir_lightning.evaluation.metrics import dice_per_label, folding, hd95_per_label, mean_dice
+
+
+# -- Dice ---------------------------------------------------------------------------------------
+def test_dice_per_label_hand_computed():
+    a = np.array([[0, 1, 1, 2], [2, 2, 3, 0]])
+    b = np.array([[0, 1, 2, 2], [2, 0, 0, 0]])
+    d = dice_per_label(a, b, [1, 2, 3, 7])
+    # label 1: |A|=2, |B|=1, overlap 1 -> 2/3; label 2: |A|=3, |B|=3, overlap 2 -> 4/6
+    # label 3: |A|=1, |B|=0 -> 0; label 7: in neither -> NaN
+    assert d[1] == pytest.approx(2 / 3)
+    assert d[2] == pytest.approx(4 / 6)
+    assert d[3] == 0.0
+    assert math.isnan(d[7])
+    assert list(d) == [1, 2, 3, 7]
+    assert mean_dice(d) == pytest.approx((2 / 3 + 4 / 6 + 0.0) / 3)  # NaN left out
+
+
+def test_dice_identical_and_disjoint_and_torch_input():
+    a = torch.tensor([[[0, 5, 5], [6, 6, 0]]], dtype=torch.int32)
+    assert dice_per_label(a, a, [5, 6]) == {5: 1.0, 6: 1.0}
+    b = torch.tensor([[[5, 0, 0], [0, 0, 6]]], dtype=torch.int32)
+    assert dice_per_label(a, b, [5, 6]) == {5: 0.0, 6: 0.0}
+    assert math.isnan(mean_dice({1: float("nan")}))
+
+
+def test_dice_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="differ"):
+        dice_per_label(np.zeros(4), np.zeros(5), [1])
+
+
+# -- HD95 ------------------------------------------------------------------------------------------
+def cube(shift=(0, 0, 0), shape=(20, 20, 20)) -> np.ndarray:
+    lab = np.zeros(shape, dtype=np.int32)
+    s0, s1, s2 = (slice(6 + d, 12 + d) for d in shift)
+    lab[s0, s1, s2] = 4
+    return lab
+
+
+@pytest.mark.parametrize(
+    ("shift", "spacing", "want"),
+    [((0, 0, 0), (1.0, 1.0, 1.0), 0.0), ((2, 0, 0), (1.5, 1.0, 1.0), 3.0), ((0, 2, 0), (1.5, 1.0, 1.0), 2.0), ((0, 0, 3), (1.0, 1.0, 2.0), 6.0)],
+)
+def test_hd95_of_a_shifted_cube(shift, spacing, want):
+    """A cube translated by k voxels along axis a is k * spacing[a] mm away (per-axis spacing)."""
+    hd = hd95_per_label(cube(shift), cube(), [4], spacing=spacing)
+    assert hd[4] == pytest.approx(want, abs=1e-4)
+
+
+def test_hd95_missing_label_is_nan():
+    hd = hd95_per_label(cube(), np.zeros((20, 20, 20), dtype=np.int32), [4, 9], spacing=(1, 1, 1))
+    assert math.isnan(hd[4]) and math.isnan(hd[9])
+
+
+# -- det J and folding -------------------------------------------------------------------------------
+def grid_vox(shape) -> torch.Tensor:
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+
+
+def test_jacobian_determinant_of_zero_displacement_is_one():
+    det = jacobian_determinant(torch.zeros(5, 6, 7, 3))
+    assert det.shape == (5, 6, 7)
+    assert torch.equal(det, torch.ones(5, 6, 7))
+
+
+def test_jacobian_determinant_of_a_linear_displacement():
+    a = np.array([[0.1, 0.2, 0.0], [0.0, -0.3, 0.1], [0.05, 0.0, 0.2]])
+    x = grid_vox((6, 7, 5))
+    u = (x @ torch.as_tensor(a).T).float()  # u_i = sum_a A[i, a] x_a
+    det = jacobian_determinant(u)
+    want = np.linalg.det(np.eye(3) + a)
+    assert float((det - want).abs().max()) < 1e-5  # central differences are exact, borders too
+    # convention J[..., i, a] = d u_i / d x_a (distinguishes A from its transpose)
+    jac = jacobian_central(u.double())
+    assert torch.allclose(jac, torch.as_tensor(a).expand_as(jac), atol=1e-6)
+
+
+def test_jacobian_determinant_of_a_mirror_is_negative():
+    x = grid_vox((5, 5, 5))
+    u = torch.zeros(5, 5, 5, 3)
+    u[..., 1] = (-2 * x[..., 1]).float()  # phi_1 = -x_1
+    det = jacobian_determinant(u)
+    assert torch.allclose(det, -torch.ones_like(det))
+    assert folding(det) == (125, 100.0)
+
+
+def test_folding_counts():
+    det = torch.tensor([[1.0, -0.5], [0.0, 2.0], [0.3, -1e-6]])
+    assert folding(det) == (3, 50.0)
+    mask = torch.tensor([[True, False], [True, True], [False, False]])
+    assert folding(det, mask) == (1, pytest.approx(100 / 3))
+    assert folding(det, torch.zeros_like(mask)) == (0, 0.0)
