@@ -9,7 +9,7 @@ itself produces with its own resampler:
   and against the analytic composition; then a real ``SyNOnly`` CC registration.
 * FireANTs: greedy and SyN registrations against FireANTs' own ``evaluate``.
 
-Small phantoms (40x44x38, LIA-like affine so axis and sign mistakes show) and few iterations keep
+Small phantoms (40x44x38, non-RAS (LSA) affine so axis and sign mistakes show) and few iterations keep
 this fast. Skipped when antspyx / fireants are not installed (``pip install -e .[bench]``).
 """
 

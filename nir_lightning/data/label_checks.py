@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from nir_lightning.data.pair import foreground
+from nir_lightning.data.foreground import foreground
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,12 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     CopyItemsd,
     EnsureChannelFirstd,
@@ -21,7 +23,6 @@ from monai.transforms import (
 from torch import Tensor
 
 from nir_lightning.coords import voxel_spacing
-from nir_lightning.errors import InputError
 from nir_lightning.data.checks import (
     check_affine,
     check_image_file,
@@ -30,22 +31,13 @@ from nir_lightning.data.checks import (
     parse_labels,
     read_image_data,
 )
+from nir_lightning.data.foreground import foreground
+from nir_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-FOREGROUND_THRESHOLD = 0.01
-"""The one foreground rule: fixed intensities (scaled to [0, 1]) above 1 % of their range."""
-
-
-def foreground(scaled: Tensor) -> Tensor:
-    """Foreground of an image scaled to [0, 1] (any shape): ``scaled > FOREGROUND_THRESHOLD``.
-
-    >>> foreground(torch.tensor([0.0, 0.005, 0.5])).tolist()
-    [False, False, True]
-    """
-    return scaled > FOREGROUND_THRESHOLD
 
 
 @dataclass
@@ -101,7 +93,7 @@ def _data_role(key: str) -> str:
     return key.removesuffix("_labels")
 
 
-def _same_grid(a: Tensor, b: Tensor) -> bool:
+def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
     return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(
         np.asarray(a.affine), np.asarray(b.affine), atol=1e-4
     )
@@ -116,7 +108,7 @@ def _few(values: Iterable[int], n: int = 12) -> str:
     return "[" + ", ".join(str(v) for v in vals[:n]) + (", ...]" if len(vals) > n else "]")
 
 
-def grid_differences(a: Tensor, b: Tensor) -> list[str]:
+def grid_differences(a: MetaTensor, b: MetaTensor) -> list[str]:
     """How the grids of two MetaTensors ``(C, D0, D1, D2)`` differ, in words (``a`` first)."""
     aff_a, aff_b = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
     out: list[str] = []
@@ -138,7 +130,7 @@ def grid_differences(a: Tensor, b: Tensor) -> list[str]:
     return out
 
 
-def _coverage(moving: Tensor, fixed: Tensor, step: int = 4) -> float:
+def _coverage(moving: MetaTensor, fixed: MetaTensor, step: int = 4) -> float:
     """Fraction of (a stride-``step`` subset of) the fixed grid inside the moving field of view."""
     axes = [np.arange(0, n, step, dtype=np.float64) for n in fixed.shape[1:]]
     vox = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
@@ -178,7 +170,7 @@ def load_pair(
     keys = list(paths)
     loader = LoadImaged(keys=keys, image_only=True, dtype=None)
     try:
-        data = loader({k: str(v) for k, v in paths.items()})
+        data: Any = loader({k: str(v) for k, v in paths.items()})
     except Exception as exc:
         for key, path in paths.items():  # name the file at fault: one of these raises for it
             checker = check_label_volume if key.endswith("labels") else check_volume
@@ -270,8 +262,6 @@ def load_pair(
                 notes.append(msg)
             pair.labels = list(wanted)
         # Swapped or foreign label maps load fine and only show as a falling Dice: say so now.
-        from nir_lightning.data.label_checks import check_label_maps  # imports this module
-
         notes.extend(check_label_maps(
             pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels,
             fixed_labels_path=str(paths["fixed_labels"]), moving_labels_path=str(paths["moving_labels"]),

@@ -98,7 +98,8 @@ def make_phantom(
 
     ``v`` is smooth Gaussian noise (``smoothness`` voxels) scaled to an RMS velocity of
     ``magnitude`` voxels; ``psi`` is diffeomorphic by construction (scaling and squaring).
-    The affine has an LIA-like orientation so axis/sign mistakes show up.
+    The affine is LSA (not RAS, so axis/sign mistakes show up), consistent with the anatomy of
+    the structure table, so the QC figure shows the phantom upright.
 
     >>> p = make_phantom((24, 26, 22), seed=1)
     >>> p.fixed.shape, len(np.unique(p.fixed_labels)) - 1 >= 10
@@ -119,10 +120,12 @@ def make_phantom(
         bias = 1.0 + 0.1 * torch.tanh(_smooth_noise(shape, 12.0, gen, 1)[0, 0] * 20)
         return (img * bias + noise * torch.randn(shape, generator=gen)).clamp(min=0)
 
+    # LSA: axis 0 runs to the left, axis 1 up, axis 2 forward, as the structure table is laid
+    # out (cerebellum at -x1, -x2: inferior and posterior); not RAS, so axis/sign mistakes show up.
     affine = np.array(
         [[-spacing, 0, 0, spacing * shape[0] / 2],
          [0, 0, spacing, -spacing * shape[2] / 2],
-         [0, -spacing, 0, spacing * shape[1] / 2],
+         [0, spacing, 0, -spacing * shape[1] / 2],
          [0, 0, 0, 1.0]]
     )
     return Phantom(

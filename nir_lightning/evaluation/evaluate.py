@@ -5,10 +5,7 @@ Plain PyTorch/numpy; the Lightning predict step and ``nir register`` both call t
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +25,7 @@ from nir_lightning.evaluation.metrics import folding
 from nir_lightning.evaluation.scoring import score_labels, warp_labels_nearest
 from nir_lightning.fields.base import InverseField, NeuralField
 from nir_lightning.fields.velocity import flow_jacobian_determinant
+
 
 @dataclass
 class RegistrationResult:
@@ -71,7 +69,9 @@ def evaluate(
     see :func:`~nir_lightning.fields.velocity.flow_with_jacobian`) and ``flow_jacobian``,
     ``flow_jacobian_det_min`` is the minimum over the foreground of the flow's own det J,
     integrated with the points: positive for a resolved flow even where the finite-difference
-    estimate reads a fold. It costs about three times the dense forward pass (foreground only).
+    estimate reads a fold. It costs about 8 dense forward passes per foreground voxel (three
+    forward-mode tangents at every solver stage; measured 7.5x at the default diffeomorphic
+    config on CPU); ``flow_jacobian=False`` skips it.
 
     For an invertible field (``field_.invertible``, e.g. a
     :class:`~nir_lightning.fields.VelocityField`) and ``inverse`` not ``False``, also the

@@ -7,7 +7,15 @@ from nir_lightning.fields.base import ComposedField, InverseField, NeuralField
 from nir_lightning.fields.displacement import DisplacementField, coordinate_network
 from nir_lightning.fields.encoding import FourierFeatures
 from nir_lightning.fields.mlp import CoordinateMLP
-from nir_lightning.fields.velocity import StationaryVelocity, VelocityField, dense_velocity, scaling_and_squaring
+from nir_lightning.fields.velocity import (
+    StationaryVelocity,
+    VelocityField,
+    dense_velocity,
+    flow_jacobian_determinant,
+    flow_with_jacobian,
+    has_flow_jacobian,
+    scaling_and_squaring,
+)
 
 __all__ = [
     "ComposedField",
@@ -20,5 +28,8 @@ __all__ = [
     "VelocityField",
     "coordinate_network",
     "dense_velocity",
+    "flow_jacobian_determinant",
+    "flow_with_jacobian",
+    "has_flow_jacobian",
     "scaling_and_squaring",
 ]

@@ -105,7 +105,8 @@ class _Variational(nn.Module):
         velocity = self.inner[0].velocity
 
         def column(tangent: Tensor) -> tuple[Tensor, Tensor]:
-            return torch.func.jvp(velocity, (y,), (tangent,))
+            out = torch.func.jvp(velocity, (y,), (tangent,))
+            return out[0], out[1]
 
         # vmap over the three columns of J: one forward-mode pass that also yields v(y)
         # (broadcast to the three columns); tangents (3, M, 3) -> Dv J (M, 3, 3)

@@ -19,7 +19,8 @@ from torch import Tensor
 from nir_lightning.coords import normalized_to_voxel
 from nir_lightning.core.jacobian import determinant, jacobian_forward
 from nir_lightning.core.resample import sample_image
-from nir_lightning.data.pair import ImagePair, foreground
+from nir_lightning.data.foreground import foreground
+from nir_lightning.data.pair import ImagePair
 from nir_lightning.errors import InputError
 from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice

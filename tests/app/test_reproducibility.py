@@ -34,7 +34,7 @@ def register_argv(files: dict[str, Path], out: Path, seed: int) -> list[str]:
     return [
         "register", "--fixed", str(files["fixed"]), "--moving", str(files["moving"]),
         "--fixed-labels", str(files["fixed_labels"]), "--moving-labels", str(files["moving_labels"]),
-        "--output", str(out), "--seed", str(seed), *OPTIONS,
+        "--output", str(out), "--seed", str(seed), "--threads", "1", *OPTIONS,  # bitwise needs one thread count in both runs
     ]
 
 

@@ -375,9 +375,10 @@ def _fit(field, pair, *, steps: int, lr: float, lam: float) -> RegistrationModul
 
 # What the comparison below may assert, whatever the CPU (AVX2 or AVX-512 kernels, MKL code
 # path) and thread count: 80 Adam steps amplify rounding differences into visibly different
-# fits (seed 0's displacement field: 108 / 119 / 129 folded voxels on three CPU code paths), so
-# only properties with a wide margin are asserted, never an exact count.
-FOLDS_DISPLACEMENT_MIN = 50  # measured 79-149 over seeds, CPU code paths and thread counts
+# fits (seed 0's displacement field: 69 to 127 folded voxels over CPU code paths and thread
+# counts), so only properties with a wide margin are asserted, never an exact count. Measured
+# over seeds 0-2 x {AVX-512, AVX2 kernels and MKL/oneDNN code paths} x {1, 2} threads (12 fits):
+FOLDS_DISPLACEMENT_MIN = 40  # measured 69-150 (0.23-0.49 % of the foreground)
 FOLDS_VELOCITY_MAX_FRACTION = 1e-3  # of the foreground (30365 voxels: 30); measured 0-5
 
 
@@ -403,8 +404,10 @@ def test_velocity_field_does_not_fold_where_a_displacement_field_does(tmp_path, 
     Measured (rk4 h=0.05; seeds 0 / 1 / 2; one thread, AVX-512 kernels):
     displacement 119 / 149 / 79 folded voxels (Dice 0.660 / 0.713 / 0.714); velocity
     flow det J min 0.023 / 0.027 / 0.015, central-difference folds 5 / 0 / 0 (Dice 0.678 /
-    0.661 / 0.692). The learned flow compresses up to ~70x: positive, but not by much, which is
-    why the step must resolve it."""
+    0.661 / 0.692). Over all 12 fits (see above): flow det J min 0.014-0.047, central-difference
+    folds 0-5, velocity Dice 0.637-0.702, velocity minus displacement Dice -0.071 to +0.018.
+    The learned flow compresses up to ~70x: positive, but not by much, which is why the step
+    must resolve it. 45-75 s per seed on one thread."""
     files = write_demo_pair(tmp_path, shape=PHANTOM_SHAPE, magnitude=5.0, seed=3)
     pair = load_pair(files["fixed"], files["moving"], fixed_labels=files["fixed_labels"], moving_labels=files["moving_labels"])
     net = {"num_frequencies": 32, "sigma": 2.0, "width": 64, "depth": 3, "omega0": 10.0}
@@ -423,14 +426,14 @@ def test_velocity_field_does_not_fold_where_a_displacement_field_does(tmp_path, 
         f"(central det min {v['jacobian_det_min']:.3f}), "
         f"Dice {v['dice_before']:.3f}->{v['dice_after']:.3f}, inverse consistency {v['inverse_consistency_mm']:.4f} mm)"
     )
-    assert d["folding_count"] > FOLDS_DISPLACEMENT_MIN and d["folding_percent"] > 0.2
+    assert d["folding_count"] > FOLDS_DISPLACEMENT_MIN
     assert v["flow_jacobian_det_min"] > 0  # the guarantee (margin: see the docstring)
     assert v["folding_count"] <= FOLDS_VELOCITY_MAX_FRACTION * v["foreground_voxels"]
-    # Accuracy: both fields register (Dice before 0.266); the velocity field is within 0.12 of
-    # the displacement field, which also gains from its folds (measured -0.05 to +0.02).
+    # Accuracy: both fields register (Dice before 0.266); the velocity field is within 0.15 of
+    # the displacement field, which also gains from its folds (measured -0.071 to +0.018).
     assert v["dice_after"] > v["dice_before"] + 0.25  # measured >= +0.37
-    assert v["dice_after"] > d["dice_after"] - 0.12
-    assert v["inverse_consistency_mm"] < 0.1  # mm; measured ~0.004 (voxels are 2 mm)
+    assert v["dice_after"] > d["dice_after"] - 0.15
+    assert v["inverse_consistency_mm"] < 0.1  # mm; measured <= 0.0002 (voxels are 2 mm)
 
 
 STEPS = 80
