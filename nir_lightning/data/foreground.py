@@ -13,6 +13,7 @@ FOREGROUND_THRESHOLD = 0.01
 def foreground(scaled: Tensor) -> Tensor:
     """Foreground of an image scaled to [0, 1] (any shape): ``scaled > FOREGROUND_THRESHOLD``.
 
+    >>> import torch
     >>> foreground(torch.tensor([0.0, 0.005, 0.5])).tolist()
     [False, False, True]
     """

@@ -32,6 +32,7 @@ from nir_lightning.data.checks import (
     read_image_data,
 )
 from nir_lightning.data.foreground import foreground
+from nir_lightning.data.label_checks import check_label_maps
 from nir_lightning.errors import InputError
 
 log = logging.getLogger(__name__)

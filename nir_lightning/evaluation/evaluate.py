@@ -15,14 +15,12 @@ from torch import Tensor
 from nir_lightning.coords import (
     normalized_to_voxel_displacement,
     normalized_to_voxel_scale,
-    voxel_displacement_to_world,
 )
 from nir_lightning.core.chunked import DEFAULT_MAX_POINTS, grid_chunks
 from nir_lightning.core.jacobian import chunked_jacobian_determinant
 from nir_lightning.core.resample import dense_field, warp_image
 from nir_lightning.data.pair import ImagePair
-from nir_lightning.evaluation.metrics import folding
-from nir_lightning.evaluation.scoring import score_labels, warp_labels_nearest
+from nir_lightning.evaluation.scoring import score_deformation, score_labels, warp_labels_nearest
 from nir_lightning.fields.base import InverseField, NeuralField
 from nir_lightning.fields.velocity import flow_jacobian_determinant
 
@@ -86,17 +84,7 @@ def evaluate(
     det = chunked_jacobian_determinant(disp, max_points=max_points)
     warped = warp_image(pair.moving_raw.cpu(), phi)[0, 0]
     fg = pair.foreground_mask()
-    count, percent = folding(det, fg)
-    metrics: dict[str, Any] = {
-        "folding_count": count,
-        "folding_percent": percent,
-        "jacobian_det_min": float(det[fg].min()) if bool(fg.any()) else float(det.min()),
-        "jacobian_det_std": float(det[fg].std()) if bool(fg.any()) else float(det.std()),
-        "foreground_voxels": int(fg.sum()),
-        "displacement_mean_mm": float(
-            np.linalg.norm(voxel_displacement_to_world(disp[fg].numpy(), pair.fixed_affine), axis=-1).mean()
-        ) if bool(fg.any()) else 0.0,
-    }
+    metrics: dict[str, Any] = score_deformation(det, disp, pair)
     inv_disp = None
     if inverse is not False and field_.invertible:
         phi_inv = dense_field(InverseField(field_), shape, max_points=max_points).cpu()

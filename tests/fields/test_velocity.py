@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import nibabel as nib
 import numpy as np
@@ -382,8 +383,12 @@ FOLDS_DISPLACEMENT_MIN = 40  # measured 69-150 (0.23-0.49 % of the foreground)
 FOLDS_VELOCITY_MAX_FRACTION = 1e-3  # of the foreground (30365 voxels: 30); measured 0-5
 
 
+# Seeds 1 and 2 cost another ~2 minutes on 2 cores: NIR_ALL_SEEDS=1 runs them (as measured for the README).
+_MORE_SEEDS = pytest.mark.skipif(os.environ.get("NIR_ALL_SEEDS") != "1", reason="set NIR_ALL_SEEDS=1 for seeds 1 and 2")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=_MORE_SEEDS), pytest.param(2, marks=_MORE_SEEDS)])
 def test_velocity_field_does_not_fold_where_a_displacement_field_does(tmp_path, seed: int) -> None:
     """Large synthetic deformation, same network, optimiser, steps and a weak folding penalty
     (lam=0.1, central stencil as in configs/model/diffeomorphic.yaml): the displacement field
