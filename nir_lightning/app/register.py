@@ -36,7 +36,6 @@ if TYPE_CHECKING:  # heavy: imported when a registration really runs
     from nir_lightning.evaluation.evaluate import RegistrationResult
 
 PathLike = str | os.PathLike[str]
-ImageLike = "PathLike | nib.spatialimages.SpatialImage"
 
 
 @dataclass
@@ -141,7 +140,7 @@ def register_pair(
 
     Args:
         fixed, moving: NIfTI paths or nibabel images (in-memory images are saved to
-            ``output/inputs/`` first). Not with ``demo``.
+            a temporary folder first; metrics.json names those files). Not with ``demo``.
         fixed_labels, moving_labels: label maps for Dice/HD95; both or neither.
         labels: labels to average Dice over: a TSV path, ``"2,3,41"`` or a list of ints.
         config: config YAML file(s), layered in order like ``-c`` (e.g. ``configs/model/diffeomorphic.yaml``).
@@ -287,8 +286,6 @@ def _run(
     if overwrite:
         shutil.rmtree(out / "logs", ignore_errors=True)  # --overwrite replaces the run's logs
     out.mkdir(parents=True, exist_ok=True)
-    if inputs is not None and inputs.parent != out:
-        pass  # in-memory inputs were saved to a temporary folder; metrics.json names those files
     remove_stale_temporaries(out, OUTPUT_FILES)  # left by a run killed mid-write
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill mid-save leaves the previous last.ckpt
     ckpt_path, resumed_step = prepare_checkpoints(out, resume=resume, signature=run_signature(cli.config.as_dict()))
