@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from nir_lightning._version import __version__
 from nir_lightning.app.threads import resolve_threads
-from nir_lightning.data.checks import check_image_file
+from nir_lightning.data.checks import check_image_file, parse_labels
 from nir_lightning.errors import InputError
 
 if TYPE_CHECKING:  # heavy: imported when a registration really runs
@@ -197,8 +197,7 @@ def register_pair(
             moving_labels, inputs = _as_path(moving_labels, "moving label", inputs)
             check_image_file(fixed_labels, "fixed label")
             check_image_file(moving_labels, "moving label")
-    if isinstance(labels, str) and ("," not in labels and not labels.strip().lstrip("-").isdigit()) and not Path(labels).is_file():
-        raise InputError(f"--labels '{labels}' is neither a file nor a comma-separated list of labels (e.g. 2,3,41).")
+    parse_labels(labels)  # the loader's own parser: a bad list or a missing file fails before any output exists
 
     # -- now the heavy part
     import torch
@@ -207,14 +206,14 @@ def register_pair(
     return _run(
         out=out, configs=configs, overrides=_override_args(overrides), seed=seed, demo=demo,
         fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
-        inputs=inputs, overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
+        overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
         progress=progress, quiet=quiet, t0=t0,
     )
 
 
 def _run(
     *, out: Path, configs: list[str], overrides: list[str], seed: int, demo: bool, fixed: Any, moving: Any,
-    fixed_labels: Any, moving_labels: Any, labels: Any, inputs: Path | None, overwrite: bool, resume: bool,
+    fixed_labels: Any, moving_labels: Any, labels: Any, overwrite: bool, resume: bool,
     checkpoint_every: int, progress: bool | None, quiet: bool, t0: float,
 ) -> PairRegistration:
     import argparse
