@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "brain-pair"), help="folder of the shared brain pair")
     p.add_argument("--labels", help="label list (TSV, first column) for every pair; default: labels30.tsv for the brain pair, all common labels otherwise")
     p.add_argument("--demo-shape", default="40,44,38", help="phantom grid for --demo (every axis >= 37: see the report)")
-    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated: nir, nir:NAME (see --nir-config), ants, fireants-greedy, fireants-syn")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated: nir, nir:NAME (see --nir-config), ants, fireants-greedy, fireants-syn, and for raw/misaligned pairs ants-chain (rigid+affine+SyN), fireants-chain (moments+affine+greedy)")
     p.add_argument("--nir-config", action="append", default=[], metavar="NAME=A.yaml[+B.yaml]", help="extra nir_lightning run 'nir:NAME' with these config files (repeatable)")
     p.add_argument("--nir-args", default="", help="config overrides for every nir run (register_pair's overrides), e.g. '--trainer.max_steps=300 --model.lam=20'")
     p.add_argument("--device", default="cpu", help="cpu or cuda (nir: --trainer.accelerator=gpu; FireANTs: device='cuda'; ANTs is CPU-only)")
@@ -90,6 +90,7 @@ def resolve_pairs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
                 lab = (row.get("labels") or "").strip()
                 pair["labels"] = args.labels or (str((csv_path.parent / lab).resolve()) if lab and not lab.replace(",", "").isdigit() else lab or None)
                 pair["name"] = (row.get("name") or "").strip() or f"pair{i + 1}"
+                pair["multimodal"] = (row.get("multimodal") or "").strip().lower() in ("1", "yes", "true")
                 pairs.append(pair)
         if not pairs:
             sys.exit(f"run_benchmark: {csv_path} lists no pairs")
@@ -305,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = out / pair["name"] / m.replace(":", "_")
             spec = {**{k: pair[k] for k in ("fixed", "moving", "fixed_labels", "moving_labels", "labels")},
                     "method": m, "out": str(folder), "device": args.device, "threads": args.threads, "seed": args.seed,
-                    "quick": args.quick, "nir_configs": nir_configs.get(m, []), "nir_args": shlex.split(args.nir_args)}
+                    "quick": args.quick, "nir_configs": nir_configs.get(m, []), "nir_args": shlex.split(args.nir_args),
+                    "multimodal": bool(pair.get("multimodal"))}
             print(f"-- {m} ...", end=" ", flush=True)
             info = run_worker(spec, folder, env, args.timeout)
             row.update(seconds_wall=info["seconds_wall"], peak_rss_mb=info["peak_rss_mb"], peak_cuda_mb=info.get("peak_cuda_mb"),

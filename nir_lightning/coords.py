@@ -26,6 +26,13 @@ Convention
   displacement acts in the fixed space first, then the affine maps to the moving space,
   ``phi(p) = A(p + u(p))`` in world coordinates; ANTs applies the same chain as
   ``antsApplyTransforms -t displacement.nii.gz -t affine.mat``.
+  Here ``A`` is the 4x4 *world matrix* ``W`` (fixed-world RAS mm -> moving-world RAS mm,
+  :func:`world_matrix_to_itk` writes it in ITK's LPS), ``u`` the deformable displacement on
+  the fixed grid. On the arrays the chain is
+  ``v_fixed -> p = V_f [v, 1] -> p + u(p) -> W (p + u(p)) -> V_m^-1 (...) = v_moving``
+  (``V_f``, ``V_m``: the NIfTI affines); in normalized coordinates the affine part is the
+  single 4x4 matrix :func:`normalized_chain_matrix`. ``W = I`` means "aligned by the
+  headers", which is what a pair on one grid, or registered with ``--affine none``, gets.
 """
 
 from __future__ import annotations
@@ -166,6 +173,90 @@ def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in millimetres along each array axis (column norms of the affine)."""
     cols = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return (float(cols[0]), float(cols[1]), float(cols[2]))
+
+
+def voxel_to_normalized_matrix(shape: Sequence[int]) -> np.ndarray:
+    """4x4 ``N`` with ``x_norm = N @ [v, 1]`` (:func:`voxel_to_normalized` as a matrix).
+
+    >>> voxel_to_normalized_matrix((5, 5, 3)) @ np.array([4.0, 0.0, 1.0, 1.0])
+    array([ 1., -1.,  0.,  1.])
+    """
+    n = np.asarray([float(s) for s in shape])
+    if n.shape != (SPATIAL_DIMS,):
+        raise ValueError(f"expected a 3D spatial shape, got {tuple(shape)}")
+    scale = np.where(n > 1, 2.0 / np.maximum(n - 1, 1), 0.0)
+    out = np.eye(4)
+    out[:3, :3] = np.diag(scale)
+    out[:3, 3] = -(n > 1).astype(np.float64)
+    return out
+
+
+def normalized_chain_matrix(
+    fixed_shape: Sequence[int],
+    fixed_affine: np.ndarray,
+    moving_shape: Sequence[int],
+    moving_affine: np.ndarray,
+    world: np.ndarray | None = None,
+) -> np.ndarray:
+    """4x4 matrix from fixed normalized to moving normalized coordinates through ``world``.
+
+    ``N_m V_m^-1 W V_f N_f^-1`` (float64), for the world matrix ``W`` (fixed RAS mm -> moving
+    RAS mm; identity when ``None``). A point ``x`` after the deformable part, ``phi(x)``, is
+    sampled in the moving image at ``M @ [phi(x), 1]``.
+
+    >>> a = np.diag([2.0, 2.0, 2.0, 1.0])
+    >>> np.allclose(normalized_chain_matrix((5, 5, 5), a, (5, 5, 5), a), np.eye(4))
+    True
+    """
+    w = np.eye(4) if world is None else np.asarray(world, dtype=np.float64)
+    n_f = voxel_to_normalized_matrix(fixed_shape)
+    n_m = voxel_to_normalized_matrix(moving_shape)
+    fixed_vox_from_norm = np.linalg.pinv(n_f)  # pinv: an axis of one voxel maps everything to 0
+    return n_m @ np.linalg.inv(np.asarray(moving_affine, dtype=np.float64)) @ w @ np.asarray(fixed_affine, dtype=np.float64) @ fixed_vox_from_norm
+
+
+def apply_matrix(points: Tensor, matrix: np.ndarray | Tensor) -> Tensor:
+    """``matrix[:3, :3] @ p + matrix[:3, 3]`` for points ``(..., 3)`` (computed in the points' dtype).
+
+    >>> apply_matrix(torch.zeros(2, 3), np.diag([2.0, 2.0, 2.0, 1.0])).shape
+    torch.Size([2, 3])
+    """
+    m = torch.as_tensor(np.asarray(matrix) if not isinstance(matrix, Tensor) else matrix).to(points)
+    return points @ m[:3, :3].T + m[:3, 3]
+
+
+def world_matrix_to_itk(world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The world matrix ``W`` (RAS, fixed -> moving) as ITK's ``(matrix, translation)`` in LPS.
+
+    ITK's ``AffineTransform`` with centre 0 maps a fixed LPS point ``p`` to ``M p + t``.
+    ``F = diag(-1, -1, 1)`` flips RAS and LPS, so ``M = F W_3x3 F`` and ``t = F W_t``.
+
+    >>> m, t = world_matrix_to_itk(np.eye(4))
+    >>> m.tolist() == np.eye(3).tolist(), t.tolist()
+    (True, [0.0, 0.0, 0.0])
+    """
+    w = np.asarray(world, dtype=np.float64)
+    flip = np.diag(_RAS_TO_LPS)
+    return flip @ w[:3, :3] @ flip, flip @ w[:3, 3] + 0.0
+
+
+def itk_to_world_matrix(matrix: np.ndarray, translation: np.ndarray, center: np.ndarray | None = None) -> np.ndarray:
+    """ITK ``(matrix, translation, center)`` in LPS back to the RAS world matrix ``W`` (4x4).
+
+    ITK maps ``p -> M (p - c) + c + t``; the inverse of :func:`world_matrix_to_itk`.
+
+    >>> w = np.eye(4); w[:3, 3] = [1.0, 2.0, 3.0]
+    >>> np.allclose(itk_to_world_matrix(*world_matrix_to_itk(w)), w)
+    True
+    """
+    m = np.asarray(matrix, dtype=np.float64).reshape(3, 3)
+    c = np.zeros(3) if center is None else np.asarray(center, dtype=np.float64)
+    t = np.asarray(translation, dtype=np.float64) + c - m @ c
+    flip = np.diag(_RAS_TO_LPS)
+    out = np.eye(4)
+    out[:3, :3] = flip @ m @ flip
+    out[:3, 3] = flip @ t
+    return out
 
 
 def _triple(value: Sequence[int] | int) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from nir_lightning.coords import ras_to_lps
+from nir_lightning.coords import itk_to_world_matrix, ras_to_lps, world_matrix_to_itk
 from nir_lightning.errors import InputError, OutputError
 
 _WRITE_ERRORS = {
@@ -188,3 +188,101 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     """Strict JSON (NaN/Inf written as ``null``, keys sorted, indented), written atomically."""
     text = json.dumps(json_safe(data), indent=2, sort_keys=True, allow_nan=False)
     write_text_atomic(path, text + "\n")
+
+
+# -- ITK/ANTs affine transforms -----------------------------------------------------------
+_ITK_AFFINE_TYPES = tuple(
+    f"{kind}_{scalar}_3_3" for kind in ("AffineTransform", "MatrixOffsetTransformBase") for scalar in ("double", "float")
+)
+"""ITK transform types that are a plain 3D affine (12 parameters: matrix row-major, translation)."""
+
+
+def save_itk_affine(world: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write the world matrix ``W`` (4x4, fixed RAS mm -> moving RAS mm) as an ITK affine ``.mat``.
+
+    MATLAB v4 file with ``AffineTransform_double_3_3`` (12x1: the 3x3 matrix row-major, then the
+    translation, LPS) and ``fixed`` (3x1 centre, zero): what ``antsRegistration`` writes and
+    ``antsApplyTransforms`` / ``sitk.ReadTransform`` read. Written atomically.
+    """
+    import scipy.io  # scipy is a dependency already; imported here to keep `import io` light
+
+    w = np.asarray(world, dtype=np.float64)
+    if w.shape != (4, 4) or not np.all(np.isfinite(w)):
+        raise ValueError(f"refusing to write '{path}': the world matrix must be a finite 4x4 array, got {w.tolist()}")
+    matrix, translation = world_matrix_to_itk(w)
+    params = np.concatenate([matrix.reshape(-1), translation]).reshape(12, 1)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        scipy.io.savemat(fh, {"AffineTransform_double_3_3": params, "fixed": np.zeros((3, 1))}, format="4")
+
+
+def load_itk_affine(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an ITK affine transform as the 4x4 RAS world matrix ``W`` (fixed -> moving).
+
+    Accepts the MATLAB v4 ``.mat`` files of ITK/ANTs (as :func:`save_itk_affine` writes) and ITK
+    text files (``#Insight Transform File V1.0``), each holding one ``AffineTransform`` or
+    ``MatrixOffsetTransformBase`` (double or float). The centre (``fixed``/``FixedParameters``) is
+    folded into the translation. Anything else raises an :class:`InputError` naming the file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"affine transform '{p}' not found (or not a file); give an ITK .mat or .txt affine, e.g. the affine.mat of a registration result.")
+    head = p.read_bytes()[:64]
+    if head.lstrip().startswith(b"#Insight Transform File"):
+        kind, params, fixed = _read_itk_text(p)
+    else:
+        kind, params, fixed = _read_itk_mat(p)
+    if kind not in _ITK_AFFINE_TYPES:
+        raise InputError(
+            f"'{p}' holds an ITK {kind}, not an affine transform; only {', '.join(_ITK_AFFINE_TYPES)} can be read. "
+            "Convert it to an affine first (e.g. sitk.AffineTransform(transform) in SimpleITK, then sitk.WriteTransform)."
+        )
+    if params.size != 12 or fixed.size not in (0, 3) or not (np.all(np.isfinite(params)) and np.all(np.isfinite(fixed))):
+        raise InputError(
+            f"'{p}' is a malformed {kind}: expected 12 finite parameters and a 3-vector centre, "
+            f"got {params.size} parameters and a centre of {fixed.size}. Re-export the transform."
+        )
+    center = fixed if fixed.size == 3 else None
+    return itk_to_world_matrix(params[:9].reshape(3, 3), params[9:], center)
+
+
+def _read_itk_mat(p: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    import scipy.io
+
+    try:
+        data = scipy.io.loadmat(str(p), appendmat=False)
+    except Exception as exc:  # scipy raises ValueError/TypeError/OSError for non-MAT content
+        raise InputError(
+            f"'{p}' is neither an ITK text transform nor a readable MATLAB .mat transform ({exc}); "
+            "give an ITK affine (.mat as written by ANTs/ITK, or .txt), e.g. the affine.mat of a registration result."
+        ) from exc
+    names = [k for k in data if not k.startswith("__") and k != "fixed"]
+    if len(names) != 1:
+        raise InputError(f"'{p}' does not hold exactly one ITK transform (variables: {sorted(k for k in data if not k.startswith('__'))}); give a single affine transform.")
+    fixed = np.asarray(data.get("fixed", np.zeros(0)), dtype=np.float64).reshape(-1)
+    return names[0], np.asarray(data[names[0]], dtype=np.float64).reshape(-1), fixed
+
+
+def _read_itk_text(p: Path) -> tuple[str, np.ndarray, np.ndarray]:
+    kinds: list[str] = []
+    params: list[np.ndarray] = []
+    fixed: list[np.ndarray] = []
+    try:
+        for line in p.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "Transform":
+                kinds.append(value.strip())
+            elif key == "Parameters":
+                params.append(np.array([float(v) for v in value.split()]))
+            elif key == "FixedParameters":
+                fixed.append(np.array([float(v) for v in value.split()]))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"'{p}' is not a readable ITK text transform ({exc}); re-export it (e.g. with sitk.WriteTransform).") from exc
+    # A composite file lists "CompositeTransform_..." (no parameters) and then its parts.
+    parts = [k for k in kinds if not k.startswith("CompositeTransform")]
+    if len(parts) != 1 or len(params) != 1:
+        raise InputError(
+            f"'{p}' holds {len(parts)} ITK transforms ({', '.join(parts) or 'none'}); exactly one affine transform is needed. "
+            "Split the composite first (e.g. with SimpleITK) and pass its affine part."
+        )
+    return parts[0], params[0], fixed[0] if fixed else np.zeros(0)

@@ -112,8 +112,8 @@ def test_harness_scores_a_field_as_evaluate_does_with_the_same_keys(pair: dict[s
     ras = voxel_displacement_to_world(reference.disp_vox.numpy(), ev.fixed_affine).astype(np.float32)
     save_displacement_itk(ras, ev.fixed_affine, tmp_path / "displacement.nii.gz")
     disp, aff = load_field(str(tmp_path / "displacement.nii.gz"))
-    assert reference.warped_labels is not None
-    scored = score_field(disp, aff, ev, hd95=True, onehot=False, native_labels=reference.warped_labels.numpy())
+    assert reference.warped_labels_nearest is not None
+    scored = score_field(disp, aff, ev, hd95=True, onehot=False, native_labels=reference.warped_labels_nearest.numpy())
     m, ref = scored.metrics, reference.metrics
     shared = {"labels", "dice_before", "dice_after", "dice_per_label", "dice_per_label_before", "hd95_before",
               "hd95_after", "hd95_per_label", "folding_count", "folding_percent", "jacobian_det_min",

@@ -10,8 +10,9 @@ Settings (full runs; ``quick`` shrinks only the iteration counts, for smoke test
 * ``nir``: :func:`nir_lightning.register_pair` (what ``nir register`` runs) with the package's
   default configuration (no config file) or the named config files; accelerator ``cpu`` or
   ``gpu`` (override ``trainer.accelerator``), ``threads`` torch threads, the run's seed, then the
-  ``--nir-args`` overrides. ``seconds_reg`` = ``seconds_fit`` of its ``metrics.json``
-  (``trainer.fit``: includes loading the pair, excludes the dense evaluation on the grid).
+  ``--nir-args`` overrides. ``seconds_reg`` = ``seconds_affine + seconds_fit`` of its
+  ``metrics.json`` (the affine stage, then ``trainer.fit``: includes loading the pair, excludes
+  the dense evaluation on the grid).
 * ``ants``: ``ants.registration(type_of_transform="SyNOnly", syn_metric="CC", syn_sampling=2``
   (the CC radius), ``reg_iterations=(100, 70, 50))`` with antspyx's defaults for the rest:
   ``grad_step=0.2, flow_sigma=3, total_sigma=0``, shrink factors 4x2x1, smoothing sigmas
@@ -69,7 +70,8 @@ FIREANTS_QUICK = {"iterations": [10, 5]}
 
 NIR_QUICK: dict[str, Any] = {"trainer.max_steps": 20}
 
-PEER_MODULES = {"ants": ("ants", "antspyx"), "fireants-greedy": ("fireants", "fireants"), "fireants-syn": ("fireants", "fireants")}
+PEER_MODULES = {"ants": ("ants", "antspyx"), "fireants-greedy": ("fireants", "fireants"), "fireants-syn": ("fireants", "fireants"),
+                "ants-chain": ("ants", "antspyx"), "fireants-chain": ("fireants", "fireants")}
 """method -> (import name, pip name) of the peer it needs."""
 
 
@@ -132,19 +134,23 @@ def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     res = register_pair(
         spec["fixed"], spec["moving"], fixed_labels=spec["fixed_labels"], moving_labels=spec["moving_labels"],
         labels=spec.get("labels") or None, config=configs, output=nir_out, overrides=overrides,
-        seed=int(spec["seed"]), threads=int(spec["threads"]), overwrite=True,
+        seed=int(spec["seed"]), threads=int(spec["threads"]), overwrite=True, composed=True,
     )
     m = res.metrics
-    # nir's own file is already in the common convention: copy it as is.
-    (out / "displacement.nii.gz").write_bytes((nir_out / "displacement.nii.gz").read_bytes())
-    if (nir_out / "warped_labels.nii.gz").exists():
-        (out / "native_warped_labels.nii.gz").write_bytes((nir_out / "warped_labels.nii.gz").read_bytes())
+    # nir's own file is already in the common convention: the whole chain W o (id + u) as one
+    # field (composed_displacement.nii.gz), copied as is.
+    (out / "displacement.nii.gz").write_bytes((nir_out / "composed_displacement.nii.gz").read_bytes())
+    if res.result.warped_labels_nearest is not None:  # warped_labels.nii.gz is label-interpolated
+        save_nifti(res.result.warped_labels_nearest.numpy(), res.pair.fixed_affine, out / "native_warped_labels.nii.gz")
     return {
-        "seconds_reg": float(m["seconds_fit"]),
+        # the whole chain: the affine stage (run while loading the pair) and the fit
+        "seconds_reg": float(m["seconds_fit"]) + float(m.get("seconds_affine") or 0.0),
         "seconds_nir_total": m.get("seconds_total"),
         "steps": m.get("steps"),
         "nir_device": m.get("device"),
         "dice_self_reported": m.get("dice_after"),
+        "dice_affine_self_reported": m.get("dice_affine"),
+        "seconds_affine": m.get("seconds_affine"),
         "folding_percent_self_reported": m.get("folding_percent"),
         "settings": {"config_files": configs, "overrides": overrides, "config": m.get("config")},
     }
@@ -217,6 +223,85 @@ def run_fireants(spec: dict[str, Any], out: Path, *, syn: bool) -> dict[str, Any
     return {"seconds_reg": seconds, "settings": {"class": Registration.__name__, **settings}}
 
 
+# -- whole chains on raw / misaligned pairs -------------------------------------------------
+
+ANTS_CHAIN_SETTINGS: dict[str, Any] = {
+    "type_of_transform": "SyNRA", "aff_metric": "mattes", "reg_iterations": (100, 70, 50),
+    "grad_step": 0.2, "flow_sigma": 3, "total_sigma": 0,
+}
+
+
+def run_ants_chain(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """``ants.registration(type_of_transform="SyNRA")``: rigid + affine (Mattes MI; antspyx's fixed
+    2100x1200x1200 iterations at shrink 4x2x2) + SyN with the SyN settings of ``ants`` above: metric
+    ``CC`` radius 2 for one contrast, or ``mattes`` (32 bins) when ``spec["multimodal"]``."""
+    import ants
+
+    multimodal = bool(spec.get("multimodal"))
+    settings = dict(ANTS_CHAIN_SETTINGS, syn_metric="mattes" if multimodal else "CC", syn_sampling=32 if multimodal else 2)
+    if spec.get("quick"):
+        settings.update(ANTS_QUICK)
+    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
+    fixed = ants.image_read(spec["fixed"])
+    moving = ants.image_read(spec["moving"])
+    work = out / "ants_work"
+    work.mkdir(exist_ok=True)
+    print("ants.registration", settings, flush=True)
+    t0 = time.perf_counter()
+    reg = ants.registration(fixed, moving, outprefix=str(work / "reg_"), verbose=False, **settings)
+    seconds = time.perf_counter() - t0
+    fwd = list(reg["fwdtransforms"])
+    disp = ants_transforms_to_field(fixed, moving, fwd, work, fixed_shape, fixed_affine)
+    save_displacement_itk(disp, fixed_affine, out / "displacement.nii.gz")
+    labels = ants.image_read(spec["moving_labels"])
+    nat = ants.apply_transforms(fixed, labels, fwd, interpolator="nearestNeighbor").numpy()
+    save_nifti(np.rint(nat).astype(np.int32), fixed_affine, out / "native_warped_labels.nii.gz")
+    return {"seconds_reg": seconds, "fwdtransforms": [Path(p).name for p in fwd],
+            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+
+
+def run_fireants_chain(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    """FireANTs' whole chain: ``MomentsRegistration`` -> ``AffineRegistration`` (scales 4,2,1;
+    200/100/50 iterations) -> ``GreedyRegistration`` (the greedy settings above) initialised
+    with the affine; MI for the affine stages (and for greedy when ``spec["multimodal"]``)."""
+    import torch
+    from fireants.io.image import BatchedImages, Image
+    from fireants.registration.affine import AffineRegistration
+    from fireants.registration.greedy import GreedyRegistration
+    from fireants.registration.moments import MomentsRegistration
+
+    device = spec["device"]
+    settings = dict(FIREANTS_SETTINGS, **(FIREANTS_QUICK if spec.get("quick") else {}))
+    if spec.get("multimodal"):
+        settings["loss_type"] = "mi"
+    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
+    moving_shape, moving_affine = _nib_affine(spec["moving"])
+    fixed = BatchedImages([Image.load_file(spec["fixed"], device=device)])
+    moving = BatchedImages([Image.load_file(spec["moving"], device=device)])
+    _sync(device)
+    t0 = time.perf_counter()
+    moments = MomentsRegistration(1.0, fixed, moving, moments=2, orientation="rot", loss_type="mi")
+    moments.optimize()
+    affine = AffineRegistration([4, 2, 1], [200, 100, 50], fixed, moving, loss_type="mi", optimizer="Adam",
+                                optimizer_lr=3e-3, **moments.get_affine_init_dict())
+    affine.optimize()
+    reg = GreedyRegistration(fixed_images=fixed, moving_images=moving, progress_bar=False,
+                             init_affine=affine.get_affine_matrix().detach(), **settings)
+    reg.optimize()
+    with torch.no_grad():
+        coords = reg.get_warped_coordinates(fixed, moving)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    disp = fireants_coords_to_field(coords, fixed_shape, fixed_affine, moving_shape, moving_affine)
+    save_displacement_itk(disp, fixed_affine, out / "displacement.nii.gz")
+    labels = BatchedImages([Image.load_file(spec["moving_labels"], device=device)])
+    labels.interpolate_mode = "nearest"
+    with torch.no_grad():
+        nat = reg.evaluate(fixed, labels)[0, 0].permute(2, 1, 0).cpu().numpy()
+    save_nifti(np.rint(nat).astype(np.int32), fixed_affine, out / "native_warped_labels.nii.gz")
+    return {"seconds_reg": seconds, "settings": {"chain": "moments(2) -> affine(mi; 4,2,1; 200,100,50) -> greedy", **settings}}
+
+
 Runner = Callable[[dict[str, Any], Path], dict[str, Any]]
 """``runner(spec, out) -> info``: runs one method on one pair (see the module docstring)."""
 
@@ -225,6 +310,8 @@ RUNNERS: dict[str, Runner] = {
     "ants": run_ants,
     "fireants-greedy": lambda spec, out: run_fireants(spec, out, syn=False),
     "fireants-syn": lambda spec, out: run_fireants(spec, out, syn=True),
+    "ants-chain": run_ants_chain,
+    "fireants-chain": run_fireants_chain,
 }
 
 

@@ -29,17 +29,25 @@ import numpy as np
 import torch
 
 from harness.convert import check_field_grid, field_to_phi
+from nir_lightning.core.transform_chain import DisplacementStep, resample
 from nir_lightning.data.pair import ImagePair, load_pair
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
-from nir_lightning.evaluation.scoring import ScoredTransform, score_transform
+from nir_lightning.evaluation.scoring import ScoredTransform, score_labels, score_transform
 from nir_lightning.io import load_displacement_itk
 
 __all__ = ["load_eval_pair", "load_field", "load_labels", "score_field"]
 
 
 def load_eval_pair(fixed: str, moving: str, fixed_labels: str, moving_labels: str, labels: str | None) -> ImagePair:
-    """The pair as nir_lightning sees it (labels on the fixed grid, foreground from the fixed image)."""
-    return load_pair(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels)
+    """The pair as nir_lightning sees it (labels on the fixed grid, foreground from the fixed image),
+    with the moving labels also on their own grid: a moving image on another grid is scored from
+    there, through the method's field, with one interpolation (as ``antsApplyTransforms`` would)."""
+    return load_pair(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels, keep_native=True)
+
+
+def _on_fixed_grid(pair: ImagePair) -> bool:
+    nat = pair.native
+    return nat is None or (nat.shape == pair.shape and np.allclose(nat.affine, pair.fixed_affine, atol=1e-4))
 
 
 @torch.no_grad()
@@ -64,6 +72,25 @@ def score_field(
     check_field_grid(disp_ras_mm.shape, field_affine, pair.shape, pair.fixed_affine, "displacement")
     phi, disp_vox = field_to_phi(disp_ras_mm, pair.fixed_affine)
     scored = score_transform(phi, pair, disp_vox=disp_vox, hd95=hd95, onehot=onehot)
+    if not _on_fixed_grid(pair):
+        # the moving labels from their own grid through the field, nearest neighbour (and label
+        # interpolation for the one-hot column): one interpolation, not two
+        assert pair.native is not None and pair.native.labels is not None
+        steps = [DisplacementStep(disp_ras_mm=np.asarray(disp_ras_mm, dtype=np.float32), affine=field_affine)]
+        src = pair.native.labels[0].float()
+
+        def through(mode: Any) -> torch.Tensor:
+            assert pair.native is not None
+            out = resample(src, pair.native.affine, pair.shape, pair.fixed_affine, steps, mode=mode)
+            return out[0].round().to(torch.int32)
+
+        before = through_identity(pair)
+        scored.warped_labels = through("nearest")
+        scored.metrics.update(score_labels(scored.warped_labels, pair, hd95=hd95, before=before))
+        if onehot:
+            assert pair.fixed_labels is not None
+            per = dice_per_label(through("label"), pair.fixed_labels[0, 0].cpu(), pair.labels)
+            scored.metrics["dice_onehot_linear"] = mean_dice(per)
     warped = scored.warped_labels
     assert warped is not None
     m = scored.metrics
@@ -77,6 +104,13 @@ def score_field(
         m["native_label_agreement"] = float(same.float().mean())
         m["dice_native"] = mean_dice(dice_per_label(nat, pair.fixed_labels[0, 0].cpu(), pair.labels))
     return scored
+
+
+def through_identity(pair: ImagePair) -> torch.Tensor:
+    """The native moving labels on the fixed grid as the headers place them (nearest neighbour)."""
+    assert pair.native is not None and pair.native.labels is not None
+    out = resample(pair.native.labels[0].float(), pair.native.affine, pair.shape, pair.fixed_affine, [], mode="nearest")
+    return out[0].round().to(torch.int32)
 
 
 def load_field(path: str) -> tuple[np.ndarray, np.ndarray]:

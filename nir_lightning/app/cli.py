@@ -16,6 +16,7 @@ from nir_lightning.errors import InputError, NIRError
 COMMANDS: dict[str, str] = {
     "register": "fit a neural field to one pair and write warped images, an ITK/ANTs displacement, det J, QC and metrics",
     "register-many": "register every pair of a CSV (resumable; sharded over torchrun ranks)",
+    "apply": "apply a result's transform to another image or label map (like antsApplyTransforms)",
     "compare": "compare finished runs: a table of final metrics and the training curves",
     "fit": "LightningCLI: fit the model of a config (-c files), e.g. with a W&B logger",
     "validate": "LightningCLI: validation metrics of a config/checkpoint",
@@ -32,7 +33,8 @@ def register_parser() -> argparse.ArgumentParser:
     """Options of ``nir register`` (each maps onto an argument of :func:`nir_lightning.register_pair`)."""
     p = argparse.ArgumentParser(
         prog="nir register",
-        description="Fit a neural field to one pair and write warped image/labels, an ITK/ANTs displacement field, det J, qc.png and metrics.json.",
+        description="Align a pair (affine stage), fit a neural field on top and write warped image/labels, the transform in ANTs' "
+        "convention (displacement.nii.gz, affine.mat), det J, qc.png and metrics.json.",
         epilog="Any other --model.*/--data.*/--trainer.* option is passed to the LightningCLI config (e.g. --trainer.max_steps=800). "
         "Exit status: 0 done, 2 bad input (nothing written), 1 failure during the run.",
     )
@@ -41,6 +43,14 @@ def register_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-labels", help="fixed label map (NIfTI), for Dice/HD95; needs --moving-labels")
     p.add_argument("--moving-labels", help="moving label map (NIfTI); needs --fixed-labels")
     p.add_argument("--labels", help="labels to average Dice over: a TSV whose first column is the label, or '2,3,41'")
+    p.add_argument("--fixed-mask", help="binary mask (NIfTI) on the fixed grid: the similarity counts only inside, samples are drawn inside")
+    p.add_argument("--moving-mask", help="binary mask (NIfTI) on the moving grid: the similarity ignores what the transform maps outside it")
+    p.add_argument("--affine", choices=("none", "rigid", "affine"), default=None,
+                   help="stage before the neural field: none (the headers align the pair), rigid, or affine (default: rigid, then affine)")
+    p.add_argument("--similarity", choices=("lncc", "ncc", "mse", "mi"), default=None,
+                   help="similarity of the neural field (default lncc); mi for different contrasts (T1 against T2/FLAIR)")
+    p.add_argument("--composed", action="store_true",
+                   help="also write the whole transform (affine and deformable) as one field, composed_displacement.nii.gz")
     p.add_argument("-c", "--config", action="append", default=[], help="config YAML (repeatable; later files override earlier ones)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--demo", action="store_true", help="register the built-in synthetic phantom pair (no data needed)")
@@ -62,6 +72,7 @@ def register(argv: list[str]) -> dict:
 
     result = register_pair(
         args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels, labels=args.labels,
+        fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, affine=args.affine, similarity=args.similarity, composed=args.composed,
         config=args.config, output=args.output, overrides=extra, seed=args.seed, threads=args.threads, demo=args.demo,
         overwrite=args.overwrite, resume=args.resume, checkpoint_every=args.checkpoint_every,
         progress={"auto": None, "line": True, "bar": False}[args.progress],
@@ -102,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             from nir_lightning.app.batch import main as register_many
 
             return register_many(argv[1:])
+        elif command == "apply":
+            from nir_lightning.app.apply import main as apply
+
+            return apply(argv[1:])
         elif command == "compare":
             from nir_lightning.app.compare import main as compare
 

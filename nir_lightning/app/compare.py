@@ -51,8 +51,11 @@ COLUMNS: tuple[str, ...] = (
     "val/dice",
     "val/folding_percent",
     "dice_before",
+    "dice_affine",
     "dice_after",
+    "dice_after_label",
     "folding_percent",
+    "sdlogj",
     "hd95_after",
 )
 """Metric columns of the table, in order (columns that no run has are left out)."""
@@ -62,6 +65,8 @@ CONFIG_COLUMNS: dict[str, tuple[str, ...]] = {
     "sampler": ("model", "sampler", "class_path"),
     "lam": ("model", "lam"),
     "lr": ("model", "lr"),
+    "similarity": ("model", "similarity"),
+    "affine": ("data", "affine", "kind"),
 }
 """Config columns: name -> path in the resolved config (class paths shown by class name)."""
 

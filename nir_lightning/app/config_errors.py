@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 from nir_lightning.errors import InputError
 
-COMMANDS = ("register", "register-many", "compare", "fit", "validate", "test", "predict")
+COMMANDS = ("register", "register-many", "apply", "compare", "fit", "validate", "test", "predict")
 
 MOVED_CLASS_PATHS = {
     "nir_lightning.velocity.VelocityField": "nir_lightning.fields.VelocityField",

@@ -123,6 +123,11 @@ def register_pair(
     fixed_labels: Any = None,
     moving_labels: Any = None,
     labels: str | Sequence[int] | None = None,
+    fixed_mask: Any = None,
+    moving_mask: Any = None,
+    affine: str | None = None,
+    similarity: str | None = None,
+    composed: bool = False,
     config: PathLike | Sequence[PathLike] | None = None,
     output: PathLike | None = None,
     overrides: Mapping[str, Any] | Sequence[str] | None = None,
@@ -143,6 +148,13 @@ def register_pair(
             a temporary folder first; metrics.json names those files). Not with ``demo``.
         fixed_labels, moving_labels: label maps for Dice/HD95; both or neither.
         labels: labels to average Dice over: a TSV path, ``"2,3,41"`` or a list of ints.
+        fixed_mask, moving_mask: binary masks (NIfTI on their image's grid): the similarity
+            counts only inside them; the samplers draw inside the fixed mask.
+        affine: the stage before the neural field, ``"none"``, ``"rigid"`` or ``"affine"``
+            (``None``: the config's ``data.affine``, by default affine after rigid).
+        similarity: ``"lncc"``, ``"ncc"``, ``"mse"`` or ``"mi"`` for the neural field
+            (``None``: the config's ``model.similarity``); ``"mi"`` for different contrasts.
+        composed: also write the whole transform as ``composed_displacement.nii.gz``.
         config: config YAML file(s), layered in order like ``-c`` (e.g. ``configs/model/diffeomorphic.yaml``).
         output: output folder (created; a temporary folder when ``None``).
         overrides: config values by dotted key, ``{"trainer.max_steps": 800, "model.lam": 20}``
@@ -198,13 +210,30 @@ def register_pair(
             check_image_file(fixed_labels, "fixed label")
             check_image_file(moving_labels, "moving label")
     parse_labels(labels)  # the loader's own parser: a bad list or a missing file fails before any output exists
+    if affine is not None and affine not in ("none", "rigid", "affine"):
+        raise InputError(f"--affine {affine!r} is not a stage; use none (the headers align the pair), rigid or affine (rigid, then affine).")
+    if similarity is not None and similarity not in ("lncc", "ncc", "mse", "mi"):
+        raise InputError(f"--similarity {similarity!r} is not known; use lncc (one contrast), ncc, mse, or mi (different contrasts, e.g. T1 and T2).")
+    masks: dict[str, str] = {}
+    for role, mask in (("fixed", fixed_mask), ("moving", moving_mask)):
+        if mask is not None:
+            if demo:
+                raise InputError(f"--{role}-mask is not used with --demo; give --fixed/--moving too, without --demo.")
+            path, inputs = _as_path(mask, f"{role} mask", inputs)
+            check_image_file(path, f"{role} mask")
+            masks[role] = str(path)
+    cli_extra: list[str] = [f"--data.{role}_mask={path}" for role, path in masks.items()]
+    if affine is not None:
+        cli_extra.append(f"--data.affine.kind={affine}")
+    if similarity is not None:
+        cli_extra.append(f"--model.similarity={similarity}")
 
     # -- now the heavy part
     import torch
 
     torch.set_num_threads(n_threads)
     return _run(
-        out=out, configs=configs, overrides=_override_args(overrides), seed=seed, demo=demo,
+        out=out, configs=configs, overrides=cli_extra + _override_args(overrides), seed=seed, demo=demo, composed=composed,
         fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
         overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
         progress=progress, quiet=quiet, t0=t0,
@@ -214,10 +243,11 @@ def register_pair(
 def _run(
     *, out: Path, configs: list[str], overrides: list[str], seed: int, demo: bool, fixed: Any, moving: Any,
     fixed_labels: Any, moving_labels: Any, labels: Any, overwrite: bool, resume: bool,
-    checkpoint_every: int, progress: bool | None, quiet: bool, t0: float,
+    checkpoint_every: int, progress: bool | None, quiet: bool, t0: float, composed: bool = False,
 ) -> PairRegistration:
     import argparse
 
+    import numpy as np
     import pytorch_lightning as pl
     import torch
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -313,11 +343,18 @@ def _run(
         "python": platform.python_version(),
         "config": _plain(cli.config.as_dict()),
     }
+    if dm.affine_result is not None:
+        res = dm.affine_result
+        extra["affine"] = {
+            "kind": res.kind, "seconds": res.seconds, "similarity_before": res.similarity_before,
+            "similarity_after": res.similarity_after, "world": np.asarray(res.world).tolist(),
+        }
+        extra["seconds_affine"] = res.seconds
     if resumed_step is not None:
         extra["resumed_from_step"] = resumed_step
     extra["seconds_total"] = time.perf_counter() - t0
     # metrics.json last: while it is absent the folder is not complete (--resume may redo it)
-    metrics = write_outputs(reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps")
+    metrics = write_outputs(reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed)
     finish_run(trainer, metrics, output_dir=out)  # W&B summary/artifact when a WandbLogger is configured
     finish_checkpoints(out)  # complete: the checkpoint is no longer needed
     if not quiet:
@@ -337,9 +374,11 @@ def _plain(obj: Any) -> Any:
 
 def summary_line(m: Mapping[str, Any], out: Path) -> str:
     """The one line ``nir register`` prints at the end."""
-    parts = [f"steps={m['steps']}", f"fit {m['seconds_fit']:.1f}s", f"folding {m['folding_percent']:.4f}% ({m['folding_count']} voxels)"]
+    fit = f"fit {m['seconds_fit']:.1f}s" + (f" after a {m['seconds_affine']:.1f}s affine stage" if "seconds_affine" in m else "")
+    parts = [f"steps={m['steps']}", fit, f"folding {m['folding_percent']:.4f}% ({m['folding_count']} voxels)"]
     if "dice_after" in m:
-        parts.insert(0, f"Dice {m['dice_before']:.3f} -> {m['dice_after']:.3f}")
+        affine = f" -> {m['dice_affine']:.3f} (affine)" if "seconds_affine" in m and "dice_affine" in m else ""
+        parts.insert(0, f"Dice {m['dice_before']:.3f}{affine} -> {m['dice_after']:.3f}")
     if "hd95_after" in m:
         parts.append(f"HD95 {m['hd95_before']:.2f} -> {m['hd95_after']:.2f} mm")
     if "epe_after_vox" in m:

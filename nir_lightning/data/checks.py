@@ -171,6 +171,33 @@ def check_label_volume(data: np.ndarray, role: str, path: str | os.PathLike[str]
     return arr.astype(np.int32)
 
 
+def check_mask_volume(data: np.ndarray, role: str, path: str | os.PathLike[str]) -> np.ndarray:
+    """A binary 3D mask (values 0 and 1, or bool) with at least one voxel set, as ``bool``.
+
+    >>> int(check_mask_volume(np.array([0, 1, 1]).reshape(1, 1, 3).repeat(2, 0).repeat(2, 1), "fixed", "m.nii.gz").sum())
+    8
+    """
+    what = f"{role} mask '{path}'"
+    arr = _squeeze_to_3d(data, what)
+    if arr.dtype == bool:
+        out = arr
+    else:
+        if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+            raise InputError(f"{what} has dtype {arr.dtype}; a binary mask (0 outside, 1 inside) is expected.")
+        values = np.unique(arr)
+        if not np.all(np.isin(values, (0, 1))):
+            shown = ", ".join(f"{v:g}" for v in values[:6]) + (", ..." if values.size > 6 else "")
+            raise InputError(
+                f"{what} is not binary (values {shown}); a mask holds 0 outside and 1 inside. "
+                "Threshold it first (e.g. fslmaths mask -bin, or nibabel: (data > 0).astype('uint8')); "
+                "pass a label map with --fixed-labels/--moving-labels instead."
+            )
+        out = arr == 1
+    if not out.any():
+        raise InputError(f"{what} is empty (no voxel is 1); the similarity would have nothing to count. Pass a mask that covers the region to register.")
+    return out
+
+
 def parse_labels(spec: str | Sequence[int] | None) -> list[int] | None:
     """Labels to evaluate: a TSV/CSV/text file whose first column is the label value
     (a header row is allowed), a comma-separated string, or a sequence of ints.

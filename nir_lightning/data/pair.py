@@ -22,11 +22,13 @@ from monai.transforms import (
 )
 from torch import Tensor
 
-from nir_lightning.coords import voxel_spacing
+from nir_lightning.coords import apply_matrix, identity_grid, normalized_chain_matrix, voxel_spacing
+from nir_lightning.core.resample import sample_image
 from nir_lightning.data.checks import (
     check_affine,
     check_image_file,
     check_label_volume,
+    check_mask_volume,
     check_volume,
     parse_labels,
     read_image_data,
@@ -39,6 +41,26 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
+
+
+@dataclass
+class NativeMoving:
+    """The moving image on its own grid, kept when an affine stage will align it.
+
+    Tensors are ``(1, 1, I0, I1, I2)`` on the moving grid; ``affine`` is its 4x4 voxel-to-world
+    matrix. :meth:`ImagePair.align` resamples these onto the fixed grid through a world matrix.
+    """
+
+    image: Tensor  # scaled to [0, 1] (percentiles of the moving image itself)
+    raw: Tensor
+    affine: np.ndarray
+    labels: Tensor | None = None  # int32
+    mask: Tensor | None = None  # bool
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        d0, d1, d2 = self.image.shape[2:]
+        return (int(d0), int(d1), int(d2))
 
 
 @dataclass
@@ -65,6 +87,48 @@ class ImagePair:
     fixed_path: str | None = None
     moving_path: str | None = None
     reference_disp_vox: Tensor | None = None  # known true displacement (synthetic data), (D0, D1, D2, 3)
+    fixed_mask: Tensor | None = None  # user mask (D0, D1, D2) bool: the similarity counts only inside
+    moving_mask: Tensor | None = None  # user moving mask on the fixed grid (after alignment), bool
+    native: NativeMoving | None = None  # the moving image on its own grid (affine stage)
+    fixed_labels_path: str | None = None
+    moving_labels_path: str | None = None
+    world: np.ndarray = field(default_factory=lambda: np.eye(4))  # fixed world -> moving world (coords.py)
+
+    def check_labels(self) -> None:
+        """Warn (and add to ``notes``) when a label map looks swapped or foreign
+        (:func:`~nir_lightning.data.label_checks.check_label_maps`); they load fine and would
+        only show as a falling Dice. Needs the pair aligned (on the fixed grid)."""
+        if self.fixed_labels is None or self.moving_labels is None:
+            return
+        self.notes.extend(check_label_maps(
+            self.fixed, self.moving, self.fixed_labels, self.moving_labels,
+            fixed_labels_path=self.fixed_labels_path, moving_labels_path=self.moving_labels_path,
+            fixed_path=self.fixed_path, moving_path=self.moving_path,
+        ))
+
+    def align(self, world: np.ndarray) -> None:
+        """Resample the native moving image (and labels, mask) onto the fixed grid through the
+        world matrix ``world`` (one interpolation: trilinear; labels and mask nearest), and keep
+        ``world`` as the affine part of the transform (see :mod:`nir_lightning.coords`)."""
+        if self.native is None:
+            raise ValueError("align() needs the moving image on its own grid (load_pair(..., keep_native=True))")
+        nat = self.native
+        self.world = np.asarray(world, dtype=np.float64)
+        if nat.shape == self.shape and np.allclose(nat.affine, self.fixed_affine, atol=1e-6) and np.array_equal(self.world, np.eye(4)):
+            pts = None  # one grid, no transform: the voxels as they are
+        else:
+            chain = normalized_chain_matrix(self.shape, self.fixed_affine, nat.shape, nat.affine, self.world)
+            pts = apply_matrix(identity_grid(self.shape, dtype=torch.float64), chain).float()[None]
+
+        def resample(img: Tensor, mode: Any) -> Tensor:
+            return img if pts is None else sample_image(img, pts, mode=mode)
+
+        self.moving = resample(nat.image, "bilinear")
+        self.moving_raw = resample(nat.raw, "bilinear")
+        if nat.labels is not None:
+            self.moving_labels = resample(nat.labels.float(), "nearest").round().to(torch.int32)
+        if nat.mask is not None:
+            self.moving_mask = resample(nat.mask.float()[None, None], "nearest")[0, 0] > 0.5
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -92,6 +156,14 @@ def _file_role(key: str) -> str:
 def _data_role(key: str) -> str:
     """``"moving_labels"`` -> ``"moving"`` (the label checks say "moving label map '...'")."""
     return key.removesuffix("_labels")
+
+
+def _checker(key: str) -> Any:
+    if key.endswith("labels"):
+        return check_label_volume
+    if key.endswith("mask"):
+        return check_mask_volume
+    return check_volume
 
 
 def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
@@ -149,12 +221,22 @@ def load_pair(
     moving_labels: PathLike | None = None,
     labels: str | list[int] | None = None,
     percentiles: tuple[float, float] = (0.5, 99.5),
+    fixed_mask: PathLike | None = None,
+    moving_mask: PathLike | None = None,
+    keep_native: bool = False,
 ) -> ImagePair:
     """Load, check and bring a pair onto the fixed grid.
 
     Bad input raises :class:`~nir_lightning.errors.InputError` naming the file and the fix.
     A moving image on another grid (shape, spacing or orientation) is resampled onto the
     fixed grid by its affine (labels with nearest neighbour), and the pair's ``notes`` say so.
+
+    With ``keep_native`` (an affine stage will align the pair), the moving image, its labels
+    and mask are also kept on their own grid (:class:`NativeMoving`, intensities scaled by the
+    moving image's own percentiles) and resampled once through the headers
+    (:meth:`ImagePair.align` with the identity); :meth:`ImagePair.check_labels` is then left to
+    the caller, after alignment. Masks (binary NIfTI on their image's grid) restrict the
+    similarity; they are checked like every other input.
     """
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("give both --fixed-labels and --moving-labels, or neither.")
@@ -168,34 +250,49 @@ def load_pair(
     if fixed_labels is not None and moving_labels is not None:
         paths["fixed_labels"] = check_image_file(fixed_labels, "fixed label")
         paths["moving_labels"] = check_image_file(moving_labels, "moving label")
+    if fixed_mask is not None:
+        paths["fixed_mask"] = check_image_file(fixed_mask, "fixed mask")
+    if moving_mask is not None:
+        paths["moving_mask"] = check_image_file(moving_mask, "moving mask")
     keys = list(paths)
     loader = LoadImaged(keys=keys, image_only=True, dtype=None)
     try:
         data: Any = loader({k: str(v) for k, v in paths.items()})
     except Exception as exc:
         for key, path in paths.items():  # name the file at fault: one of these raises for it
-            checker = check_label_volume if key.endswith("labels") else check_volume
-            checker(read_image_data(path, _file_role(key)), _data_role(key), path)
+            _checker(key)(read_image_data(path, _file_role(key)), _data_role(key), path)
         raise InputError(f"could not read image data ({exc}); is one of {[str(p) for p in paths.values()]} truncated or corrupted? Copy it again.") from exc
 
     for key in keys:
         check_affine(np.asarray(data[key].affine), _file_role(key), paths[key])
-        checker = check_label_volume if key.endswith("labels") else check_volume
-        arr = checker(np.asarray(data[key]), _data_role(key), paths[key])
+        arr = _checker(key)(np.asarray(data[key]), _data_role(key), paths[key])
         tensor = torch.as_tensor(arr.astype(np.float32))
         data[key] = type(data[key])(tensor, affine=data[key].affine, meta=data[key].meta)
     data = EnsureChannelFirstd(keys=keys, channel_dim="no_channel")(data)
 
     notes: list[str] = []
     for side in ("fixed", "moving"):
-        key = f"{side}_labels"
-        if key in data and not _same_grid(data[key], data[side]):
-            raise InputError(
-                f"{side} label map '{paths[key]}' is not on the {side} image's grid ('{paths[side]}': "
-                f"{'; '.join(grid_differences(data[key], data[side])) or 'different affine'}); "
-                f"pass the segmentation of that image, or resample it onto the image's grid with nearest-neighbour interpolation first."
-            )
-    if not _same_grid(data["moving"], data["fixed"]):
+        for kind, what, fix in (("labels", "label map", "segmentation"), ("mask", "mask", "mask")):
+            key = f"{side}_{kind}"
+            if key in data and not _same_grid(data[key], data[side]):
+                raise InputError(
+                    f"{side} {what} '{paths[key]}' is not on the {side} image's grid ('{paths[side]}': "
+                    f"{'; '.join(grid_differences(data[key], data[side])) or 'different affine'}); "
+                    f"pass the {fix} of that image, or resample it onto the image's grid with nearest-neighbour interpolation first."
+                )
+    native_keys = [k for k in ("moving", "moving_labels", "moving_mask") if k in data]
+    native: dict[str, Any] = {}
+    if keep_native:  # the affine stage aligns the pair: nothing is resampled here
+        native = {k: data[k] for k in native_keys}
+        native["moving_raw"] = data["moving"]
+        if not _same_grid(data["moving"], data["fixed"]):
+            msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
+                   f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "
+                   "the affines (and the affine stage's transform, if it runs), once, from its own grid (trilinear; labels nearest "
+                   "neighbour; the outputs label-interpolated).")
+            log.warning(msg)
+            notes.append(msg)
+    elif not _same_grid(data["moving"], data["fixed"]):
         coverage = _coverage(data["moving"], data["fixed"])
         if coverage == 0.0:
             raise InputError(
@@ -217,6 +314,8 @@ def load_pair(
     data = ScaleIntensityRangePercentilesd(
         keys=["fixed", "moving"], lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True
     )(data)
+    if keep_native:
+        native["moving_raw"], native["moving"] = data["moving_raw"], data["moving"]
 
     def plain(key: str, dtype: torch.dtype) -> Tensor:
         return torch.as_tensor(np.asarray(data[key])).to(dtype)[None]
@@ -231,17 +330,34 @@ def load_pair(
         fixed_path=str(paths["fixed"]),
         moving_path=str(paths["moving"]),
     )
+    if "fixed_mask" in data:
+        pair.fixed_mask = plain("fixed_mask", torch.bool)[0, 0]
+    if keep_native:
+        pair.native = NativeMoving(
+            image=plain("moving", torch.float32),
+            raw=plain("moving_raw", torch.float32),
+            affine=np.asarray(data["moving"].affine, dtype=np.float64),
+            labels=plain("moving_labels", torch.int32) if "moving_labels" in data else None,
+            mask=plain("moving_mask", torch.bool)[0, 0] if "moving_mask" in data else None,
+        )
+        pair.align(np.eye(4))
+    elif "moving_mask" in data:
+        pair.moving_mask = plain("moving_mask", torch.bool)[0, 0]
     for name in ("fixed", "moving"):
         if float(getattr(pair, name).max()) <= 0:
             raise InputError(f"{name} image '{paths[name]}' has no intensity above its {lo}th percentile after scaling; widen the percentiles (data.percentiles).")
     if "fixed_labels" in data:
         pair.fixed_labels = plain("fixed_labels", torch.int32)
-        pair.moving_labels = plain("moving_labels", torch.int32)
+        if not keep_native:
+            pair.moving_labels = plain("moving_labels", torch.int32)
+        assert pair.moving_labels is not None
+        pair.fixed_labels_path, pair.moving_labels_path = str(paths["fixed_labels"]), str(paths["moving_labels"])
         present_f = set(torch.unique(pair.fixed_labels).tolist()) - {0}
-        present_m = set(torch.unique(pair.moving_labels).tolist()) - {0}
+        source = pair.native.labels if pair.native is not None and pair.native.labels is not None else pair.moving_labels
+        present_m = set(torch.unique(source).tolist()) - {0}
         common = sorted(present_f & present_m)
         if not common:
-            where = " on the fixed grid" if notes else ""
+            where = " on the fixed grid" if notes and not keep_native else ""
             raise InputError(
                 f"the fixed label map '{paths['fixed_labels']}' and the moving label map '{paths['moving_labels']}' share no label{where} "
                 f"(fixed has {_few(present_f)}, moving has {_few(present_m)}); pass label maps of the same atlas or protocol (e.g. both FreeSurfer aseg)."
@@ -262,12 +378,8 @@ def load_pair(
                 log.warning(msg)
                 notes.append(msg)
             pair.labels = list(wanted)
-        # Swapped or foreign label maps load fine and only show as a falling Dice: say so now.
-        notes.extend(check_label_maps(
-            pair.fixed, pair.moving, pair.fixed_labels, pair.moving_labels,
-            fixed_labels_path=str(paths["fixed_labels"]), moving_labels_path=str(paths["moving_labels"]),
-            fixed_path=str(paths["fixed"]), moving_path=str(paths["moving"]),
-        ))
+        if not keep_native:  # an affine stage checks them once the pair is aligned
+            pair.check_labels()
     elif labels is not None:
         raise InputError("--labels was given without --fixed-labels/--moving-labels; give the label maps too.")
     return pair

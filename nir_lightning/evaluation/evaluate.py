@@ -13,14 +13,20 @@ import torch
 from torch import Tensor
 
 from nir_lightning.coords import (
+    identity_grid,
     normalized_to_voxel_displacement,
     normalized_to_voxel_scale,
+    voxel_displacement_to_world,
+    voxel_to_world,
+    world_to_voxel,
 )
 from nir_lightning.core.chunked import DEFAULT_MAX_POINTS, grid_chunks
 from nir_lightning.core.jacobian import chunked_jacobian_determinant
-from nir_lightning.core.resample import dense_field, warp_image
+from nir_lightning.core.resample import dense_field
+from nir_lightning.core.transform_chain import DisplacementStep, MatrixStep, resample
 from nir_lightning.data.pair import ImagePair
-from nir_lightning.evaluation.scoring import score_deformation, score_labels, warp_labels_nearest
+from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
+from nir_lightning.evaluation.scoring import score_deformation, score_labels
 from nir_lightning.fields.base import InverseField, NeuralField
 from nir_lightning.fields.velocity import flow_jacobian_determinant
 
@@ -29,12 +35,20 @@ from nir_lightning.fields.velocity import flow_jacobian_determinant
 class RegistrationResult:
     """Dense results on the fixed grid (CPU tensors).
 
+    The transform is ``W o (id + u)`` (:mod:`nir_lightning.coords`): the deformable part ``phi``
+    (on the fixed grid) and the affine stage's world matrix ``pair.world``.
+
     Attributes:
-        phi: ``(D0, D1, D2, 3)`` normalized moving-image coordinates of each fixed voxel.
-        disp_vox: ``(D0, D1, D2, 3)`` displacement in voxels (array-axis order).
+        phi: ``(D0, D1, D2, 3)`` the deformable part: normalized fixed coordinates of each fixed
+            voxel after ``u`` (the affinely aligned moving image is sampled there).
+        disp_vox: ``(D0, D1, D2, 3)`` ``u`` in fixed voxels (array-axis order).
         det: ``(D0, D1, D2)`` Jacobian determinant of ``phi``.
-        warped: ``(D0, D1, D2)`` moving image (original intensities) resampled by ``phi``.
-        warped_labels: ``(D0, D1, D2)`` int32 moving labels (nearest), or ``None``.
+        warped: ``(D0, D1, D2)`` moving image (original intensities) resampled once, from its
+            own grid, through the whole chain (:func:`~nir_lightning.core.transform_chain.resample`).
+        warped_labels: ``(D0, D1, D2)`` int32 moving labels through the chain with label
+            interpolation (each label's indicator trilinearly, then the arg-max), or ``None``.
+        disp_ras_mm: ``(D0, D1, D2, 3)`` float32 ``u`` in RAS millimetres, exactly what
+            ``displacement.nii.gz`` holds (in LPS), so ``nir apply`` reproduces ``warped``.
         metrics: JSON-ready numbers.
         inv_disp_vox: ``(D0, D1, D2, 3)`` displacement of the inverse transform in voxels,
             for invertible (diffeomorphic) fields, else ``None``.
@@ -47,7 +61,27 @@ class RegistrationResult:
     warped_labels: Tensor | None
     metrics: dict[str, Any] = field(default_factory=dict)
     inv_disp_vox: Tensor | None = None
+    disp_ras_mm: np.ndarray | None = None
+    warped_labels_nearest: Tensor | None = None  # (D0, D1, D2) int32, what dice_after scores
 
+
+def moving_source(pair: ImagePair) -> tuple[Tensor, Tensor | None, np.ndarray]:
+    """The moving image (original intensities) and labels as the chain resamples them:
+    ``(C=1, I0, I1, I2)`` on the moving image's own grid when the pair keeps it, and its affine."""
+    if pair.native is not None:
+        nat = pair.native
+        return nat.raw[0], None if nat.labels is None else nat.labels[0].float(), nat.affine
+    labels = None if pair.moving_labels is None else pair.moving_labels[0].float()
+    return pair.moving_raw[0], labels, pair.fixed_affine
+
+
+def transform_chain(pair: ImagePair, disp_ras_mm: np.ndarray | None) -> list[DisplacementStep | MatrixStep]:
+    """ANTs' chain ``-t displacement.nii.gz -t affine.mat``: ``u`` (when given), then ``W``."""
+    chain: list[DisplacementStep | MatrixStep] = []
+    if disp_ras_mm is not None:
+        chain.append(DisplacementStep(disp_ras_mm=disp_ras_mm, affine=pair.fixed_affine))
+    chain.append(MatrixStep(world=pair.world))
+    return chain
 
 @torch.no_grad()
 def evaluate(
@@ -81,8 +115,11 @@ def evaluate(
     if not bool(torch.isfinite(phi).all()):
         raise FloatingPointError("the fitted field has non-finite values; refusing to write it (lower the learning rate or check the inputs).")
     disp = normalized_to_voxel_displacement(phi, shape)
+    disp_mm = voxel_displacement_to_world(disp.numpy(), pair.fixed_affine).astype(np.float32)
     det = chunked_jacobian_determinant(disp, max_points=max_points)
-    warped = warp_image(pair.moving_raw.cpu(), phi)[0, 0]
+    image, labels, image_affine = moving_source(pair)
+    chain = transform_chain(pair, disp_mm)
+    warped = resample(image, image_affine, shape, pair.fixed_affine, chain, mode="linear", max_points=max_points)[0]
     fg = pair.foreground_mask()
     metrics: dict[str, Any] = score_deformation(det, disp, pair)
     inv_disp = None
@@ -99,15 +136,39 @@ def evaluate(
             metrics["flow_jacobian_det_min"] = float(flow_det[fg].min()) if bool(fg.any()) else float(flow_det.min())
     if pair.reference_disp_vox is not None:
         true = pair.reference_disp_vox.cpu()
+        full = whole_displacement_vox(disp, pair)
         metrics["epe_before_vox"] = float(true[fg].norm(dim=-1).mean())
-        metrics["epe_after_vox"] = float((disp - true)[fg].norm(dim=-1).mean())
-    warped_labels = None
-    if pair.has_labels:
-        warped_labels = warp_labels_nearest(pair, phi)
-        metrics.update(score_labels(warped_labels, pair, hd95=hd95))
+        metrics["epe_after_vox"] = float((full - true)[fg].norm(dim=-1).mean())
+    warped_labels = nearest = None
+    if pair.has_labels and labels is not None:
+        def through(steps: list[DisplacementStep | MatrixStep], mode: Any) -> Tensor:
+            assert labels is not None
+            return resample(labels, image_affine, shape, pair.fixed_affine, steps, mode=mode, max_points=max_points)[0].round().to(torch.int32)
+
+        nearest = through(chain, "nearest")
+        unregistered = through([], "nearest") if pair.native is not None else None
+        metrics.update(score_labels(nearest, pair, hd95=hd95, before=unregistered))
+        warped_labels = through(chain, "label")
+        assert pair.fixed_labels is not None
+        fixed_labels = pair.fixed_labels[0, 0].cpu()
+        metrics["dice_after_label"] = mean_dice(dice_per_label(warped_labels, fixed_labels, pair.labels))
+        metrics["dice_affine"] = mean_dice(dice_per_label(through(chain[-1:], "nearest"), fixed_labels, pair.labels))
     return RegistrationResult(
-        phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=warped_labels, metrics=metrics, inv_disp_vox=inv_disp
+        phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=warped_labels, metrics=metrics, inv_disp_vox=inv_disp,
+        disp_ras_mm=disp_mm, warped_labels_nearest=nearest,
     )
+
+
+def whole_displacement_vox(disp_vox: Tensor, pair: ImagePair) -> Tensor:
+    """The whole transform ``W o (id + u)`` as a displacement in fixed voxels ``(D0, D1, D2, 3)``
+    (for comparison with a known displacement; equal to ``disp_vox`` when ``W`` is the identity)."""
+    if np.array_equal(pair.world, np.eye(4)):
+        return disp_vox
+    vox = identity_grid(pair.shape, dtype=torch.float64)
+    vox = (vox + 1) * (torch.tensor(pair.shape, dtype=torch.float64) - 1) / 2
+    moved = voxel_to_world(vox.numpy() + disp_vox.double().numpy(), pair.fixed_affine)
+    moved = moved @ pair.world[:3, :3].T + pair.world[:3, 3]
+    return torch.as_tensor(world_to_voxel(moved, pair.fixed_affine) - vox.numpy()).float()
 
 
 @torch.no_grad()

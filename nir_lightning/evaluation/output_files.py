@@ -4,11 +4,13 @@ OUTPUT_FILES: tuple[str, ...] = (
     "warped.nii.gz",
     "warped_labels.nii.gz",
     "displacement.nii.gz",
+    "affine.mat",
+    "composed_displacement.nii.gz",
     "jacobian_det.nii.gz",
     "inverse_displacement.nii.gz",
     "metrics.json",
 )
 """Files a registration writes (``qc.png`` and ``logs/`` aside); ``metrics.json`` is the last."""
 
-CORE_FILES: tuple[str, ...] = ("warped.nii.gz", "displacement.nii.gz", "jacobian_det.nii.gz")
+CORE_FILES: tuple[str, ...] = ("warped.nii.gz", "displacement.nii.gz", "affine.mat", "jacobian_det.nii.gz")
 """Written by every successful registration; optional outputs (the inverse) are not required for completeness."""

@@ -1,4 +1,9 @@
-"""The output folder of a registration: NIfTI files on the fixed grid, ``qc.png`` and ``metrics.json``.
+"""The output folder of a registration: NIfTI files on the fixed grid, ``affine.mat``, ``qc.png`` and ``metrics.json``.
+
+The transform is written in ANTs' convention (:mod:`nir_lightning.coords`):
+``antsApplyTransforms -i moving -r fixed -t displacement.nii.gz -t affine.mat`` (and
+``nir apply``) reproduce ``warped.nii.gz``; ``composed_displacement.nii.gz`` (on request) is the
+whole chain as one displacement field.
 
 Every file is written atomically; ``metrics.json`` is removed first and written last, so a
 folder without it is incomplete (``--resume`` and ``register-many`` rely on that).
@@ -10,20 +15,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from nir_lightning.coords import voxel_displacement_to_world
+from nir_lightning.coords import identity_grid, normalized_to_voxel, voxel_displacement_to_world, voxel_to_world
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.evaluation.evaluate import RegistrationResult
 from nir_lightning.evaluation.output_files import OUTPUT_FILES
-from nir_lightning.io import save_displacement_itk, save_nifti, write_json_atomic
+from nir_lightning.io import save_displacement_itk, save_itk_affine, save_nifti, write_json_atomic
 
 __all__ = ["OUTPUT_FILES", "displacement_world", "write_outputs"]
 
 
 
 def displacement_world(reg: RegistrationResult, affine: np.ndarray) -> np.ndarray:
-    """The displacement as RAS millimetres ``(D0, D1, D2, 3)``."""
+    """The deformable part ``u`` as RAS millimetres ``(D0, D1, D2, 3)`` float32."""
+    if reg.disp_ras_mm is not None:
+        return reg.disp_ras_mm
     return voxel_displacement_to_world(reg.disp_vox.numpy(), affine).astype(np.float32)
+
+
+def composed_displacement_world(disp_ras_mm: np.ndarray, pair: ImagePair) -> np.ndarray:
+    """The whole chain ``W (p + u(p)) - p`` as RAS millimetres ``(D0, D1, D2, 3)`` float32: one
+    displacement field that maps a fixed point to its moving point by itself."""
+    vox = normalized_to_voxel(identity_grid(pair.shape, dtype=torch.float64), pair.shape).numpy()
+    p = voxel_to_world(vox, pair.fixed_affine)
+    q = p + disp_ras_mm.astype(np.float64)
+    moved = q @ pair.world[:3, :3].T + pair.world[:3, 3]
+    return (moved - p).astype(np.float32)
 
 
 def write_outputs(
@@ -33,9 +51,11 @@ def write_outputs(
     *,
     extra: dict[str, Any] | None = None,
     qc_title: str | None = None,
+    composed: bool = False,
 ) -> dict[str, Any]:
-    """Write the NIfTI outputs (fixed affine), ``qc.png`` when ``qc_title`` is given, and
-    ``metrics.json``, each atomically; returns the metrics.
+    """Write the NIfTI outputs (fixed affine), ``affine.mat`` (the affine part, ITK), with
+    ``composed`` the whole transform as ``composed_displacement.nii.gz``, ``qc.png`` when
+    ``qc_title`` is given, and ``metrics.json``, each atomically; returns the metrics.
 
     ``metrics.json`` is removed first and written last: a folder without it is incomplete
     (``--resume`` and ``register-many`` rely on that).
@@ -51,7 +71,13 @@ def write_outputs(
     save_nifti(reg.warped.numpy().astype(np.float32), aff, out / "warped.nii.gz")
     if reg.warped_labels is not None:
         save_nifti(reg.warped_labels.numpy(), aff, out / "warped_labels.nii.gz")
-    save_displacement_itk(displacement_world(reg, aff), aff, out / "displacement.nii.gz")
+    disp_mm = displacement_world(reg, aff)
+    save_displacement_itk(disp_mm, aff, out / "displacement.nii.gz")
+    save_itk_affine(pair.world, out / "affine.mat")
+    if composed:
+        save_displacement_itk(composed_displacement_world(disp_mm, pair), aff, out / "composed_displacement.nii.gz")
+    else:  # never leave a composed field of an earlier run beside a new transform
+        (out / "composed_displacement.nii.gz").unlink(missing_ok=True)
     save_nifti(reg.det.numpy().astype(np.float32), aff, out / "jacobian_det.nii.gz")
     if reg.inv_disp_vox is not None:
         inv_mm = voxel_displacement_to_world(reg.inv_disp_vox.numpy(), aff).astype(np.float32)

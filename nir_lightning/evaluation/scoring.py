@@ -11,7 +11,7 @@ wherever it appears:
   (:func:`warp_labels_nearest`);
 * the deformation (:func:`score_deformation`): ``folding_count``, ``folding_percent``
   (det J <= 0 in the fixed foreground, :meth:`~nir_lightning.data.pair.ImagePair.foreground_mask`),
-  ``jacobian_det_min``, ``jacobian_det_std``, ``foreground_voxels``, ``displacement_mean_mm``;
+  ``jacobian_det_min``, ``jacobian_det_std``, ``sdlogj``, ``foreground_voxels``, ``displacement_mean_mm``;
 * optionally (:func:`score_onehot_linear`) ``dice_onehot_linear`` and
   ``dice_onehot_linear_per_label``: each label's indicator warped trilinearly, then arg-max.
 
@@ -80,8 +80,11 @@ def warp_labels_nearest(pair: ImagePair, phi: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def score_labels(warped_labels: Tensor, pair: ImagePair, *, hd95: bool = True) -> dict[str, Any]:
+def score_labels(warped_labels: Tensor, pair: ImagePair, *, hd95: bool = True, before: Tensor | None = None) -> dict[str, Any]:
     """Dice (and HD95) of the warped moving labels against the fixed labels, and before registration.
+
+    ``before``: the moving labels on the fixed grid as the headers place them ``(D0, D1, D2)``;
+    by default ``pair.moving_labels`` (which an affine stage has already aligned).
 
     Dice is averaged over ``pair.labels`` ignoring labels absent from both maps (NaN); HD95
     (mm, MONAI) is the NaN-ignoring mean over the labels present in both maps.
@@ -92,14 +95,16 @@ def score_labels(warped_labels: Tensor, pair: ImagePair, *, hd95: bool = True) -
         ``hd95_per_label`` (after).
     """
     fixed_labels, moving_labels = _labels_of(pair)
-    before = dice_per_label(moving_labels, fixed_labels, pair.labels)
+    if before is not None:
+        moving_labels = before.cpu()
+    dice_before = dice_per_label(moving_labels, fixed_labels, pair.labels)
     after = dice_per_label(warped_labels, fixed_labels, pair.labels)
     metrics: dict[str, Any] = {
         "labels": list(pair.labels),
-        "dice_before": mean_dice(before),
+        "dice_before": mean_dice(dice_before),
         "dice_after": mean_dice(after),
         "dice_per_label": {str(k): finite_or_none(v) for k, v in after.items()},
-        "dice_per_label_before": {str(k): finite_or_none(v) for k, v in before.items()},
+        "dice_per_label_before": {str(k): finite_or_none(v) for k, v in dice_before.items()},
     }
     if hd95:
         hd_after = hd95_per_label(warped_labels, fixed_labels, pair.labels, spacing=pair.spacing)
@@ -123,11 +128,14 @@ def score_deformation(det: Tensor, disp_vox: Tensor, pair: ImagePair) -> dict[st
 
     Returns:
         ``folding_count`` / ``folding_percent`` (det J <= 0), ``jacobian_det_min``,
-        ``jacobian_det_std``, ``foreground_voxels``, ``displacement_mean_mm``.
+        ``jacobian_det_std``, ``sdlogj`` (standard deviation of ``log det J``, det J clipped
+        at 1e-9 as in Learn2Reg), ``foreground_voxels``, ``displacement_mean_mm``.
     """
     fg = pair.foreground_mask()
     count, percent = folding(det, fg)
+    sel = det[fg] if bool(fg.any()) else det.reshape(-1)
     return {
+        "sdlogj": float(sel.double().clamp(min=1e-9).log().std()),
         "folding_count": count,
         "folding_percent": percent,
         "jacobian_det_min": float(det[fg].min()) if bool(fg.any()) else float(det.min()),

@@ -30,6 +30,8 @@ def registration_objective(
     lam: float,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
+    fixed_mask: Tensor | None = None,
+    moving_mask: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Similarity and folding penalty of ``transform`` on one coordinate sample.
 
@@ -40,6 +42,10 @@ def registration_objective(
         similarity, folding, lam: the two terms and the folding weight.
         mask: fixed foreground ``(D0, D1, D2)`` (bool), where extra folding points are drawn.
         generator: draws the extra folding points; ``None`` skips them.
+        fixed_mask, moving_mask: the user's masks as images ``(1, 1, D0, D1, D2)`` (1 inside,
+            0 outside) on the fixed grid: the similarity counts a sample only where the fixed
+            mask holds at ``x`` and the moving mask at ``phi(x)`` (nearest neighbour, so the
+            weight carries no gradient that would pull the mask's edge).
 
     Returns:
         ``{"loss", "sim", "jedt"}`` scalars (``jedt``: the whole folding term before ``lam``).
@@ -65,5 +71,11 @@ def registration_objective(
         reg = reg + folding.extra(transform, shape, mask, generator)
     warped = sample_image(moving, phi)
     fixed_s = sample_image(fixed, pts)
-    sim = similarity(fixed_s, warped, is_grid=sample.is_grid)
+    weight = None
+    if fixed_mask is not None:
+        weight = sample_image(fixed_mask, pts, mode="nearest")
+    if moving_mask is not None:
+        w_m = sample_image(moving_mask, phi.detach(), mode="nearest")
+        weight = w_m if weight is None else weight * w_m
+    sim = similarity(fixed_s, warped, is_grid=sample.is_grid, weight=weight)
     return {"loss": sim + lam * reg, "sim": sim, "jedt": reg}

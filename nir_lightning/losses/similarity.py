@@ -2,6 +2,9 @@
 
 Images are samples ``(B, 1, d0, d1, d2)``: regular lattices, or unstructured points shaped
 ``(1, 1, N, 1, 1)`` (see :mod:`nir_lightning.sampling`). Lower is better for every loss.
+An optional ``weight`` of the same shape (1 inside the masks, 0 outside) restricts what counts:
+samples (``ncc``, ``mse``, ``mi``) or windows (``lncc``: a window counts when most of it lies
+inside) outside get no say.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nir_lightning.losses.mutual_information import mutual_information
+
 
 def local_ncc(
     fixed: Tensor,
@@ -20,6 +25,7 @@ def local_ncc(
     window: int = 9,
     eps: float = 1e-8,
     min_variance: float = 1e-6,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Negative squared local NCC over valid box windows of ``window`` samples per side.
 
@@ -33,18 +39,29 @@ def local_ncc(
     """
     k = [min(window, s) for s in fixed.shape[2:]]
     pool = lambda t: F.avg_pool3d(t, kernel_size=k, stride=1)
-    mu_f, mu_m = pool(fixed), pool(warped)
-    var_f = (pool(fixed * fixed) - mu_f * mu_f).clamp(min=0)
-    var_m = (pool(warped * warped) - mu_m * mu_m).clamp(min=0)
-    cov = pool(fixed * warped) - mu_f * mu_m
+    if weight is None:
+        mu_f, mu_m = pool(fixed), pool(warped)
+        var_f = (pool(fixed * fixed) - mu_f * mu_f).clamp(min=0)
+        var_m = (pool(warped * warped) - mu_m * mu_m).clamp(min=0)
+        cov = pool(fixed * warped) - mu_f * mu_m
+        valid = var_f > min_variance
+    else:  # each window's statistics over its samples inside the masks only
+        w = weight.to(fixed.dtype)
+        frac = pool(w)
+        total = frac.clamp(min=eps)
+        wpool = lambda t: pool(w * t) / total
+        mu_f, mu_m = wpool(fixed), wpool(warped)
+        var_f = (wpool(fixed * fixed) - mu_f * mu_f).clamp(min=0)
+        var_m = (wpool(warped * warped) - mu_m * mu_m).clamp(min=0)
+        cov = wpool(fixed * warped) - mu_f * mu_m
+        valid = (var_f > min_variance) & (frac > 0.25)
     cc = cov * cov / (var_f * var_m + eps)
-    valid = var_f > min_variance
     if not bool(valid.any()):
         return cc.sum() * 0.0
     return -cc[valid].mean()
 
 
-def global_ncc(fixed: Tensor, warped: Tensor, *, eps: float = 1e-8) -> Tensor:
+def global_ncc(fixed: Tensor, warped: Tensor, *, eps: float = 1e-8, weight: Tensor | None = None) -> Tensor:
     """Negative NCC over all samples of each batch element (for unstructured samples).
 
     >>> x = torch.rand(1, 1, 100, 1, 1)
@@ -53,39 +70,59 @@ def global_ncc(fixed: Tensor, warped: Tensor, *, eps: float = 1e-8) -> Tensor:
     """
     f = fixed.flatten(1)
     m = warped.flatten(1)
-    f = f - f.mean(dim=1, keepdim=True)
-    m = m - m.mean(dim=1, keepdim=True)
-    ncc = (f * m).sum(1) / torch.sqrt((f * f).sum(1) * (m * m).sum(1) + eps)
+    if weight is None:
+        f = f - f.mean(dim=1, keepdim=True)
+        m = m - m.mean(dim=1, keepdim=True)
+        ncc = (f * m).sum(1) / torch.sqrt((f * f).sum(1) * (m * m).sum(1) + eps)
+        return -ncc.mean()
+    w = weight.flatten(1).to(f.dtype)
+    total = w.sum(1, keepdim=True).clamp(min=eps)
+    f = f - (w * f).sum(1, keepdim=True) / total
+    m = m - (w * m).sum(1, keepdim=True) / total
+    ncc = (w * f * m).sum(1) / torch.sqrt((w * f * f).sum(1) * (w * m * m).sum(1) + eps)
     return -ncc.mean()
 
 
-def mse(fixed: Tensor, warped: Tensor) -> Tensor:
-    """Mean squared intensity difference."""
-    return F.mse_loss(warped, fixed)
+def mse(fixed: Tensor, warped: Tensor, *, weight: Tensor | None = None) -> Tensor:
+    """Mean squared intensity difference (over the weighted samples)."""
+    if weight is None:
+        return F.mse_loss(warped, fixed)
+    w = weight.to(fixed.dtype)
+    return (w * (warped - fixed) ** 2).sum() / w.sum().clamp(min=1e-8)
 
 
-SimilarityKind = Literal["lncc", "ncc", "mse"]
+SimilarityKind = Literal["lncc", "ncc", "mse", "mi"]
 
 
 class Similarity(nn.Module):
     """Chooses the similarity: ``"lncc"`` on grid samples (falls back to global NCC on
-    unstructured ones), ``"ncc"`` (global) or ``"mse"``."""
+    unstructured ones), ``"ncc"`` (global), ``"mse"`` or ``"mi"`` (Parzen-window mutual
+    information over the samples, :func:`~nir_lightning.losses.mutual_information.mutual_information`:
+    for pairs of different contrasts, T1 against T2 or FLAIR, where NCC assumes a linear relation).
 
-    def __init__(self, kind: Literal["lncc", "ncc", "mse"] = "lncc", *, window: int = 9) -> None:
+    >>> x = torch.rand(1, 1, 6, 6, 6)
+    >>> float(Similarity("mi")(x, x)) < float(Similarity("mi")(x, torch.rand(1, 1, 6, 6, 6)))
+    True
+    """
+
+    def __init__(self, kind: SimilarityKind = "lncc", *, window: int = 9, num_bins: int = 32) -> None:
         super().__init__()
-        if kind not in ("lncc", "ncc", "mse"):
-            raise ValueError(f"similarity must be 'lncc', 'ncc' or 'mse', got {kind!r}")
+        if kind not in ("lncc", "ncc", "mse", "mi"):
+            raise ValueError(f"similarity must be 'lncc', 'ncc', 'mse' or 'mi', got {kind!r}")
         if window < 2:
             raise ValueError(f"window must be >= 2 samples, got {window}")
         self.kind = kind
         self.window = window
+        self.num_bins = num_bins
 
-    def forward(self, fixed: Tensor, warped: Tensor, *, is_grid: bool = True) -> Tensor:
+    def forward(self, fixed: Tensor, warped: Tensor, *, is_grid: bool = True, weight: Tensor | None = None) -> Tensor:
         if self.kind == "mse":
-            return mse(fixed, warped)
+            return mse(fixed, warped, weight=weight)
+        if self.kind == "mi":
+            return mutual_information(fixed, warped, num_bins=self.num_bins, weight=weight)
         if self.kind == "ncc" or not is_grid:
-            return global_ncc(fixed, warped)
-        return local_ncc(fixed, warped, window=self.window)
+            return global_ncc(fixed, warped, weight=weight)
+        return local_ncc(fixed, warped, window=self.window, weight=weight)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, window={self.window}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from nir_lightning.alignment import AffineResult, AffineStage
 from nir_lightning.data.pair import ImagePair, load_pair
 from nir_lightning.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class _Steps(Dataset[int]):
@@ -41,6 +45,11 @@ class PairDataModule(pl.LightningDataModule):
         steps_per_epoch: optimisation steps per "epoch" (sets validation cadence).
         demo: use the built-in synthetic phantom pair (needs no files).
         demo_dir: where the demo pair is written (a temporary folder if ``None``).
+        fixed_mask, moving_mask: optional binary NIfTI masks on their image's grid: the
+            similarity counts only inside them, the samplers draw inside the fixed mask.
+        affine: the rigid/affine stage run before the neural field
+            (:class:`~nir_lightning.alignment.AffineStage`; ``kind: none`` keeps the pair as
+            its headers place it). Its world matrix is written as ``affine.mat``.
     """
 
     def __init__(
@@ -55,6 +64,9 @@ class PairDataModule(pl.LightningDataModule):
         steps_per_epoch: int = 100,
         demo: bool = False,
         demo_dir: str | None = None,
+        fixed_mask: str | None = None,
+        moving_mask: str | None = None,
+        affine: AffineStage = AffineStage(),
     ) -> None:
         super().__init__()
         if steps_per_epoch < 1:
@@ -68,6 +80,9 @@ class PairDataModule(pl.LightningDataModule):
         self.steps_per_epoch = steps_per_epoch
         self.demo = demo
         self.demo_dir = demo_dir
+        self.fixed_mask, self.moving_mask = fixed_mask, moving_mask
+        self.affine = affine
+        self.affine_result: AffineResult | None = None
         self.pair: ImagePair | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -88,7 +103,24 @@ class PairDataModule(pl.LightningDataModule):
             moving_labels=self.moving_labels,
             labels=self.labels,
             percentiles=self.percentiles,
+            fixed_mask=self.fixed_mask,
+            moving_mask=self.moving_mask,
+            keep_native=True,  # outputs resample the moving image once, from its own grid
         )
+        pair, native = self.pair, self.pair.native
+        assert native is not None
+        if self.affine.kind != "none":
+            # points come from the user's fixed mask, else the foreground rule (not just > 0,
+            # which on a raw scan's noisy background would take most of them)
+            sample_mask = pair.fixed_mask if pair.fixed_mask is not None else pair.foreground_mask()
+            res = self.affine.fit(
+                pair.fixed, pair.fixed_affine, native.image, native.affine,
+                fixed_mask=sample_mask, moving_mask=native.mask,
+            )
+            pair.align(res.world)
+            self.affine_result = res
+            log.info("affine stage (%s): %.1f s, similarity %.4f -> %.4f", res.kind, res.seconds, res.similarity_before, res.similarity_after)
+        pair.check_labels()  # on the aligned pair: a swapped map shows only there
         if self.demo:
             import nibabel as nib
 

@@ -51,7 +51,8 @@ class RegistrationModule(pl.LightningModule):
         schedule: the hybrid schedule (:class:`~nir_lightning.training.schedule.HybridSchedule`:
             switch step, phase-2 sampler and window); only with ``field2``.
         sampler: coordinate sampler used for training.
-        similarity: ``"lncc"`` (squared local NCC), ``"ncc"`` (global) or ``"mse"``.
+        similarity: ``"lncc"`` (squared local NCC), ``"ncc"`` (global), ``"mse"`` or ``"mi"``
+            (mutual information, for pairs of different contrasts).
         window: local NCC window in lattice samples.
         regularizer: ``"jedt"`` (penalise det <= 0 only) or ``"unit"`` (|det - 1|).
         lam: weight of the regulariser.
@@ -79,6 +80,9 @@ class RegistrationModule(pl.LightningModule):
     fixed: Tensor
     moving: Tensor
     mask: Tensor
+    sample_mask: Tensor
+    fixed_mask: Tensor | None
+    moving_mask: Tensor | None
 
     def __init__(
         self,
@@ -87,7 +91,7 @@ class RegistrationModule(pl.LightningModule):
         field2: NeuralField | None = None,
         schedule: HybridSchedule | None = None,
         sampler: CoordinateSampler = lazy_instance(DownsizeSampler),
-        similarity: Literal["lncc", "ncc", "mse"] = "lncc",
+        similarity: Literal["lncc", "ncc", "mse", "mi"] = "lncc",
         window: int = 5,
         regularizer: Literal["jedt", "unit"] = "jedt",
         lam: float = 10.0,
@@ -168,6 +172,12 @@ class RegistrationModule(pl.LightningModule):
         self.register_buffer("fixed", pair.fixed.float(), persistent=False)
         self.register_buffer("moving", pair.moving.float(), persistent=False)
         self.register_buffer("mask", pair.foreground_mask(), persistent=False)
+        # The user's masks: samplers draw inside the fixed one, the similarity counts inside both.
+        sample_mask = pair.fixed_mask if pair.fixed_mask is not None else pair.foreground_mask()
+        self.register_buffer("sample_mask", sample_mask, persistent=False)
+        for name in ("fixed_mask", "moving_mask"):
+            m = getattr(pair, name)
+            self.register_buffer(name, None if m is None else m.float()[None, None], persistent=False)
 
     @property
     def margin(self) -> float:
@@ -214,6 +224,7 @@ class RegistrationModule(pl.LightningModule):
         return registration_objective(
             self.transform, self.fixed, self.moving, sample,
             similarity=self.similarity, folding=self.folding, lam=self.lam, mask=self.mask, generator=generator,
+            fixed_mask=self.fixed_mask, moving_mask=self.moving_mask,
         )
 
     # -- the hybrid schedule ---------------------------------------------------------------
@@ -257,7 +268,7 @@ class RegistrationModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         gen = self._generator(self.global_step)
-        sample = self.sampler.sample(self.shape, generator=gen, mask=self.mask)
+        sample = self.sampler.sample(self.shape, generator=gen, mask=self.sample_mask)
         out = self.model_step(sample, gen)
         if not bool(torch.isfinite(out["loss"])):
             raise FloatingPointError(

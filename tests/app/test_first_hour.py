@@ -28,7 +28,7 @@ PROGRESS = re.compile(r"^nir: step (\d+)/(\d+) \((\d+)%\), loss -?\d+\.\d{4}, \d
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("register", "register-many", "compare", "fit", "validate", "test", "predict"):
+    for command in ("register", "register-many", "apply", "compare", "fit", "validate", "test", "predict"):
         assert re.search(rf"^  {re.escape(command)} +\S", out, re.MULTILINE), f"{command} missing from:\n{out}"
 
 

@@ -161,6 +161,7 @@ def test_dice_watch_in_a_tiny_fit(tiny_pair: dict[str, Path], caplog: pytest.Log
     """Swapped maps: val/dice falls below the Dice before registration within a few steps."""
     import pytorch_lightning as pl
 
+    from nir_lightning.alignment import AffineStage
     from nir_lightning.fields.displacement import DisplacementField
     from nir_lightning.training.datamodule import PairDataModule
     from nir_lightning.training.module import RegistrationModule
@@ -168,6 +169,7 @@ def test_dice_watch_in_a_tiny_fit(tiny_pair: dict[str, Path], caplog: pytest.Log
     dm = PairDataModule(
         fixed=str(tiny_pair["fixed"]), moving=str(tiny_pair["moving"]),
         fixed_labels=str(tiny_pair["moving_labels"]), moving_labels=str(tiny_pair["fixed_labels"]), steps_per_epoch=10,
+        affine=AffineStage(kind="none"),  # the watch, not the affine stage, is under test
     )
     model = RegistrationModule(field=DisplacementField(width=32, num_frequencies=8), lr=1e-3, jacobian_points=256)
     watch = DiceWatch()

@@ -1,0 +1,461 @@
+"""The rigid -> affine alignment stage that runs before the deformable registration.
+
+It finds the world matrix ``W`` (4x4 float64, fixed RAS mm -> moving RAS mm, so that
+``moving(W p) ~ fixed(p)``; identity = "aligned by the headers", see
+:mod:`nir_lightning.coords`) by stochastic optimisation on an image pyramid:
+
+1. Initialise (:func:`~nir_lightning.alignment.moments.initial_world_matrix`): headers,
+   centres of mass, or principal axes. For ``"moments"`` every candidate (headers, centres of
+   mass, the 4 principal-axes rotations) gets a short refinement on the coarsest level (rigid
+   for ``kind="rigid"``, affine for ``kind="affine"``) and the one with the best similarity
+   afterwards wins. Scored as they come, a candidate on the wrong side of a near-symmetry can
+   beat a good one that is still 20 degrees off; and after a rigid refinement a sheared or
+   scaled anatomy can still score like a wrong pose (seen on the phantom in ~10 % of seeds).
+2. Rigid: 6 parameters (:class:`~nir_lightning.alignment.parameters.RigidParameters`), every
+   pyramid level from coarse to fine.
+3. Affine (``kind="affine"``): 12 parameters started from the rigid result, every level again.
+
+Each step draws ``num_points`` random points in the fixed foreground (jittered within their
+voxel, so the fixed and moving grids never line up exactly, which would give mutual
+information its interpolation artefacts), maps them through the chain matrix
+``N_m V_m^-1 W V_f N_f^-1`` (:func:`~nir_lightning.coords.normalized_chain_matrix`, built in
+torch so it is differentiable in ``W``), samples the moving image there and compares
+intensities with Parzen mutual information or global NCC. Points that land outside the moving
+image (or outside the moving mask) get weight 0. The cost per step is fixed by
+``num_points``, whatever the image size; only building the pyramid touches every voxel.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from nir_lightning.alignment.moments import center_of_mass, initial_world_matrix, principal_axes
+from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
+from nir_lightning.coords import voxel_spacing, voxel_to_normalized, voxel_to_normalized_matrix
+from nir_lightning.core.resample import sample_image
+from nir_lightning.errors import InputError
+from nir_lightning.losses.mutual_information import mutual_information
+from nir_lightning.losses.similarity import global_ncc
+
+__all__ = ["AffineResult", "AffineStage", "LevelHistory"]
+
+_OWNER = "AffineStage"
+_PROBE_STEPS = 30
+"""Rigid steps on the coarsest level that each ``init="moments"`` candidate gets before they are compared."""
+_PROBE_LR_FACTOR = 2.0
+"""The probes' learning rate relative to ``lr``: they must travel some 20 degrees in few steps."""
+_FINAL_LR_FRACTION = 0.1
+"""The learning rate decays (cosine) to this fraction of its start within every level."""
+
+
+_MIN_LEVEL_VOXELS = 16
+"""Pyramid levels whose fixed image is smaller than this along an axis are skipped."""
+
+
+@dataclass(frozen=True)
+class LevelHistory:
+    """One pyramid level of one stage: the loss at its first and last step."""
+
+    stage: str
+    shrink: int
+    iterations: int
+    loss_start: float
+    loss_end: float
+
+
+@dataclass(frozen=True)
+class AffineResult:
+    """The outcome of :meth:`AffineStage.fit`.
+
+    Attributes:
+        world: the world matrix ``W`` (4x4 float64, fixed RAS mm -> moving RAS mm).
+        kind: the stage's ``kind`` (``"none"``, ``"rigid"`` or ``"affine"``).
+        seconds: wall time of the fit.
+        similarity_before: the loss at ``W = I`` (headers only) on fixed points of the finest
+            level (NaN for ``kind="none"``, which evaluates nothing).
+        similarity_after: the loss at ``world`` on the same points (lower is better).
+        history: per stage and level, the loss at the first and last step.
+        initial: the starting matrix of the optimisation (from ``init``).
+    """
+
+    world: np.ndarray
+    kind: str
+    seconds: float
+    similarity_before: float
+    similarity_after: float
+    history: tuple[LevelHistory, ...] = ()
+    initial: np.ndarray = field(default_factory=lambda: np.eye(4))
+
+
+@dataclass
+class _Level:
+    """One pyramid level: both images downsampled, their affines and the sampling region."""
+
+    shrink: int
+    fixed: Tensor  # (1, 1, d0, d1, d2)
+    fixed_shape: tuple[int, int, int]
+    moving: Tensor
+    moving_mask: Tensor | None  # (1, 1, ...) float fraction, or None
+    region: Tensor  # flat indices of the fixed voxels to sample from
+    left: Tensor  # N_m V_m^-1 (4x4 float64)
+    right: Tensor  # V_f N_f^-1 (4x4 float64)
+
+
+def _pool(image: Tensor, factors: tuple[int, int, int]) -> Tensor:
+    if factors == (1, 1, 1):
+        return image
+    return F.avg_pool3d(image, kernel_size=factors, stride=factors)
+
+
+def _pooled_affine(affine: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
+    """Affine of a grid averaged in blocks of ``factors``: block ``u`` is centred on voxel ``f u + (f - 1) / 2``."""
+    f = np.asarray(factors, dtype=np.float64)
+    block = np.eye(4)
+    block[:3, :3] = np.diag(f)
+    block[:3, 3] = (f - 1.0) / 2.0
+    return np.asarray(affine, dtype=np.float64) @ block
+
+
+def _factors(shape: Sequence[int], affine: np.ndarray, target_mm: float) -> tuple[int, int, int]:
+    """Per-axis block sizes that bring the voxel size of ``affine`` closest to ``target_mm``."""
+    out = [max(1, min(int(n), math.floor(target_mm / s + 0.5))) for n, s in zip(shape, voxel_spacing(affine), strict=True)]
+    return (out[0], out[1], out[2])
+
+
+def _torch64(a: np.ndarray, device: torch.device) -> Tensor:
+    return torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)
+
+
+@dataclass(frozen=True)
+class AffineStage:
+    """Rigid, then affine, alignment of the moving image to the fixed one (before the deformable part).
+
+    Args:
+        kind: ``"none"`` (return the identity: trust the headers), ``"rigid"`` (6 parameters)
+            or ``"affine"`` (rigid, then 12 parameters started from the rigid result).
+        init: starting point, see :func:`~nir_lightning.alignment.moments.initial_world_matrix`:
+            ``"none"`` (headers), ``"com"`` (centres of mass) or ``"moments"`` (principal axes,
+            chosen by the similarity after a short refinement of each candidate; the
+            headers and ``"com"`` are candidates too).
+        similarity: ``"mi"`` (Parzen mutual information: any contrasts) or ``"ncc"`` (global
+            normalized cross-correlation: same contrast, linear intensity relation).
+        num_bins: histogram bins of ``"mi"``.
+        shrink_factors: pyramid levels, coarse to fine: the level's voxel size in units of the
+            fixed image's finest voxel size (both images are block-averaged towards it).
+        rigid_iterations: optimiser steps per level of the rigid stage (one per shrink factor).
+        affine_iterations: optimiser steps per level of the affine stage.
+        num_points: random fixed-foreground points per step (the cost per step is fixed by it).
+        lr: Adam learning rate; a step of ``lr`` moves the anatomy by about ``lr`` times its
+            radius (see :mod:`~nir_lightning.alignment.parameters`). It decays (cosine) to a
+            tenth within each level and halves from one level to the next.
+        seed: seeds the point draws; a fit is deterministic for a given seed (and device).
+
+    >>> AffineStage(kind="rigid").kind
+    'rigid'
+    >>> AffineStage(num_bins=1)
+    Traceback (most recent call last):
+    ...
+    nir_lightning.errors.InputError: AffineStage.num_bins must be an integer >= 4, got 1; 32 bins suit images scaled to [0, 1].
+    """
+
+    kind: Literal["none", "rigid", "affine"] = "affine"
+    init: Literal["none", "com", "moments"] = "moments"
+    similarity: Literal["mi", "ncc"] = "mi"
+    num_bins: int = 32
+    shrink_factors: tuple[int, ...] = (4, 2, 1)
+    rigid_iterations: tuple[int, ...] = (100, 50, 25)
+    affine_iterations: tuple[int, ...] = (100, 50, 25)
+    num_points: int = 2**14
+    lr: float = 0.02
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(param: str, message: str) -> InputError:
+            value = getattr(self, param)
+            return InputError(f"{_OWNER}.{param} {message}", owner=_OWNER, param=param, value=value)
+
+        choices = {"kind": ("none", "rigid", "affine"), "init": ("none", "com", "moments"), "similarity": ("mi", "ncc")}
+        for param, allowed in choices.items():
+            if getattr(self, param) not in allowed:
+                listed = ", ".join(repr(a) for a in allowed)
+                raise bad(param, f"must be one of {listed}, got {getattr(self, param)!r}.")
+        if not _is_int(self.num_bins) or self.num_bins < 4:
+            raise bad("num_bins", f"must be an integer >= 4, got {self.num_bins!r}; 32 bins suit images scaled to [0, 1].")
+        for param in ("shrink_factors", "rigid_iterations", "affine_iterations"):
+            value = getattr(self, param)
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
+                raise bad(param, f"must be a non-empty list of integers, got {value!r}.")
+            if not all(_is_int(v) for v in value):
+                raise bad(param, f"must be a list of integers, got {value!r}.")
+            object.__setattr__(self, param, tuple(int(v) for v in value))
+        if any(s < 1 for s in self.shrink_factors):
+            raise bad("shrink_factors", f"must all be >= 1 (1 = the fixed image's voxel size), got {list(self.shrink_factors)}; e.g. [4, 2, 1].")
+        for param in ("rigid_iterations", "affine_iterations"):
+            value = getattr(self, param)
+            if len(value) != len(self.shrink_factors):
+                raise bad(param, f"needs one entry per shrink factor ({len(self.shrink_factors)}: {list(self.shrink_factors)}), got {list(value)}.")
+            if any(v < 0 for v in value):
+                raise bad(param, f"must all be >= 0, got {list(value)}.")
+        if not _is_int(self.num_points) or self.num_points < 64:
+            raise bad("num_points", f"must be an integer >= 64, got {self.num_points!r}; e.g. 16384 points per step.")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 1:
+            raise bad("lr", f"must be a number in (0, 1], got {self.lr!r}; e.g. 0.02.")
+        if not _is_int(self.seed):
+            raise bad("seed", f"must be an integer, got {self.seed!r}.")
+
+    # -- the loss -------------------------------------------------------------------------------
+    def _similarity(self, fixed_values: Tensor, moving_values: Tensor, weight: Tensor) -> Tensor:
+        if self.similarity == "mi":
+            return mutual_information(fixed_values, moving_values, num_bins=self.num_bins, weight=weight)
+        w = None if weight is None else weight.reshape(1, -1)
+        return global_ncc(fixed_values.reshape(1, -1), moving_values.reshape(1, -1), weight=w)
+
+    def _loss(self, level: _Level, world: Tensor, points: Tensor, fixed_values: Tensor) -> Tensor:
+        """Similarity of fixed values at level-normalized ``points`` ``(N, 3)`` and the moving image at ``W``."""
+        chain = level.left @ world @ level.right
+        lin = chain[:3, :3].to(points.dtype)
+        moved = points @ lin.T + chain[:3, 3].to(points.dtype)
+        grid = moved.reshape(1, -1, 1, 1, 3)
+        moving_values = sample_image(level.moving, grid).reshape(-1)
+        weight = (moved.detach().abs() <= 1.0).all(dim=-1).to(moving_values.dtype)
+        if level.moving_mask is not None:
+            weight = weight * sample_image(level.moving_mask, grid.detach()).reshape(-1)
+        return self._similarity(fixed_values, moving_values, weight)
+
+    def _draw(self, level: _Level, generator: torch.Generator, num_points: int | None = None) -> tuple[Tensor, Tensor]:
+        """Random fixed points (level-normalized, ``(N, 3)``) in the sampling region and their values."""
+        device = level.region.device
+        n = self.num_points if num_points is None else num_points
+        pick = torch.randint(0, level.region.numel(), (n,), generator=generator, device=device)
+        flat = level.region[pick]
+        d0, d1, d2 = level.fixed_shape
+        vox = torch.stack([flat // (d1 * d2), (flat // d2) % d1, flat % d2], dim=-1).to(torch.float32)
+        vox = vox + torch.rand(vox.shape, generator=generator, device=device) - 0.5
+        high = torch.tensor([d0 - 1, d1 - 1, d2 - 1], dtype=torch.float32, device=device)
+        vox = torch.minimum(vox.clamp(min=0.0), high)
+        points = voxel_to_normalized(vox, level.fixed_shape)
+        values = sample_image(level.fixed, points.reshape(1, -1, 1, 1, 3)).reshape(-1)
+        return points, values
+
+    # -- fitting --------------------------------------------------------------------------------
+    def fit(
+        self,
+        fixed: Tensor,
+        fixed_affine: np.ndarray,
+        moving: Tensor,
+        moving_affine: np.ndarray,
+        *,
+        fixed_mask: Tensor | None = None,
+        moving_mask: Tensor | None = None,
+    ) -> AffineResult:
+        """Find the world matrix that aligns ``moving`` to ``fixed``.
+
+        Args:
+            fixed: float tensor ``(1, 1, D0, D1, D2)`` scaled to ``[0, 1]``, on its own grid.
+            fixed_affine: its 4x4 NIfTI affine (voxel -> RAS mm).
+            moving: float tensor ``(1, 1, E0, E1, E2)`` scaled to ``[0, 1]``, on its own grid
+                (shape, spacing, orientation and field of view may differ from the fixed one).
+            moving_affine: its 4x4 NIfTI affine.
+            fixed_mask: bool ``(D0, D1, D2)``: where to draw points and the support of the
+                moments. Default: ``fixed > 0``, right for skull-stripped images; pass a
+                foreground mask for raw scans, whose noisy background would otherwise take
+                most of the points (a 256x256x160 scan with a 1.3 M voxel brain: ~88 %).
+            moving_mask: bool ``(E0, E1, E2)``: moving points outside it do not count.
+
+        Returns:
+            :class:`AffineResult`; ``world`` maps fixed RAS mm to moving RAS mm. Runs on
+            ``fixed``'s device.
+        """
+        start = time.perf_counter()
+        fixed_affine, moving_affine = _check_inputs(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask)
+        if self.kind == "none":
+            return AffineResult(world=np.eye(4), kind=self.kind, seconds=time.perf_counter() - start, similarity_before=float("nan"), similarity_after=float("nan"))
+        device = fixed.device
+        moving = moving.to(device=device, dtype=fixed.dtype)
+        levels = [self._level(s, fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask) for s in self.shrink_factors]
+        # A level whose fixed image is smaller than _MIN_LEVEL_VOXELS along an axis holds too little
+        # anatomy to steer 12 parameters (on small images the fit drifts there); skip it, keep the finest.
+        usable = [i for i, lv in enumerate(levels) if min(lv.fixed_shape) >= _MIN_LEVEL_VOXELS or i == len(levels) - 1]
+        generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        eval_generator = torch.Generator(device=device).manual_seed(int(self.seed) + 1)
+        fine_eval = self._draw(levels[-1], eval_generator)
+
+        @torch.no_grad()
+        def evaluate(level: _Level, sample: tuple[Tensor, Tensor], world: np.ndarray) -> float:
+            return float(self._loss(level, _torch64(world, device), *sample))
+
+        f3 = fixed[0, 0]
+        fmask = fixed_mask.to(device) if fixed_mask is not None else None
+        mmask = moving_mask.to(device) if moving_mask is not None else None
+        centre = center_of_mass(f3, fixed_affine, fmask)
+        radius = float(np.sqrt(max(float(principal_axes(f3, fixed_affine, fmask)[0].sum()), 1e-6)))
+
+        def probe(world: np.ndarray) -> float:
+            """The loss after a short refinement from ``world`` (multi-start for ``init="moments"``)."""
+            params: RigidParameters | AffineParameters
+            if self.kind == "affine":
+                params = AffineParameters(centre, scale=radius, base=world, device=device)
+            else:
+                params = RigidParameters(centre, scale=radius, base=world, device=device)
+            probe_generator = torch.Generator(device=device).manual_seed(int(self.seed) + 2)
+            self._optimise("probe", levels[0], params, _PROBE_STEPS, _PROBE_LR_FACTOR * self.lr, probe_generator, num_points=max(64, self.num_points // 4))
+            return evaluate(levels[-1], fine_eval, params.numpy())
+
+        initial = initial_world_matrix(
+            fixed, fixed_affine, moving, moving_affine, mode=self.init, similarity_fn=probe,
+            fixed_mask=fmask, moving_mask=mmask,
+        )
+
+        history: list[LevelHistory] = []
+        world = initial
+        best = evaluate(levels[-1], fine_eval, world)
+        stages: list[tuple[str, tuple[int, ...]]] = [("rigid", self.rigid_iterations)]
+        if self.kind == "affine":
+            stages.append(("affine", self.affine_iterations))
+        for name, iterations in stages:
+            params: RigidParameters | AffineParameters
+            if name == "rigid":
+                params = RigidParameters(centre, scale=radius, base=world, device=device)
+            else:
+                params = AffineParameters(centre, scale=radius, base=world, device=device)
+            carried = 0  # iterations of skipped levels run at the next usable one
+            for index, (level, steps) in enumerate(zip(levels, iterations, strict=True)):
+                if index not in usable:
+                    carried += steps
+                    continue
+                steps, carried = steps + carried, 0
+                if steps == 0:
+                    continue
+                lr = self.lr * 0.5 ** (index - usable[0])
+                history.append(self._optimise(name, level, params, steps, lr, generator))
+            # keep a stage only if it improves the full-resolution similarity on a fixed
+            # evaluation sample: a stage never leaves the pair worse than it found it
+            candidate = params.numpy()
+            score = evaluate(levels[-1], fine_eval, candidate)
+            if score <= best:
+                world, best = candidate, score
+        return AffineResult(
+            world=world,
+            kind=self.kind,
+            seconds=time.perf_counter() - start,
+            similarity_before=evaluate(levels[-1], fine_eval, np.eye(4)),
+            similarity_after=evaluate(levels[-1], fine_eval, world),
+            history=tuple(history),
+            initial=initial,
+        )
+
+    def _optimise(
+        self,
+        name: str,
+        level: _Level,
+        params: RigidParameters | AffineParameters,
+        steps: int,
+        lr: float,
+        generator: torch.Generator,
+        *,
+        num_points: int | None = None,
+    ) -> LevelHistory:
+        optimiser = torch.optim.Adam(params.parameters(), lr=lr)
+        losses: list[float] = []
+        for step in range(steps):
+            cosine = 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps - 1)))
+            for group in optimiser.param_groups:
+                group["lr"] = lr * (_FINAL_LR_FRACTION + (1.0 - _FINAL_LR_FRACTION) * cosine)
+            points, values = self._draw(level, generator, num_points)
+            optimiser.zero_grad(set_to_none=True)
+            loss = self._loss(level, params.matrix(), points, values)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+        tail = max(1, steps // 10)  # average the last steps: single losses are noisy
+        return LevelHistory(
+            stage=name,
+            shrink=level.shrink,
+            iterations=steps,
+            loss_start=losses[0],
+            loss_end=float(np.mean(losses[-tail:])),
+        )
+
+    def _level(
+        self,
+        shrink: int,
+        fixed: Tensor,
+        fixed_affine: np.ndarray,
+        moving: Tensor,
+        moving_affine: np.ndarray,
+        fixed_mask: Tensor | None,
+        moving_mask: Tensor | None,
+    ) -> _Level:
+        device = fixed.device
+        target = shrink * min(voxel_spacing(fixed_affine))
+        ff = _factors(fixed.shape[2:], fixed_affine, target)
+        mf = _factors(moving.shape[2:], moving_affine, target)
+        f = _pool(fixed, ff)
+        m = _pool(moving, mf)
+        f_aff = _pooled_affine(fixed_affine, ff)
+        m_aff = _pooled_affine(moving_affine, mf)
+        if fixed_mask is not None:
+            frac = _pool(fixed_mask.to(device=device, dtype=fixed.dtype)[None, None], ff)[0, 0]
+            region = frac >= 0.5
+            if not bool(region.any()):
+                region = frac > 0
+        else:
+            region = f[0, 0] > 0
+        mm = None
+        if moving_mask is not None:
+            mm = _pool(moving_mask.to(device=device, dtype=moving.dtype)[None, None], mf)
+        fixed_shape = (int(f.shape[2]), int(f.shape[3]), int(f.shape[4]))
+        moving_shape = (int(m.shape[2]), int(m.shape[3]), int(m.shape[4]))
+        left = voxel_to_normalized_matrix(moving_shape) @ np.linalg.inv(m_aff)
+        right = f_aff @ np.linalg.pinv(voxel_to_normalized_matrix(fixed_shape))
+        return _Level(
+            shrink=shrink,
+            fixed=f,
+            fixed_shape=fixed_shape,
+            moving=m,
+            moving_mask=mm,
+            region=region.reshape(-1).nonzero().reshape(-1),
+            left=_torch64(left, device),
+            right=_torch64(right, device),
+        )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_affine(affine: np.ndarray, param: str) -> np.ndarray:
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise InputError(f"{_OWNER}.fit: {param} must be a finite, invertible 4x4 NIfTI affine, got {a.tolist()}.", owner=_OWNER, param=param, value=affine)
+    return a
+
+
+def _check_inputs(
+    fixed: Tensor,
+    fixed_affine: np.ndarray,
+    moving: Tensor,
+    moving_affine: np.ndarray,
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    for param, image, mask in (("fixed", fixed, fixed_mask), ("moving", moving, moving_mask)):
+        if image.dim() != 5 or image.shape[:2] != (1, 1) or not image.is_floating_point():
+            raise InputError(f"{_OWNER}.fit: {param} must be a float tensor (1, 1, D0, D1, D2), got {image.dtype} {tuple(image.shape)}.", owner=_OWNER, param=param, value=tuple(image.shape))
+        if float(image.detach().max()) <= 0:
+            raise InputError(f"{_OWNER}.fit: {param} has no positive intensity; is it empty?", owner=_OWNER, param=param)
+        if mask is not None:
+            if tuple(mask.shape) != tuple(image.shape[2:]):
+                raise InputError(f"{_OWNER}.fit: {param}_mask must have the {param} image's shape {tuple(image.shape[2:])}, got {tuple(mask.shape)}.", owner=_OWNER, param=f"{param}_mask", value=tuple(mask.shape))
+            if not bool(mask.any()):
+                raise InputError(f"{_OWNER}.fit: {param}_mask is empty.", owner=_OWNER, param=f"{param}_mask")
+    return _check_affine(fixed_affine, "fixed_affine"), _check_affine(moving_affine, "moving_affine")
