@@ -188,7 +188,6 @@ def run_ants(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run_fireants(spec: dict[str, Any], out: Path, *, syn: bool) -> dict[str, Any]:
-    import torch
     from fireants.io.image import BatchedImages, Image
 
     if syn:
@@ -198,8 +197,6 @@ def run_fireants(spec: dict[str, Any], out: Path, *, syn: bool) -> dict[str, Any
 
     device = spec["device"]
     settings = dict(FIREANTS_SETTINGS, **(FIREANTS_QUICK if spec.get("quick") else {}))
-    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
-    moving_shape, moving_affine = _nib_affine(spec["moving"])
     fixed = BatchedImages([Image.load_file(spec["fixed"], device=device)])
     moving = BatchedImages([Image.load_file(spec["moving"], device=device)])
     print(Registration.__name__, settings, "device", device, flush=True)
@@ -207,20 +204,33 @@ def run_fireants(spec: dict[str, Any], out: Path, *, syn: bool) -> dict[str, Any
     t0 = time.perf_counter()
     reg = Registration(fixed_images=fixed, moving_images=moving, progress_bar=False, **settings)
     reg.optimize()
+    seconds = _fireants_outputs(reg, fixed, moving, spec, out, t0)
+    return {"seconds_reg": seconds, "settings": {"class": Registration.__name__, **settings}}
+
+
+def _fireants_outputs(reg: Any, fixed: Any, moving: Any, spec: dict[str, Any], out: Path, t0: float) -> float:
+    """Finish a FireANTs run: its warped coordinates (timed, from ``t0``) as our displacement
+    field, and FireANTs' own nearest-neighbour warp of the labels (its interpolator, its
+    transform); returns the registration seconds."""
+    import torch
+    from fireants.io.image import BatchedImages, Image
+
+    device = spec["device"]
     with torch.no_grad():
         coords = reg.get_warped_coordinates(fixed, moving)
     _sync(device)
     seconds = time.perf_counter() - t0
+    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
+    moving_shape, moving_affine = _nib_affine(spec["moving"])
     disp = fireants_coords_to_field(coords, fixed_shape, fixed_affine, moving_shape, moving_affine)
     save_displacement_itk(disp, fixed_affine, out / "displacement.nii.gz")
-    # FireANTs' own nearest-neighbour warp of the labels (its interpolator, its transform)
     labels = BatchedImages([Image.load_file(spec["moving_labels"], device=device)])
     labels.interpolate_mode = "nearest"
     with torch.no_grad():
         nat = reg.evaluate(fixed, labels)[0, 0].permute(2, 1, 0).cpu().numpy()
     save_nifti(np.rint(nat).astype(np.int32), fixed_affine, out / "native_warped_labels.nii.gz")
     print(f"FireANTs: max |d| = {max_displacement_mm(disp):.2f} mm", flush=True)
-    return {"seconds_reg": seconds, "settings": {"class": Registration.__name__, **settings}}
+    return seconds
 
 
 # -- whole chains on raw / misaligned pairs -------------------------------------------------
@@ -261,10 +271,9 @@ def run_ants_chain(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run_fireants_chain(spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    """FireANTs' whole chain: ``MomentsRegistration`` -> ``AffineRegistration`` (scales 4,2,1;
+    """FireANTs' whole chain: ``MomentsRegistration`` (centres of mass) -> ``AffineRegistration`` (scales 4,2,1;
     200/100/50 iterations) -> ``GreedyRegistration`` (the greedy settings above) initialised
     with the affine; MI for the affine stages (and for greedy when ``spec["multimodal"]``)."""
-    import torch
     from fireants.io.image import BatchedImages, Image
     from fireants.registration.affine import AffineRegistration
     from fireants.registration.greedy import GreedyRegistration
@@ -274,32 +283,20 @@ def run_fireants_chain(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     settings = dict(FIREANTS_SETTINGS, **(FIREANTS_QUICK if spec.get("quick") else {}))
     if spec.get("multimodal"):
         settings["loss_type"] = "mi"
-    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
-    moving_shape, moving_affine = _nib_affine(spec["moving"])
     fixed = BatchedImages([Image.load_file(spec["fixed"], device=device)])
     moving = BatchedImages([Image.load_file(spec["moving"], device=device)])
     _sync(device)
     t0 = time.perf_counter()
-    moments = MomentsRegistration(1.0, fixed, moving, moments=2, orientation="rot", loss_type="mi")
+    moments = MomentsRegistration(1.0, fixed, moving, moments=1, loss_type="mi")  # centres of mass
     moments.optimize()
     affine = AffineRegistration([4, 2, 1], [200, 100, 50], fixed, moving, loss_type="mi", optimizer="Adam",
-                                optimizer_lr=3e-3, **moments.get_affine_init_dict())
+                                **moments.get_affine_init_dict())  # FireANTs' default learning rate
     affine.optimize()
     reg = GreedyRegistration(fixed_images=fixed, moving_images=moving, progress_bar=False,
                              init_affine=affine.get_affine_matrix().detach(), **settings)
     reg.optimize()
-    with torch.no_grad():
-        coords = reg.get_warped_coordinates(fixed, moving)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    disp = fireants_coords_to_field(coords, fixed_shape, fixed_affine, moving_shape, moving_affine)
-    save_displacement_itk(disp, fixed_affine, out / "displacement.nii.gz")
-    labels = BatchedImages([Image.load_file(spec["moving_labels"], device=device)])
-    labels.interpolate_mode = "nearest"
-    with torch.no_grad():
-        nat = reg.evaluate(fixed, labels)[0, 0].permute(2, 1, 0).cpu().numpy()
-    save_nifti(np.rint(nat).astype(np.int32), fixed_affine, out / "native_warped_labels.nii.gz")
-    return {"seconds_reg": seconds, "settings": {"chain": "moments(2) -> affine(mi; 4,2,1; 200,100,50) -> greedy", **settings}}
+    seconds = _fireants_outputs(reg, fixed, moving, spec, out, t0)
+    return {"seconds_reg": seconds, "settings": {"chain": "moments(1) -> affine(mi; 4,2,1; 200,100,50) -> greedy", **settings}}
 
 
 Runner = Callable[[dict[str, Any], Path], dict[str, Any]]
