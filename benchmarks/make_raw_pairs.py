@@ -4,7 +4,7 @@
     python ../shared/data/mindboggle-dev/prepare.py CACHE/mb --subjects 9,...,16   # once (ANTs, ~1 min each)
     python benchmarks/make_raw_pairs.py CACHE --subjects 9,10,11,12,13,14,15,16 [--resolution 2mm]
     python benchmarks/run_benchmark.py --pairs CACHE/raw_2mm.csv --methods nir,ants-chain,fireants-chain
-    python benchmarks/run_benchmark.py --pairs CACHE/aligned_2mm.csv --methods nir --nir-args "--data.affine.kind=none"
+    python benchmarks/run_benchmark.py --pairs CACHE/aligned_2mm.csv --methods nir --nir-args=--data.affine.kind=none
 
 Consecutive subjects form disjoint pairs (9->10, 11->12, ...: fixed, moving). ``raw_RES.csv``
 lists the scans as they are in ``OASIS-TRT-20-N/`` (each head at its own position and size, raw
