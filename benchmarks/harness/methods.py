@@ -160,9 +160,14 @@ def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run_ants(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    return _run_ants(spec, out, dict(ANTS_SETTINGS, **(ANTS_QUICK if spec.get("quick") else {})))
+
+
+def _run_ants(spec: dict[str, Any], out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """``ants.registration(**settings)``, its forward transforms composed into our field, and
+    ANTs' own nearest-neighbour warp of the labels."""
     import ants
 
-    settings = dict(ANTS_SETTINGS, **(ANTS_QUICK if spec.get("quick") else {}))
     fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
     fixed = ants.image_read(spec["fixed"])
     moving = ants.image_read(spec["moving"])
@@ -245,29 +250,11 @@ def run_ants_chain(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     """``ants.registration(type_of_transform="SyNRA")``: rigid + affine (Mattes MI; antspyx's fixed
     2100x1200x1200 iterations at shrink 4x2x2) + SyN with the SyN settings of ``ants`` above: metric
     ``CC`` radius 2 for one contrast, or ``mattes`` (32 bins) when ``spec["multimodal"]``."""
-    import ants
-
     multimodal = bool(spec.get("multimodal"))
     settings = dict(ANTS_CHAIN_SETTINGS, syn_metric="mattes" if multimodal else "CC", syn_sampling=32 if multimodal else 2)
     if spec.get("quick"):
         settings.update(ANTS_QUICK)
-    fixed_shape, fixed_affine = _nib_affine(spec["fixed"])
-    fixed = ants.image_read(spec["fixed"])
-    moving = ants.image_read(spec["moving"])
-    work = out / "ants_work"
-    work.mkdir(exist_ok=True)
-    print("ants.registration", settings, flush=True)
-    t0 = time.perf_counter()
-    reg = ants.registration(fixed, moving, outprefix=str(work / "reg_"), verbose=False, **settings)
-    seconds = time.perf_counter() - t0
-    fwd = list(reg["fwdtransforms"])
-    disp = ants_transforms_to_field(fixed, moving, fwd, work, fixed_shape, fixed_affine)
-    save_displacement_itk(disp, fixed_affine, out / "displacement.nii.gz")
-    labels = ants.image_read(spec["moving_labels"])
-    nat = ants.apply_transforms(fixed, labels, fwd, interpolator="nearestNeighbor").numpy()
-    save_nifti(np.rint(nat).astype(np.int32), fixed_affine, out / "native_warped_labels.nii.gz")
-    return {"seconds_reg": seconds, "fwdtransforms": [Path(p).name for p in fwd],
-            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}}
+    return _run_ants(spec, out, settings)
 
 
 def run_fireants_chain(spec: dict[str, Any], out: Path) -> dict[str, Any]:
