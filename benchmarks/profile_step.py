@@ -36,7 +36,7 @@ PAIR = REPO.parent / "shared" / "data" / "brain-pair" / "2mm"
 
 SAMPLER = "sampler (lattice / points)"
 OBJECTIVE = "objective forward (registration_objective)"
-FIELD = "  of which: field forward (sample + det J stencil points)"
+FIELD = "  of which: field forward (sample + det J points)"
 SIMILARITY = "  of which: similarity"
 BACKWARD = "backward"
 OPTIMIZER = "Adam step"
@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=40, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--phase", type=int, choices=(1, 2), default=1, help="hybrid configs: profile phase 2 (NF2 on mini-patches)")
+    p.add_argument("--progress", type=float, default=1.0,
+                   help="how far into the fit (0-1): which stage a coarse-to-fine sampler is in (default: the last)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -126,6 +128,13 @@ def instrument(model: Any, timer: Timer) -> None:
             return transform(x)
 
     model.transform = timed_transform  # model_step passes self.transform to the objective
+    with_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] = model.transform_with_jacobian
+
+    def timed_with_jacobian(x: Tensor) -> tuple[Tensor, Tensor]:
+        with timer.part(FIELD):
+            return with_jacobian(x)
+
+    model.transform_with_jacobian = timed_with_jacobian
     starts: list[float] = []
 
     def pre_hook(*_: Any) -> None:
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         timer.enabled = step >= args.warmup
         gen = model._generator(step)  # the generator of training_step at global step `step`
         with timer.part(SAMPLER):
-            sample = model.sampler.sample(shape, generator=gen, mask=model.mask)
+            sample = model.sampler.sample(shape, generator=gen, mask=model.mask, progress=args.progress)
         with timer.part(OBJECTIVE):
             out = model.model_step(sample, gen)
         with timer.part(BACKWARD):
@@ -167,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             opt.step()
         points, kind = sample.points[..., 0].numel(), "lattice" if sample.is_grid else "random"
         extra = model.folding.needs_extra_points(sample)
-        stencil = model.folding.jacobian_points * (6 if model.folding.stencil == "central" else 4) if extra else 0
+        per_point = {"central": 6, "forward": 4, "analytic": 1}[model.folding.stencil]
+        stencil = model.folding.jacobian_points * per_point if extra else 0
     total = sum(timer.totals[name] for name in TOP_LEVEL)
-    print(f"pair {tuple(shape)}, {points} {kind} points + {stencil} det J stencil points per step, sampler "
-          f"{type(model.sampler).__name__}, device {args.device}, {torch.get_num_threads()} threads, {args.steps} timed steps")
+    print(f"pair {tuple(shape)}, {points} {kind} points + {stencil} det J point evaluations per step "
+          f"({model.folding.stencil}), field {type(model.field).__name__}, sampler "
+          f"{type(model.sampler).__name__} at progress {args.progress}, device {args.device}, {torch.get_num_threads()} threads, {args.steps} timed steps")
     print("| part | ms / step | share |\n|---|---|---|")
     for name in (SAMPLER, OBJECTIVE, FIELD, SIMILARITY, BACKWARD, OPTIMIZER):
         t = timer.totals[name]

@@ -10,6 +10,9 @@ Each method runs in its own subprocess (``python -m harness.worker``), one after
 so peak RSS and CUDA memory are per method. Every method's result becomes a displacement field
 in nir_lightning's ITK/ANTs convention and is scored by nir_lightning's own metrics
 (``harness/score.py``). See benchmarks/README.md for the settings of each method.
+
+Writes results.csv (one row per pair and method), summary.csv (per method: means over the pairs
+every method finished, and leads over each peer), per_structure.csv, results.md and a plot.
 """
 
 from __future__ import annotations
@@ -283,8 +286,10 @@ def main(argv: list[str] | None = None) -> int:
         label_names,
         markdown,
         plot,
+        summarize,
         write_csv,
         write_per_structure,
+        write_summary,
     )
     from harness.score import load_eval_pair, load_field, load_labels, score_field
 
@@ -334,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             agree = row.get("native_label_agreement")
             print(f"Dice {row['dice_after']:.3f}" + (f" (lin. one-hot {row['dice_onehot_linear']:.3f})" if "dice_onehot_linear" in row else "")
                   + (f", HD95 {row['hd95_after']:.2f} mm" if "hd95_after" in row else "")
-                  + f", det J<=0 {row['folding_percent']:.4f}% ({row['folding_count']}), reg {row['seconds_reg']:.1f} s, "
+                  + f", det J<=0 {row['folding_percent']:.4f}% ({row['folding_count']}), SDlogJ {row['sdlogj']:.3f}, reg {row['seconds_reg']:.1f} s, "
                   f"wall {row['seconds_wall']:.1f} s, RSS {row['peak_rss_mb']:.0f} MB"
                   + (f", CUDA {row['peak_cuda_mb']:.0f} MB" if row.get("peak_cuda_mb") is not None else "")
                   + (f", own-warp agreement {100 * agree:.2f}%" if agree is not None else ""), flush=True)
@@ -357,13 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     write_csv(out / "results.csv", rows)
     write_per_structure(out / "per_structure.csv", rows, names)
+    write_summary(out / "summary.csv", summarize(rows))
     md = markdown(rows, header, names)
     (out / "results.md").write_text(md)
     plot(out / "dice_vs_seconds.png", rows)
     write_json_atomic(out / "run.json", {"header": header, "args": vars(args), "methods": methods})
     if args.readme:
         update_readme(REPO / "README.md", md)
-    print(f"\nwrote {out / 'results.csv'}, {out / 'per_structure.csv'}, {out / 'results.md'}, {out / 'dice_vs_seconds.png'}\n")
+    print(f"\nwrote {out / 'results.csv'}, {out / 'summary.csv'}, {out / 'per_structure.csv'}, {out / 'results.md'}, {out / 'dice_vs_seconds.png'}\n")
     print(md)
     failed = [r for r in rows if r["status"] in ("failed", "timeout", "score-error")]
     return 1 if failed else 0

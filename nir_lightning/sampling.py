@@ -8,12 +8,15 @@ have ``spacing=None`` and are shaped ``(1, N, 1, 1, 3)``.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from nir_lightning.coords import identity_grid, voxel_to_normalized
+from nir_lightning.core.resample import sample_image
 from nir_lightning.errors import InputError
 
 
@@ -25,10 +28,22 @@ class CoordinateSample:
         points: normalized coordinates ``(B, d0, d1, d2, 3)`` (array-axis order).
         spacing: lattice step along each axis in fixed voxels; ``None`` if the points
             form no lattice (then ``d1 = d2 = 1`` and the points are independent).
+        sigma: Gaussian smoothing (fixed voxels) of both images this sample is compared on
+            (coarse-to-fine; 0: the images as they are).
+        levels: feature-grid levels of the field that take part (coarse-to-fine; ``None``: all).
+        separable: each lattice of the batch is the product of one coordinate list per axis
+            (:attr:`axes`), so a grid field can read it axis by axis.
+        voxel_lattice: ``(offset, stride)`` when the points are exactly the voxel centres
+            ``offset + stride * k`` of the fixed grid (one lattice): images are read there by
+            slicing, not interpolation.
     """
 
     points: Tensor
     spacing: tuple[float, float, float] | None
+    sigma: float = 0.0
+    levels: int | None = None
+    separable: bool = False
+    voxel_lattice: tuple[tuple[int, int, int], int] | None = None
 
     @property
     def is_grid(self) -> bool:
@@ -37,6 +52,22 @@ class CoordinateSample:
     @property
     def num_points(self) -> int:
         return self.points[..., 0].numel()
+
+    def read(self, image: Tensor, *, mode: str = "bilinear") -> Tensor:
+        """``image`` ``(1, C, D0, D1, D2)`` on the fixed grid at the sampled points, ``(B, C, d0, d1, d2)``:
+        a slice on a voxel lattice, else interpolation (:func:`~nir_lightning.core.resample.sample_image`)."""
+        if self.voxel_lattice is not None:
+            (o0, o1, o2), st = self.voxel_lattice
+            return image[:, :, o0::st, o1::st, o2::st]
+        return sample_image(image, self.points, mode=mode)  # type: ignore[arg-type]
+
+    @property
+    def axes(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Per-axis normalized coordinates ``(B, d_a)`` of separable lattices (read off :attr:`points`), else ``None``."""
+        if not self.separable:
+            return None
+        p = self.points
+        return p[:, :, 0, 0, 0], p[:, 0, :, 0, 1], p[:, 0, 0, :, 2]
 
 
 class CoordinateSampler:
@@ -48,10 +79,33 @@ class CoordinateSampler:
         *,
         generator: torch.Generator,
         mask: Tensor | None = None,
+        progress: float = 1.0,
     ) -> CoordinateSample:
         """Draw points for a fixed image of spatial ``shape``; ``mask`` ``(D0, D1, D2)``
-        (bool, on the generator's device) marks the foreground where it matters."""
+        (bool, on the generator's device) marks the foreground where it matters; ``progress``
+        in ``[0, 1]`` is how far the fit is (only coarse-to-fine samplers use it)."""
         raise NotImplementedError
+
+
+_FOREGROUND: list[tuple[Tensor, int, Tensor]] = []  # (mask, its version, its nonzero())
+
+
+def foreground_index(mask: Tensor) -> Tensor:
+    """``mask.nonzero()`` ``(N, 3)``, cached for the last few masks (a fit passes the same mask
+    every step; ``nonzero`` costs about a millisecond per step on a 2 mm brain). The cache holds
+    the mask itself, so it is recognised by identity and version, never by a reused address.
+
+    >>> m = torch.zeros(2, 2, 2, dtype=torch.bool); m[1, 0, 1] = True
+    >>> foreground_index(m).tolist()
+    [[1, 0, 1]]
+    """
+    for held, version, index in _FOREGROUND:
+        if held is mask and version == mask._version:
+            return index
+    index = mask.nonzero()
+    _FOREGROUND.insert(0, (mask, mask._version, index))
+    del _FOREGROUND[4:]
+    return index
 
 
 def _check_shape(shape: tuple[int, int, int], minimum: int, what: str) -> None:
@@ -82,11 +136,12 @@ class RandomSampler(CoordinateSampler):
         *,
         generator: torch.Generator,
         mask: Tensor | None = None,
+        progress: float = 1.0,
     ) -> CoordinateSample:
         _check_shape(shape, 1, "RandomSampler")
         device = generator.device
         if mask is not None and bool(mask.any()):
-            fg = mask.nonzero()
+            fg = foreground_index(mask)
             idx = torch.randint(0, fg.shape[0], (self.num_points,), generator=generator, device=device)
             vox = fg[idx].float()
         else:
@@ -123,6 +178,7 @@ class DownsizeSampler(CoordinateSampler):
         *,
         generator: torch.Generator,
         mask: Tensor | None = None,
+        progress: float = 1.0,
     ) -> CoordinateSample:
         _check_shape(shape, self.stride, "DownsizeSampler")
         offset = torch.randint(0, self.stride, (3,), generator=generator, device=generator.device)
@@ -130,7 +186,7 @@ class DownsizeSampler(CoordinateSampler):
             shape, stride=self.stride, offset=[int(o) for o in offset.tolist()], device=generator.device
         )
         s = float(self.stride)
-        return CoordinateSample(points=grid.unsqueeze(0), spacing=(s, s, s))
+        return CoordinateSample(points=grid.unsqueeze(0), spacing=(s, s, s), separable=True)
 
     def __repr__(self) -> str:
         return f"DownsizeSampler(stride={self.stride})"
@@ -162,13 +218,14 @@ class MinipatchSampler(CoordinateSampler):
         *,
         generator: torch.Generator,
         mask: Tensor | None = None,
+        progress: float = 1.0,
     ) -> CoordinateSample:
         p = self.patch_size
         _check_shape(shape, p, f"MinipatchSampler(patch_size={p})")
         device = generator.device
         high = torch.tensor([n - p for n in shape], device=device)
         if mask is not None and bool(mask.any()):
-            fg = mask.nonzero()
+            fg = foreground_index(mask)
             idx = torch.randint(0, fg.shape[0], (self.num_patches,), generator=generator, device=device)
             corner = (fg[idx] - p // 2).clamp(min=0)
             corner = torch.minimum(corner, high)
@@ -179,7 +236,130 @@ class MinipatchSampler(CoordinateSampler):
             torch.meshgrid(*[torch.arange(p, device=device)] * 3, indexing="ij"), dim=-1
         )
         vox = (corner[:, None, None, None, :] + base).float()
-        return CoordinateSample(points=voxel_to_normalized(vox, shape), spacing=(1.0, 1.0, 1.0))
+        return CoordinateSample(points=voxel_to_normalized(vox, shape), spacing=(1.0, 1.0, 1.0), separable=True)
 
     def __repr__(self) -> str:
         return f"MinipatchSampler(num_patches={self.num_patches}, patch_size={self.patch_size})"
+
+
+def budget_stride(shape: Sequence[int], stride: int, max_points: int) -> int:
+    """The smallest lattice stride ``>= stride`` whose lattice of ``shape`` holds at most ``max_points``.
+
+    >>> budget_stride((80, 96, 112), 2, 2**17), budget_stride((160, 192, 224), 2, 2**17)
+    (2, 4)
+    """
+    s = max(1, stride)
+    while math.prod(math.ceil(n / s) for n in shape) > max_points and s < max(shape):
+        s += 1
+    return s
+
+
+class PyramidSampler(CoordinateSampler):
+    """Coarse to fine: stage ``k`` covers the fraction ``fractions[k]`` of the fit and samples a
+    stride-``strides[k]`` sub-lattice (random offset) of the pair smoothed by ``sigmas[k]``
+    voxels, with the field's first ``levels[k]`` feature-grid levels.
+
+    The point budget is fixed: where a stage's lattice would hold more than its ``max_points``
+    (a finer image), its stride grows until it fits and its smoothing grows with it, so a
+    step costs about the same at 1 mm as at 2 mm. A stage's sample is a regular lattice, so local
+    NCC and the lattice det J apply as with :class:`DownsizeSampler`.
+
+    Args:
+        strides: lattice stride of each stage, in fixed voxels.
+        sigmas: Gaussian smoothing of both images in each stage, in fixed voxels at the
+            stage's own stride (scaled with it when the budget raises the stride).
+        fractions: share of the fit of each stage (normalised to sum to 1).
+        levels: feature-grid levels active in each stage (``null``: all, in every stage);
+            fields without a feature grid ignore them.
+        max_points: most lattice points per step, one per stage (or one for all).
+        patch_size: a stage of stride 1 whose image exceeds its budget samples full-resolution
+            mini-patches of this many voxels per side (centres in the foreground), as many as
+            the budget holds, instead of a coarser lattice.
+
+    >>> s = PyramidSampler(strides=[4, 2], sigmas=[1.0, 0.0], fractions=[0.5, 0.5], levels=[3, 5], max_points=2**17)
+    >>> g = torch.Generator().manual_seed(0)
+    >>> a = s.sample((40, 48, 56), generator=g, progress=0.1)
+    >>> a.spacing, a.sigma, a.levels
+    ((4.0, 4.0, 4.0), 1.0, 3)
+    >>> b = s.sample((40, 48, 56), generator=g, progress=0.9)
+    >>> b.spacing, b.sigma, b.levels
+    ((2.0, 2.0, 2.0), 0.0, 5)
+    """
+
+    def __init__(
+        self,
+        *,
+        strides: Sequence[int] = (4, 3, 2),
+        sigmas: Sequence[float] = (1.0, 0.0, 0.0),
+        fractions: Sequence[float] = (0.4, 0.3, 0.3),
+        levels: Sequence[int] | None = (4, 5, 5),
+        max_points: int | Sequence[int] = (2**14, 2**16, 2**17),
+        patch_size: int = 24,
+    ) -> None:
+        n = len(strides)
+        if n == 0:
+            raise InputError("PyramidSampler.strides needs at least one stage, e.g. strides=[4, 2].")
+        budgets = [int(max_points)] * n if isinstance(max_points, int) else [int(b) for b in max_points]
+        for name, values in (("sigmas", sigmas), ("fractions", fractions), ("max_points", budgets)) + ((("levels", levels),) if levels is not None else ()):
+            if len(values) != n:
+                raise InputError(f"PyramidSampler.{name} has {len(values)} entries but strides has {n}; give one per stage.")
+        if any(int(s) < 1 for s in strides):
+            raise InputError(f"PyramidSampler.strides must be >= 1 voxel, got {list(strides)}.")
+        if any(not (math.isfinite(x) and x >= 0) for x in sigmas):
+            raise InputError(f"PyramidSampler.sigmas must be >= 0 voxels, got {list(sigmas)}.")
+        if any(not (math.isfinite(f) and f > 0) for f in fractions):
+            raise InputError(f"PyramidSampler.fractions must be > 0, got {list(fractions)}.")
+        if levels is not None and any(int(v) < 1 for v in levels):
+            raise InputError(f"PyramidSampler.levels must be >= 1, got {list(levels)}.")
+        if any(b < 8 for b in budgets):
+            raise InputError(f"PyramidSampler.max_points must be >= 8, got {max_points}; use e.g. 131072.")
+        self.strides = [int(s) for s in strides]
+        self.sigmas = [float(x) for x in sigmas]
+        total = float(sum(fractions))
+        self.fractions = [float(f) / total for f in fractions]
+        self.levels = None if levels is None else [int(v) for v in levels]
+        if patch_size < 2:
+            raise InputError(f"PyramidSampler.patch_size must be >= 2 voxels, got {patch_size}; use e.g. 24.")
+        self.max_points = budgets
+        self.patch_size = int(patch_size)
+
+    def stage(self, progress: float) -> int:
+        """Index of the stage at ``progress`` in ``[0, 1]``."""
+        edge = 0.0
+        for k, f in enumerate(self.fractions):
+            edge += f
+            if progress < edge - 1e-12:
+                return k
+        return len(self.fractions) - 1
+
+    def sample(
+        self,
+        shape: tuple[int, int, int],
+        *,
+        generator: torch.Generator,
+        mask: Tensor | None = None,
+        progress: float = 1.0,
+    ) -> CoordinateSample:
+        k = self.stage(progress)
+        levels = None if self.levels is None else self.levels[k]
+        if self.strides[k] == 1 and math.prod(shape) > self.max_points[k]:
+            # Full resolution within the budget: foreground mini-patches rather than a coarser lattice.
+            p = min(self.patch_size, *shape)
+            patches = MinipatchSampler(num_patches=max(1, self.max_points[k] // p**3), patch_size=p)
+            sample = patches.sample(shape, generator=generator, mask=mask)
+            return CoordinateSample(points=sample.points, spacing=sample.spacing, sigma=self.sigmas[k], levels=levels, separable=True)
+        stride = budget_stride(shape, min(self.strides[k], min(shape)), self.max_points[k])
+        offset = torch.randint(0, stride, (3,), generator=generator, device=generator.device)
+        origin = (int(offset[0]), int(offset[1]), int(offset[2]))
+        grid = identity_grid(shape, stride=stride, offset=origin, device=generator.device)
+        sigma = self.sigmas[k] * stride / self.strides[k]
+        return CoordinateSample(
+            points=grid.unsqueeze(0), spacing=(float(stride),) * 3, sigma=sigma, levels=levels, separable=True,
+            voxel_lattice=(origin, stride),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PyramidSampler(strides={self.strides}, sigmas={self.sigmas}, fractions={self.fractions}, "
+            f"levels={self.levels}, max_points={self.max_points})"
+        )

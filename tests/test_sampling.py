@@ -9,7 +9,15 @@ import torch
 
 from nir_lightning.coords import normalized_to_voxel
 from nir_lightning.core.chunked import grid_chunks as full_grid_chunks
-from nir_lightning.sampling import CoordinateSample, DownsizeSampler, MinipatchSampler, RandomSampler
+from nir_lightning.errors import InputError
+from nir_lightning.sampling import (
+    CoordinateSample,
+    DownsizeSampler,
+    MinipatchSampler,
+    PyramidSampler,
+    RandomSampler,
+    budget_stride,
+)
 
 SHAPE = (13, 17, 11)
 
@@ -184,3 +192,44 @@ def test_full_grid_chunks_cover_every_voxel_once(max_points):
         counts.index_put_((vox[:, 0], vox[:, 1], vox[:, 2]), torch.ones(len(vox), dtype=torch.long), accumulate=True)
     assert next_start == SHAPE[0]
     assert int(counts.min()) == 1 and int(counts.max()) == 1
+
+
+# -- coarse to fine --------------------------------------------------------------------------------
+def test_pyramid_sampler_walks_its_stages_in_order():
+    s = PyramidSampler(strides=[4, 3, 2], sigmas=[2.0, 1.0, 0.0], fractions=[1, 1, 2], levels=[2, 4, 5])
+    gen = torch.Generator().manual_seed(0)
+    seen = [s.sample((30, 32, 34), generator=gen, progress=p) for p in (0.0, 0.24, 0.26, 0.49, 0.51, 0.99, 1.0)]
+    assert [x.spacing[0] for x in seen] == [4, 4, 3, 3, 2, 2, 2]
+    assert [x.sigma for x in seen] == [2.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [x.levels for x in seen] == [2, 2, 4, 4, 5, 5, 5]
+    assert all(x.is_grid and x.separable for x in seen)
+
+
+def test_pyramid_sampler_keeps_its_point_budget_on_finer_images():
+    """A 1 mm image gets the 2 mm image's point count: the stride (and the smoothing with it) grows."""
+    s = PyramidSampler(strides=[2], sigmas=[1.0], fractions=[1.0], levels=None, max_points=20_000)
+    gen = torch.Generator().manual_seed(0)
+    small = s.sample((40, 48, 56), generator=gen)
+    mid = s.sample((80, 96, 112), generator=gen)
+    large = s.sample((160, 192, 224), generator=gen)
+    assert small.spacing == (2.0, 2.0, 2.0) and small.sigma == 1.0  # 13,440 points fit
+    assert mid.spacing == (4.0, 4.0, 4.0) and mid.num_points == small.num_points  # 3 would hold 32,832
+    assert large.spacing == (8.0, 8.0, 8.0) and large.num_points == small.num_points
+    assert (mid.sigma, large.sigma) == (2.0, 4.0)
+    assert budget_stride((160, 192, 224), 3, 2**17) == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"strides": []}, "at least one stage"),
+        ({"strides": [4, 2], "sigmas": [1.0], "fractions": [1, 1], "levels": None, "max_points": 64}, "sigmas has 1 entries but strides has 2"),
+        ({"strides": [0], "sigmas": [0.0], "fractions": [1.0], "levels": None, "max_points": 64}, "strides must be >= 1"),
+        ({"fractions": [0.5, 0.0, 1.0]}, "fractions must be > 0"),
+        ({"levels": [0, 5, 5]}, "levels must be >= 1"),
+        ({"max_points": 2}, "max_points must be >= 8"),
+    ],
+)
+def test_pyramid_sampler_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        PyramidSampler(**kwargs)

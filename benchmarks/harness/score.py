@@ -12,7 +12,9 @@ convention, see :mod:`harness.convert`), never from the method's own warped outp
   with **nearest neighbour** for ``dice_after`` / ``hd95_after`` (per label:
   ``dice_per_label``, ``hd95_per_label``; before registration: ``dice_before``,
   ``hd95_before``), ``folding_count`` / ``folding_percent`` (central-difference det J <= 0 in
-  the fixed foreground), ``jacobian_det_min``, ``displacement_mean_mm``; additionally
+  the fixed foreground), ``jacobian_det_min``, ``sdlogj`` (standard deviation of log det J in
+  that foreground, det J clipped at 1e-9 as in Learn2Reg: ``score_deformation``'s, so it is the
+  number ``metrics.json`` of ``nir register`` reports), ``displacement_mean_mm``; additionally
   (``onehot=True``) ``dice_onehot_linear``: **trilinear interpolation of one-hot maps** +
   arg-max, the protocol of the issue's reference numbers.
 
@@ -42,7 +44,9 @@ def load_eval_pair(fixed: str, moving: str, fixed_labels: str, moving_labels: st
     """The pair as nir_lightning sees it (labels on the fixed grid, foreground from the fixed image),
     with the moving labels also on their own grid: a moving image on another grid is scored from
     there, through the method's field, with one interpolation (as ``antsApplyTransforms`` would)."""
-    return load_pair(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels, keep_native=True)
+    return load_pair(
+        fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels, keep_native=True
+    )
 
 
 def _on_fixed_grid(pair: ImagePair) -> bool:

@@ -6,8 +6,11 @@ Configs name them by these short paths, e.g. ``nir_lightning.fields.Displacement
 from nir_lightning.fields.base import ComposedField, InverseField, NeuralField
 from nir_lightning.fields.displacement import DisplacementField, coordinate_network
 from nir_lightning.fields.encoding import FourierFeatures
+from nir_lightning.fields.feature_grid import FeatureGrid
+from nir_lightning.fields.grid_field import GridDisplacementField
 from nir_lightning.fields.mlp import CoordinateMLP
 from nir_lightning.fields.velocity import (
+    GridVelocityField,
     StationaryVelocity,
     VelocityField,
     dense_velocity,
@@ -21,7 +24,10 @@ __all__ = [
     "ComposedField",
     "CoordinateMLP",
     "DisplacementField",
+    "FeatureGrid",
     "FourierFeatures",
+    "GridDisplacementField",
+    "GridVelocityField",
     "InverseField",
     "NeuralField",
     "StationaryVelocity",

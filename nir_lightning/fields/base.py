@@ -24,6 +24,18 @@ class NeuralField(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def has_jacobian(self) -> bool:
+        """Whether :meth:`forward_with_jacobian` gives the exact Jacobian in one pass."""
+        return type(self).forward_with_jacobian is not NeuralField.forward_with_jacobian
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``phi(x)`` ``(..., 3)`` and its Jacobian ``(..., 3, 3)``, ``J[..., i, a] = d phi_i / d x_a``
+        (normalized units; det J is the same in voxels); only when :attr:`has_jacobian`."""
+        raise TypeError(
+            f"{type(self).__name__} has no analytic Jacobian; use model.jacobian_stencil=forward or central with it."
+        )
+
     def inverse(self, y: Tensor) -> Tensor:
         """``phi^-1(y)`` for points ``y`` ``(..., 3)``; only when :attr:`invertible`."""
         raise TypeError(f"{type(self).__name__} is not invertible (invertible=False); use a VelocityField for an inverse.")
@@ -49,6 +61,16 @@ class ComposedField(NeuralField):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.second(self.first(x))
+
+    @property
+    def has_jacobian(self) -> bool:
+        return self.first.has_jacobian and self.second.has_jacobian
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The chain rule: ``D(second o first)(x) = D second(first(x)) D first(x)``."""
+        y, j1 = self.first.forward_with_jacobian(x)
+        z, j2 = self.second.forward_with_jacobian(y)
+        return z, j2 @ j1
 
     @property
     def invertible(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 from nir_lightning.fields.base import NeuralField
@@ -97,3 +98,11 @@ class DisplacementField(NeuralField):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.displacement(x)
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``phi(x)`` and its exact Jacobian ``(..., 3, 3)`` by forward mode through the encoding and MLP."""
+        flat = x.reshape(-1, x.shape[-1])
+        feats, dfeats = self.encoding.forward_with_jacobian(flat)
+        u, du = self.mlp.forward_with_jacobian(feats, dfeats)
+        eye = torch.eye(3, dtype=x.dtype, device=x.device)
+        return x + u.reshape(x.shape), (du.transpose(1, 2) + eye).reshape(*x.shape, 3)

@@ -57,5 +57,16 @@ class FourierFeatures(nn.Module):
         proj = math.pi * (x @ self.matrix.T)
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Features ``(M, out_features)`` and their derivative with respect to ``x``,
+        ``(M, in_features, out_features)`` (tangent-major)."""
+        if self.num_frequencies == 0:
+            return x, torch.eye(self.in_features, dtype=x.dtype, device=x.device).expand(x.shape[0], -1, -1)
+        proj = math.pi * (x @ self.matrix.T)
+        dproj = math.pi * self.matrix.T  # (in, F)
+        feats = torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
+        jac = torch.cat([torch.cos(proj)[:, None, :] * dproj, -torch.sin(proj)[:, None, :] * dproj], dim=-1)
+        return feats, jac
+
     def extra_repr(self) -> str:
         return f"num_frequencies={self.num_frequencies}, sigma={self.sigma}"

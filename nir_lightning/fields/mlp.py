@@ -28,6 +28,12 @@ class SineLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.sin(self.omega0 * self.linear(x))
 
+    def forward_with_jacobian(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """Values ``(M, out)`` and tangents ``(M, K, out)`` from ``x`` ``(M, in)`` and ``dx`` ``(M, K, in)``."""
+        pre = self.omega0 * self.linear(x)
+        dpre = self.omega0 * (dx @ self.linear.weight.T)
+        return torch.sin(pre), torch.cos(pre)[:, None, :] * dpre
+
     def extra_repr(self) -> str:
         return f"omega0={self.omega0}"
 
@@ -79,3 +85,25 @@ class CoordinateMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(M, in_features)`` -> ``(M, out_features)``."""
         return self.output(self.hidden(x))
+
+    def forward_with_jacobian(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
+        """Forward mode by hand: the output ``(M, out_features)`` and its tangents ``(M, K, out_features)``
+        from the input ``(M, in_features)`` and its tangents ``dx`` ``(M, K, in_features)``
+        (tangent-major, so each layer is one matrix product; ``K = 3`` for the Jacobian with
+        respect to the point). Written out because it is differentiated again (the folding
+        penalty's gradient), once per step.
+
+        >>> mlp = CoordinateMLP(in_features=2, out_features=1, width=4, depth=1, activation="relu")
+        >>> y, dy = mlp.forward_with_jacobian(torch.ones(3, 2), torch.eye(2).expand(3, 2, 2))
+        >>> dy.shape
+        torch.Size([3, 2, 1])
+        """
+        for layer in self.hidden:
+            if isinstance(layer, SineLayer):
+                x, dx = layer.forward_with_jacobian(x, dx)
+            elif isinstance(layer, nn.Linear):
+                x, dx = layer(x), dx @ layer.weight.T
+            else:  # ReLU
+                x = layer(x)
+                dx = dx * (x > 0).to(dx.dtype)[:, None, :]
+        return self.output(x), dx @ self.output.weight.T

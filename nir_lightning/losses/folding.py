@@ -34,7 +34,8 @@ from nir_lightning.sampling import CoordinateSample, RandomSampler
 
 Transform = Callable[[Tensor], Tensor]
 PenaltyKind = Literal["jedt", "unit"]
-Stencil = Literal["forward", "central"]
+Stencil = Literal["forward", "central", "analytic"]
+JacobianTransform = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
 def jacobian_penalty(det: Tensor, *, kind: PenaltyKind = "jedt", margin: float = 0.0) -> Tensor:
@@ -72,6 +73,11 @@ def forward_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int
     return out_vox[:1], determinant(jac)
 
 
+def analytic_det(transform_with_jacobian: JacobianTransform, pts: Tensor) -> Tensor:
+    """det J at ``pts`` ``(..., 3)`` from the field's own Jacobian (one evaluation per point)."""
+    return determinant(transform_with_jacobian(pts)[1])
+
+
 def central_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int, int]) -> Tensor:
     """det J at ``pts`` ``(1, N, 1, 1, 3)`` by one-voxel central differences (6 evaluations per point)."""
     offsets = voxel_offsets(shape, pts)
@@ -89,13 +95,15 @@ class FoldingPenalty:
         kind: ``"jedt"`` (penalise det J < ``margin`` only) or ``"unit"`` (|det - 1|).
         margin: det J floor of ``"jedt"`` (0: folds only, as in NIR).
         jacobian_points: random foreground points per step with a one-voxel stencil.
-        stencil: ``"forward"`` (4 evaluations per extra point) or ``"central"`` (6; the
-            stencil of the folding metric, which also sees oscillations two voxels wide).
+        stencil: ``"forward"`` (4 evaluations per extra point), ``"central"`` (6; the
+            stencil of the folding metric, which also sees oscillations two voxels wide) or
+            ``"analytic"`` (the field's exact Jacobian: one evaluation, for fields that have
+            ``forward_with_jacobian``; it sees any local fold, at any scale).
 
     >>> FoldingPenalty(stencil="sideways")
     Traceback (most recent call last):
     ...
-    nir_lightning.errors.InputError: jacobian_stencil must be 'forward' or 'central', got 'sideways'
+    nir_lightning.errors.InputError: jacobian_stencil must be 'forward', 'central' or 'analytic', got 'sideways'
     """
 
     kind: PenaltyKind = "jedt"
@@ -110,8 +118,8 @@ class FoldingPenalty:
             raise InputError(f"margin must be in [0, 1) (a det J floor), got {self.margin}")
         if self.jacobian_points < 0:
             raise InputError(f"jacobian_points must be >= 0, got {self.jacobian_points}")
-        if self.stencil not in ("forward", "central"):
-            raise InputError(f"jacobian_stencil must be 'forward' or 'central', got {self.stencil!r}")
+        if self.stencil not in ("forward", "central", "analytic"):
+            raise InputError(f"jacobian_stencil must be 'forward', 'central' or 'analytic', got {self.stencil!r}")
 
     def __call__(self, det: Tensor) -> Tensor:
         return jacobian_penalty(det, kind=self.kind, margin=self.margin)
@@ -120,7 +128,7 @@ class FoldingPenalty:
         """Whether ``sample``'s own det J misses folds that the extra points would see: on
         lattices coarser than one voxel, and always with the central stencil."""
         coarse = sample.is_grid and max(sample.spacing or (1, 1, 1)) > 1
-        return self.jacobian_points > 0 and (coarse or self.stencil == "central")
+        return self.jacobian_points > 0 and (coarse or self.stencil != "forward")
 
     def lattice(self, sample: CoordinateSample, phi_vox: Tensor) -> Tensor:
         """Penalty of a lattice sample's own det J, from the transformed lattice ``phi_vox``
@@ -133,9 +141,26 @@ class FoldingPenalty:
             reg = reg + self(determinant(jacobian_central(phi_vox)[:, 1:-1, 1:-1, 1:-1]))
         return reg
 
-    def extra(self, transform: Transform, shape: tuple[int, int, int], mask: Tensor | None, generator: torch.Generator) -> Tensor:
-        """Penalty on ``jacobian_points`` random foreground points (drawn from ``generator``)."""
+    def extra(
+        self,
+        transform: Transform,
+        shape: tuple[int, int, int],
+        mask: Tensor | None,
+        generator: torch.Generator,
+        transform_with_jacobian: JacobianTransform | None = None,
+    ) -> Tensor:
+        """Penalty on ``jacobian_points`` random foreground points (drawn from ``generator``).
+
+        The analytic stencil needs ``transform_with_jacobian``. Its points are jittered inside
+        their voxel: an exact Jacobian is a point value, and a fold between voxel centres
+        must be found too."""
         extra = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=mask)
+        if self.stencil == "analytic":
+            if transform_with_jacobian is None:
+                raise InputError("jacobian_stencil='analytic' needs a field with an exact Jacobian (forward_with_jacobian)")
+            half = voxel_offsets(shape, extra.points).diagonal() / 2
+            jitter = (torch.rand(extra.points.shape, generator=generator, device=generator.device) * 2 - 1) * half
+            return self(analytic_det(transform_with_jacobian, extra.points + jitter))
         if self.stencil == "central":
             return self(central_stencil_det(transform, extra.points, shape))
         return self(forward_stencil_det(transform, extra.points, shape)[1])

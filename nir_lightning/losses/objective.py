@@ -32,6 +32,8 @@ def registration_objective(
     generator: torch.Generator | None = None,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
+    transform_with_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
+    transform_lattice: Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Similarity and folding penalty of ``transform`` on one coordinate sample.
 
@@ -46,6 +48,9 @@ def registration_objective(
             0 outside) on the fixed grid: the similarity counts a sample only where the fixed
             mask holds at ``x`` and the moving mask at ``phi(x)`` (nearest neighbour, so the
             weight carries no gradient that would pull the mask's edge).
+        transform_with_jacobian: ``phi`` and its exact Jacobian, for ``folding.stencil == "analytic"``.
+        transform_lattice: ``phi`` on a separable lattice from its per-axis coordinates (the
+            same values as ``transform`` on its points, faster); used when the sample is one.
 
     Returns:
         ``{"loss", "sim", "jedt"}`` scalars (``jedt``: the whole folding term before ``lam``).
@@ -61,19 +66,20 @@ def registration_objective(
     shape = (int(fixed.shape[-3]), int(fixed.shape[-2]), int(fixed.shape[-1]))
     pts = sample.points
     if sample.is_grid:
-        phi = transform(pts)
+        axes = sample.axes
+        phi = transform_lattice(axes) if transform_lattice is not None and axes is not None else transform(pts)
         reg = folding.lattice(sample, normalized_to_voxel(phi, shape))
     else:
         phi_vox, det = forward_stencil_det(transform, pts, shape)
         phi = voxel_to_normalized(phi_vox, shape)
         reg = folding(det)
     if generator is not None and folding.needs_extra_points(sample):
-        reg = reg + folding.extra(transform, shape, mask, generator)
+        reg = reg + folding.extra(transform, shape, mask, generator, transform_with_jacobian)
     warped = sample_image(moving, phi)
-    fixed_s = sample_image(fixed, pts)
+    fixed_s = sample.read(fixed)
     weight = None
     if fixed_mask is not None:
-        weight = sample_image(fixed_mask, pts, mode="nearest")
+        weight = sample.read(fixed_mask, mode="nearest")
     if moving_mask is not None:
         w_m = sample_image(moving_mask, phi.detach(), mode="nearest")
         weight = w_m if weight is None else weight * w_m

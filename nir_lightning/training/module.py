@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -19,15 +20,23 @@ from torch import Tensor
 from nir_lightning.coords import normalized_to_voxel
 from nir_lightning.core.jacobian import determinant, jacobian_forward
 from nir_lightning.core.resample import sample_image
+from nir_lightning.core.smoothing import gaussian_smooth
 from nir_lightning.data.foreground import foreground
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.errors import InputError
 from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
-from nir_lightning.fields import ComposedField, DisplacementField, NeuralField
+from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, NeuralField
 from nir_lightning.losses import FoldingPenalty, Similarity, local_ncc, registration_objective
-from nir_lightning.sampling import CoordinateSample, CoordinateSampler, DownsizeSampler, MinipatchSampler
+from nir_lightning.sampling import (
+    CoordinateSample,
+    CoordinateSampler,
+    DownsizeSampler,
+    MinipatchSampler,
+    PyramidSampler,
+)
 from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, linear_decay
+from nir_lightning.training.tracking import logging_step
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +53,16 @@ class RegistrationModule(pl.LightningModule):
     the CLI's ``model.*`` options.
 
     Args:
-        field: the neural field (NF1 of the hybrid schedule).
+        field: the neural field (NF1 of the hybrid schedule); default: feature grids and a
+            small MLP (:class:`~nir_lightning.fields.GridDisplacementField`).
         field2: optional second field (NF2) for the hybrid schedule: trained in phase 2 on
             ``field``'s output, so the transform is ``field2 o field``. Needs ``schedule``.
             The current phase is the persistent buffer ``phase`` (1 or 2).
         schedule: the hybrid schedule (:class:`~nir_lightning.training.schedule.HybridSchedule`:
             switch step, phase-2 sampler and window); only with ``field2``.
-        sampler: coordinate sampler used for training.
+        sampler: coordinate sampler used for training (default: coarse to fine,
+            :class:`~nir_lightning.sampling.PyramidSampler`; its samples also choose the images'
+            smoothing and the field's active feature-grid levels).
         similarity: ``"lncc"`` (squared local NCC), ``"ncc"`` (global), ``"mse"`` or ``"mi"``
             (mutual information, for pairs of different contrasts).
         window: local NCC window in lattice samples.
@@ -61,7 +73,9 @@ class RegistrationModule(pl.LightningModule):
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
         jacobian_points: random foreground points per step whose det J is taken with a
             one-voxel stencil (coarse lattices miss folds between their points).
-        jacobian_stencil: finite differences of those points: ``"forward"`` (x, x+h; 4
+        jacobian_stencil: how those points get their det J: ``"analytic"`` (default: the
+            field's exact Jacobian, ``forward_with_jacobian``, one evaluation per point, at
+            points jittered inside their voxel), ``"forward"`` (x, x+h; 4
             evaluations per point) or ``"central"`` (x-h, x+h; 6 evaluations, the stencil of
             the folding metric and of ANTs' ``CreateJacobianDeterminantImage``). Forward
             differences cannot see an oscillation two voxels wide, which central ones report as
@@ -87,19 +101,19 @@ class RegistrationModule(pl.LightningModule):
     def __init__(
         self,
         *,
-        field: NeuralField = lazy_instance(DisplacementField),
+        field: NeuralField = lazy_instance(GridDisplacementField),
         field2: NeuralField | None = None,
         schedule: HybridSchedule | None = None,
-        sampler: CoordinateSampler = lazy_instance(DownsizeSampler),
+        sampler: CoordinateSampler = lazy_instance(PyramidSampler),
         similarity: Literal["lncc", "ncc", "mse", "mi"] = "lncc",
         window: int = 5,
         regularizer: Literal["jedt", "unit"] = "jedt",
         lam: float = 10.0,
         margin: float = 0.3,
-        lr: float = 3e-4,
+        lr: float = 5e-3,
         lr_final_ratio: float = 0.1,
         jacobian_points: int = 4096,
-        jacobian_stencil: Literal["forward", "central"] = "forward",
+        jacobian_stencil: Literal["forward", "central", "analytic"] = "analytic",
         seed: int = 0,
         val_stride: int = 2,
         eval_max_points: int = 2**18,
@@ -124,6 +138,13 @@ class RegistrationModule(pl.LightningModule):
             folding = FoldingPenalty(kind=regularizer, margin=margin, jacobian_points=jacobian_points, stencil=jacobian_stencil)
         except InputError as exc:
             raise InputError(f"model.{exc}") from None
+        if jacobian_stencil == "analytic":
+            for key, f in (("field", field), ("field2", field2)):
+                if f is not None and not f.has_jacobian:
+                    raise InputError(
+                        f"model.jacobian_stencil=analytic needs the exact Jacobian of model.{key} ({type(f).__name__} has none); "
+                        "use model.jacobian_stencil=forward or central with it."
+                    )
         if val_stride < 1 or eval_max_points < 1:
             raise InputError("model.val_stride and model.eval_max_points must be >= 1")
         self.save_hyperparameters(logger=False, ignore=["field", "field2", "schedule", "sampler"])
@@ -142,6 +163,7 @@ class RegistrationModule(pl.LightningModule):
         self.val_stride = val_stride
         self.eval_max_points = eval_max_points
         self.pair: ImagePair | None = None
+        self._smoothed: dict[float, tuple[Tensor, Tensor]] = {}
         self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
 
     # -- data ------------------------------------------------------------------------------
@@ -169,6 +191,7 @@ class RegistrationModule(pl.LightningModule):
     def attach_pair(self, pair: ImagePair) -> None:
         """Register the pair's images as (non-persistent) buffers so they follow the device."""
         self.pair = pair
+        self._smoothed = {}
         self.register_buffer("fixed", pair.fixed.float(), persistent=False)
         self.register_buffer("moving", pair.moving.float(), persistent=False)
         self.register_buffer("mask", pair.foreground_mask(), persistent=False)
@@ -219,13 +242,45 @@ class RegistrationModule(pl.LightningModule):
             return self.field2(y)
         return y
 
+    def transform_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``phi(x)`` and its exact Jacobian ``(..., 3, 3)`` (fields with ``has_jacobian``)."""
+        return self.transform_field().forward_with_jacobian(x)
+
+    def images(self, sigma: float) -> tuple[Tensor, Tensor]:
+        """The fixed and moving images smoothed by ``sigma`` voxels (cached per sigma)."""
+        if sigma <= 0:
+            return self.fixed, self.moving
+        key = round(float(sigma), 6)
+        cached = self._smoothed.get(key)
+        if cached is None or cached[0].device != self.fixed.device:
+            cached = (gaussian_smooth(self.fixed, key), gaussian_smooth(self.moving, key))
+            self._smoothed[key] = cached
+        return cached
+
+    def set_grid_levels(self, levels: int | None) -> None:
+        """Let the first ``levels`` feature-grid levels of the fields take part (``None``: all)."""
+        for module in self.modules():
+            if isinstance(module, FeatureGrid):
+                module.active_levels = module.levels if levels is None else max(1, min(levels, module.levels))
+
     def model_step(self, sample: CoordinateSample, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """The objective of the current transform on one sample (see :func:`~nir_lightning.losses.registration_objective`)."""
+        fixed, moving = self.images(sample.sigma)
+        self.set_grid_levels(sample.levels)
         return registration_objective(
-            self.transform, self.fixed, self.moving, sample,
+            self.transform, fixed, moving, sample,
             similarity=self.similarity, folding=self.folding, lam=self.lam, mask=self.mask, generator=generator,
             fixed_mask=self.fixed_mask, moving_mask=self.moving_mask,
+            transform_with_jacobian=self.transform_with_jacobian if self.folding.stencil == "analytic" else None,
+            transform_lattice=self.transform_lattice(),
         )
+
+    def transform_lattice(self) -> Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None:
+        """The current transform's lattice reader (``phi`` from per-axis coordinates), or ``None``
+        where it has none (SIREN fields, phase 2 of the hybrid schedule)."""
+        if self.in_phase2 or not isinstance(self.field, GridDisplacementField):
+            return None
+        return self.field.on_lattice
 
     # -- the hybrid schedule ---------------------------------------------------------------
     def apply_phase(self, phase: int) -> None:
@@ -260,6 +315,7 @@ class RegistrationModule(pl.LightningModule):
             self.apply_phase(PHASE_2)
 
     def on_fit_end(self) -> None:
+        self.set_grid_levels(None)  # the fitted transform has every level
         # Leave the module trainable and with its configured sampler (the phase buffer stays).
         if self.schedule is not None:
             for p in self.parameters():
@@ -268,16 +324,19 @@ class RegistrationModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         gen = self._generator(self.global_step)
-        sample = self.sampler.sample(self.shape, generator=gen, mask=self.sample_mask)
+        total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
+        progress = self.global_step / total if total else 1.0
+        sample = self.sampler.sample(self.shape, generator=gen, mask=self.sample_mask, progress=progress)
         out = self.model_step(sample, gen)
         if not bool(torch.isfinite(out["loss"])):
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step} (similarity={float(out['sim'])}, penalty={float(out['jedt'])}); "
                 "lower model.lr or check the inputs for extreme intensities."
             )
-        self.log(f"train/{self.similarity.kind}", out["sim"], prog_bar=False)
-        self.log(f"train/{self.regularizer}", out["jedt"])
-        self.log("train/loss", out["loss"], prog_bar=True)
+        if logging_step(self.trainer):  # self.log costs ~1 ms a call: only where the logger writes
+            self.log(f"train/{self.similarity.kind}", out["sim"], prog_bar=False)
+            self.log(f"train/{self.regularizer}", out["jedt"])
+            self.log("train/loss", out["loss"], prog_bar=True)
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

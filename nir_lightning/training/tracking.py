@@ -170,6 +170,15 @@ def finish_run(
             run.finish()
 
 
+def logging_step(trainer: pl.Trainer) -> bool:
+    """Whether the loggers write at this training step (Lightning's ``log_every_n_steps`` rule),
+    or it is the last step (the run's summary reads the last logged values)."""
+    step = int(trainer.global_step) + 1
+    every = int(getattr(trainer, "log_every_n_steps", 0) or 0)  # set in Trainer.__init__, not declared
+    last = trainer.max_steps is not None and trainer.max_steps > 0 and step >= trainer.max_steps
+    return last or step == 1 or (every > 0 and step % every == 0)
+
+
 # -- callbacks -----------------------------------------------------------------------------
 class QCLogger(Callback):
     """Logs QC figures, fit time, final metrics and (optionally) output files of a registration.
@@ -227,7 +236,7 @@ class QCLogger(Callback):
         self.logged_steps = []
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.log_time:
+        if self.log_time and logging_step(trainer):
             pl_module.log(TIME_KEY, self.elapsed(), on_step=True, on_epoch=False)
         n = self.every_n_steps
         if n and trainer.global_step % n == 0:

@@ -249,7 +249,7 @@ def test_partial_field_of_view_is_noted(tiny_pair: Files, tmp_path: Path) -> Non
 
 
 # -- through `nir register`: configuration and options ---------------------------------------------------
-FAST = ["--trainer.max_steps=2", "--checkpoint-every=0", "--model.field.init_args.width=16", "--model.field.init_args.num_frequencies=4"]
+FAST = ["--trainer.max_steps=2", "--checkpoint-every=0", "--model.field.init_args.width=16", "--model.field.init_args.levels=3"]
 
 
 def _yaml(path: Path, text: str) -> str:
@@ -269,7 +269,7 @@ CLI_CASES: dict[str, tuple[Callable[[Path], list[str]], str, str, str]] = {
                                  "model.window=9", r"larger than the mini-patch \(4\)", "use a window <= patch_size"),
     "stride_zero": (lambda t: ["--model.sampler=DownsizeSampler", "--model.sampler.init_args.stride=0"],
                     r"model\.sampler\.init_args\.stride .* got 0", "must be >= 1", "stride=3"),
-    "ode_without_step_size": (lambda t: ["-c", _yaml(t / "ode.yaml", "model:\n  field:\n    class_path: nir_lightning.fields.VelocityField\n"
+    "ode_without_step_size": (lambda t: ["-c", _yaml(t / "ode.yaml", "model:\n  field:\n    class_path: nir_lightning.fields.GridVelocityField\n"
                                                                    "    init_args:\n      method: rk4\n      step_size: null\n")],
                               r"step_size .* 'rk4'", "required for the fixed-step method", "step_size=0.05"),
     "invalid_network_size": (lambda t: ["--model.field.init_args.width=0"], "width=0", "must be >= 1", "nir fit --print_config"),

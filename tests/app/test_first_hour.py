@@ -20,8 +20,8 @@ from nir_lightning.app.threads import usable_cores
 from nir_lightning.cli import main
 from nir_lightning.errors import InputError
 
-FAST = ["--trainer.max_steps=4", "--checkpoint-every=0", "--model.field.init_args.width=16", "--model.field.init_args.num_frequencies=4"]
-FAST_OVERRIDES = {"trainer.max_steps": 4, "model.field.init_args.width": 16, "model.field.init_args.num_frequencies": 4}
+FAST = ["--trainer.max_steps=4", "--checkpoint-every=0", "--model.field.init_args.width=16", "--model.field.init_args.levels=3"]
+FAST_OVERRIDES = {"trainer.max_steps": 4, "model.field.init_args.width": 16, "model.field.init_args.levels": 3}
 PROGRESS = re.compile(r"^nir: step (\d+)/(\d+) \((\d+)%\), loss -?\d+\.\d{4}, \d+:\d\d elapsed, ~\d+:\d\d left, (\d+) threads$")
 
 

@@ -164,7 +164,7 @@ def test_warped_labels_are_label_interpolated(reg):
     assert agree.mean() > 0.995, agree.mean()
     nearest = ndi.map_coordinates(labels, coords, order=0, mode="constant", cval=0)
     assert 0.9 < (nearest == warped)[reg.interior].mean() < 1.0  # not nearest neighbour, but close to it
-    assert abs(reg.metrics["dice_after_label"] - reg.metrics["dice_after"]) < 0.05
+    assert abs(reg.metrics["dice_after_label"] - reg.metrics["dice_after"]) < 0.08
 
 
 def test_jacobian_det_file_matches_the_displacement(reg):

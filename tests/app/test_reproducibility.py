@@ -26,7 +26,7 @@ from nir_lightning.cli import main
 OUTPUTS = ("displacement.nii.gz", "warped.nii.gz", "warped_labels.nii.gz", "jacobian_det.nii.gz")
 OPTIONS = [
     "--trainer.max_steps=8", "--checkpoint-every=0", "--data.steps_per_epoch=4", "--trainer.log_every_n_steps=1",
-    "--model.field.init_args.width=32", "--model.field.init_args.num_frequencies=8", "--model.lr=1e-3", "--model.jacobian_points=256",
+    "--model.field.init_args.width=32", "--model.field.init_args.levels=3", "--model.lr=1e-3", "--model.jacobian_points=256",
 ]
 
 

@@ -139,9 +139,13 @@ def test_demo_fit_reduces_end_point_error(tmp_path):
     assert m["folding_percent"] < 1.0
 
 
-@pytest.mark.slow
-def test_demo_fit_with_default_model(tmp_path):
+def test_coarse_to_fine_default_recovers_the_phantom_warp(tmp_path):
+    """The default field and coarse-to-fine sampler (feature grids, analytic det J) recover the
+    phantom's known warp: end-point error down by more than half a voxel (2.66 -> 2.06 measured;
+    the SIREN default of 0.1 reached 2.32 in 150 steps), Dice above 0.93 (0.96), folds (central
+    differences) below 0.05 % (0-2 voxels of the 40x44x38 phantom, depending on threads)."""
     m = _demo_fit(tmp_path, 300)
-    assert m["epe_after_vox"] < m["epe_before_vox"], (m["epe_before_vox"], m["epe_after_vox"])
-    assert m["dice_after"] > 0.9, m["dice_after"]
-    assert m["folding_percent"] < 0.1, m["folding_percent"]
+    assert m["epe_after_vox"] < m["epe_before_vox"] - 0.5, (m["epe_before_vox"], m["epe_after_vox"])
+    assert m["dice_after"] > 0.93, m["dice_after"]
+    assert m["folding_percent"] < 0.05, m["folding_percent"]
+

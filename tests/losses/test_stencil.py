@@ -127,5 +127,5 @@ def test_central_penalty_sees_a_fold_and_its_gradient_undoes_it(tiny_pair) -> No
 
 
 def test_unknown_stencil_is_a_clear_error() -> None:
-    with pytest.raises(InputError, match="jacobian_stencil must be 'forward' or 'central', got 'backward'"):
+    with pytest.raises(InputError, match="jacobian_stencil must be 'forward', 'central' or 'analytic', got 'backward'"):
         RegistrationModule(jacobian_stencil="backward")  # type: ignore[arg-type]

@@ -43,7 +43,7 @@ TESTS = Path(__file__).resolve().parent
 STEPS, EVERY = 12, 3
 FAST = [
     f"--trainer.max_steps={STEPS}", f"--checkpoint-every={EVERY}", "--data.steps_per_epoch=5",
-    "--model.field.init_args.width=32", "--model.field.init_args.num_frequencies=8", "--model.lr=1e-3", "--model.jacobian_points=256", "--trainer.log_every_n_steps=1",
+    "--model.field.init_args.width=32", "--model.field.init_args.levels=3", "--model.lr=1e-3", "--model.jacobian_points=256", "--trainer.log_every_n_steps=1",
     "--threads=1",  # the killed child, the reference and the resumed run: one thread count, so bitwise comparable
 ]
 

@@ -239,15 +239,19 @@ def test_hybrid_diffeomorphic_predict_writes_the_inverse(demo_files, tmp_path) -
 
 # -- configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("model_cfg", "field", "field2"),
+    ("model_cfg", "field", "field2", "stencil", "lam"),
     [
-        ("displacement", "DisplacementField", None),
-        ("diffeomorphic", "VelocityField", None),
-        ("hybrid", "DisplacementField", "DisplacementField"),
-        ("hybrid_diffeomorphic", "VelocityField", "VelocityField"),
+        ("displacement", "GridDisplacementField", None, "analytic", 10.0),
+        ("diffeomorphic", "GridVelocityField", None, "analytic", 20.0),
+        ("siren", "DisplacementField", None, "forward", 10.0),
+        ("siren_diffeomorphic", "VelocityField", None, "central", 20.0),
+        ("hybrid", "DisplacementField", "DisplacementField", "forward", 10.0),
+        ("hybrid_diffeomorphic", "VelocityField", "VelocityField", "central", 20.0),
     ],
 )
-def test_model_configs_build_and_compose(model_cfg: str, field: str, field2: str | None, tmp_path, monkeypatch) -> None:
+def test_model_configs_build_and_compose(
+    model_cfg: str, field: str, field2: str | None, stencil: str, lam: float, tmp_path, monkeypatch
+) -> None:
     from nir_lightning.training.lightning_cli import NIRCLI
 
     args = [
@@ -261,14 +265,18 @@ def test_model_configs_build_and_compose(model_cfg: str, field: str, field2: str
     assert (type(cli.model.field2).__name__ if cli.model.field2 is not None else None) == field2
     assert isinstance(cli.model.schedule, HybridSchedule) == (field2 is not None)  # part of the model, not a callback
     assert not any(type(c).__name__ == "HybridSchedule" for c in cli.trainer.callbacks)
-    # velocity configs penalise central-difference det J (what folding_percent counts) harder
-    velocity = field == "VelocityField"
-    assert cli.model.jacobian_stencil == ("central" if velocity else "forward")
-    assert cli.model.lam == (20.0 if velocity else 10.0)
+    # velocity configs penalise det J harder; SIREN configs keep their finite-difference stencils
+    assert (cli.model.jacobian_stencil, cli.model.lam) == (stencil, lam)
+    assert cli.model.lr == (5e-3 if "Grid" in field else 3e-4)
 
 
-@pytest.mark.parametrize("model_cfg", ["diffeomorphic", "hybrid_diffeomorphic"])
-def test_velocity_penalty_survives_layering_after_the_displacement_config(model_cfg: str, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("model_cfg", "stencil", "field"),
+    [("diffeomorphic", "analytic", "GridVelocityField"), ("hybrid_diffeomorphic", "central", "VelocityField")],
+)
+def test_velocity_penalty_survives_layering_after_the_displacement_config(
+    model_cfg: str, stencil: str, field: str, tmp_path, monkeypatch
+) -> None:
     """README and benchmarks layer a mode file after configs/model/displacement.yaml."""
     from nir_lightning.training.lightning_cli import NIRCLI
 
@@ -280,4 +288,4 @@ def test_velocity_penalty_survives_layering_after_the_displacement_config(model_
     ]
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     cli = NIRCLI(args, run=False)
-    assert (cli.model.jacobian_stencil, cli.model.lam, type(cli.model.field).__name__) == ("central", 20.0, "VelocityField")
+    assert (cli.model.jacobian_stencil, cli.model.lam, type(cli.model.field).__name__) == (stencil, 20.0, field)

@@ -15,7 +15,7 @@ import torch
 from nir_lightning.cli import main
 
 LEGACY = Path(__file__).resolve().parents[1] / "data" / "legacy"
-SMALL = ["--model.field.init_args.width=16", "--model.field.init_args.num_frequencies=4"]
+SMALL = ["-c", "configs/model/siren.yaml", "--model.field.init_args.width=16", "--model.field.init_args.num_frequencies=4"]
 SMALL2 = ["--model.field2.init_args.width=16", "--model.field2.init_args.num_frequencies=4"]
 
 

@@ -118,7 +118,7 @@ def cli_args(files: dict[str, Path], root: Path, logger: str, *extra: str) -> li
         f"--data.steps_per_epoch={EPOCH}", f"--trainer.max_steps={STEPS}", "--trainer.log_every_n_steps=2",
         "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}", "--trainer.enable_checkpointing=false",
         "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false",
-        "--model.field.init_args.width=32", "--model.field.init_args.num_frequencies=16", "--model.lam=7.5",
+        "--model.field.init_args.width=32", "--model.field.init_args.levels=3", "--model.lam=7.5",
         f"--trainer.logger.init_args.save_dir={root}", *extra,
     ]  # fmt: skip
 

@@ -1,0 +1,230 @@
+"""Multiresolution feature grids: the coordinate encoding of the default field.
+
+``levels`` dense 3-D grids of ``features`` learnable values, nested (each level has twice the
+cells of the one before: ``(coarsest - 1) * 2**l + 1`` vertices per axis), spanning the
+normalized cube ``[-1, 1]^3`` (array-axis order; vertex ``0`` at ``-1`` and the last at ``+1``,
+as ``align_corners=True``; see :mod:`nir_lightning.coords`). A point's encoding is the sum over
+levels of each level's trilinear interpolation: ``(M, 3) -> (M, features)``.
+
+Because the grids nest, that sum is itself one trilinear interpolant on the finest grid (a
+coarse cell's trilinear function, sampled at the finer vertices, is re-interpolated exactly), so
+a step composes the levels once (:meth:`FeatureGrid.composed`: upsample and add, a few dense
+ops) and reads each point from a single grid. The read is written out (one gather of the
+eight corners) instead of calling ``grid_sample``, because the same corners give the exact
+derivative with respect to the point (``grid_sample`` has no forward-mode derivative):
+:meth:`FeatureGrid.forward_with_jacobian` returns the features and their Jacobian in one pass.
+That is what makes the folding penalty cost one field evaluation per point instead of four
+to six.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from nir_lightning.errors import InputError
+
+# corner c = (c0, c1, c2) in {0, 1}^3, in the order of its index c0 * 4 + c1 * 2 + c2
+_CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
+
+
+def level_resolutions(levels: int, coarsest: int) -> list[int]:
+    """Vertices per axis of each level: nested, each level twice the cells of the one before.
+
+    >>> level_resolutions(4, 5)
+    [5, 9, 17, 33]
+    """
+    return [(coarsest - 1) * 2**level + 1 for level in range(levels)]
+
+
+def trilinear_with_jacobian(grid: Tensor, x: Tensor, *, jacobian: bool) -> tuple[Tensor, Tensor | None]:
+    """Trilinear interpolation of ``grid`` ``(R0, R1, R2, C)`` at normalized points ``x`` ``(M, 3)``.
+
+    Returns the values ``(M, C)`` and, with ``jacobian``, their derivative with respect to
+    ``x``, ``(M, 3, C)`` (tangent-major: row ``a`` is ``d/dx_a``; normalized units). Outside ``[-1, 1]`` the edge cell is extended
+    linearly. Same values as ``grid_sample(..., align_corners=True)`` inside.
+
+    >>> g = torch.arange(8.0).reshape(2, 2, 2, 1)  # value = 4 i0 + 2 i1 + i2 at the vertices
+    >>> v, j = trilinear_with_jacobian(g, torch.zeros(1, 3), jacobian=True)
+    >>> v.tolist(), j[0, :, 0].tolist()  # the centre; d/dx = (4, 2, 1) per vertex step / 2
+    ([[3.5]], [2.0, 1.0, 0.5])
+    """
+    res = torch.tensor(grid.shape[:3], device=x.device)
+    scale = (res - 1).to(x.dtype) / 2  # vertices per normalized unit
+    p = (x + 1) * scale
+    cell = torch.minimum(torch.floor(p).clamp(min=0), (res - 2).clamp(min=0).to(x.dtype))
+    t = p - cell
+    strides = torch.tensor([grid.shape[1] * grid.shape[2], grid.shape[2], 1], device=x.device)
+    base = (cell.long() * strides).sum(-1)  # (M,)
+    corners = _CORNERS.to(x.device)
+    rows = base[:, None] + (corners * strides).sum(-1)[None]  # (M, 8)
+    values = grid.reshape(-1, grid.shape[-1]).index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1)  # (M, 8, C)
+    lo, hi = 1 - t, t
+    w = [torch.where(corners[:, a].bool()[None], hi[:, a : a + 1], lo[:, a : a + 1]) for a in range(3)]  # 3 x (M, 8)
+    out = ((w[0] * w[1] * w[2])[..., None] * values).sum(1)
+    if not jacobian:
+        return out, None
+    sign = (corners * 2 - 1).to(x.dtype)  # d w_a / d t_a per corner
+    derivs = [((sign[:, a][None] * w[(a + 1) % 3] * w[(a + 2) % 3])[..., None] * values).sum(1) * scale[a] for a in range(3)]
+    return out, torch.stack(derivs, dim=1)
+
+
+def linear_weights(coords: Tensor, vertices: int, *, derivative: bool = False) -> Tensor:
+    """Linear interpolation (or its derivative) as a matrix: ``(B, d)`` normalized coordinates
+    on one axis -> ``(B, d, vertices)``; row ``i`` reads a grid axis of ``vertices`` at ``coords[:, i]``.
+
+    >>> linear_weights(torch.tensor([[-1.0, 0.0, 0.5]]), 3)[0].tolist()
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5]]
+    """
+    scale = (vertices - 1) / 2
+    p = (coords + 1) * scale
+    cell = torch.floor(p).clamp(0, max(vertices - 2, 0))
+    t = p - cell
+    lo, hi = (-scale * torch.ones_like(t), scale * torch.ones_like(t)) if derivative else (1 - t, t)
+    out = torch.zeros(*coords.shape, vertices, dtype=coords.dtype, device=coords.device)
+    idx = cell.long()[..., None]
+    out.scatter_(-1, idx, lo[..., None])
+    return out.scatter_add_(-1, (idx + 1).clamp(max=vertices - 1), hi[..., None])
+
+
+def lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, derivative: int | None = None) -> Tensor:
+    """Trilinear interpolation of ``grid`` ``(R0, R1, R2, C)`` on separable lattices, axis by axis.
+
+    ``axes``: per-axis normalized coordinates ``(B, d_a)``. Trilinear interpolation is the
+    product of three linear ones, so the read is three small matrix products instead of a
+    gather per point. ``derivative=a`` gives the derivative along axis ``a`` instead.
+    Returns ``(B, d0, d1, d2, C)``.
+
+    >>> g = torch.rand(4, 5, 6, 2)
+    >>> ax = tuple(torch.rand(1, n) * 2 - 1 for n in (3, 3, 3))
+    >>> pts = torch.stack(torch.meshgrid(ax[0][0], ax[1][0], ax[2][0], indexing="ij"), -1).reshape(-1, 3)
+    >>> ref = trilinear_with_jacobian(g, pts, jacobian=False)[0]
+    >>> bool(torch.allclose(lattice_read(g, ax).reshape(-1, 2), ref, atol=1e-6))
+    True
+    """
+    w = [linear_weights(axes[a], grid.shape[a], derivative=derivative == a).to(grid.dtype) for a in range(3)]
+    out = torch.einsum("kc,abcf->abkf" if w[2].shape[0] == 1 else "nkc,abcf->nabkf", w[2][0] if w[2].shape[0] == 1 else w[2], grid)
+    if w[2].shape[0] == 1:
+        out = out[None]
+    out = torch.einsum("njb,nabkf->najkf", w[1], out)
+    return torch.einsum("nia,najkf->nijkf", w[0], out)
+
+
+class FeatureGrid(nn.Module):
+    """Dense multiresolution feature grids, summed and trilinearly interpolated.
+
+    Args:
+        levels: number of grids.
+        features: values per vertex (the encoding's width).
+        coarsest: vertices per axis of the coarsest grid (>= 2); the finest has
+            ``(coarsest - 1) * 2**(levels - 1) + 1``, e.g. 5 and 5 levels give 65, a cell of
+            about 1.5 voxels on a 96-voxel axis.
+        init_scale: values start uniform in ``[-init_scale, init_scale]`` (near zero, so the
+            field starts near the identity).
+        seed: seed of that initialisation (independent of the global RNG).
+
+    Coarse to fine: :attr:`active_levels` (all by default) leaves the finer levels out of the
+    sum; the coarse-to-fine schedule raises it during a fit.
+
+    >>> enc = FeatureGrid(levels=3, features=2, coarsest=3)
+    >>> x = torch.rand(5, 3) * 2 - 1
+    >>> enc(x).shape
+    torch.Size([5, 2])
+    >>> feats, jac = enc.forward_with_jacobian(x)
+    >>> jac.shape, bool(torch.allclose(feats, enc(x)))
+    (torch.Size([5, 3, 2]), True)
+    """
+
+    def __init__(
+        self,
+        *,
+        levels: int = 5,
+        features: int = 8,
+        coarsest: int = 5,
+        init_scale: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if levels < 1 or features < 1:
+            raise InputError(f"FeatureGrid needs levels >= 1 and features >= 1, got levels={levels}, features={features}.")
+        if coarsest < 2:
+            raise InputError(f"FeatureGrid.coarsest must be >= 2 vertices per axis, got {coarsest}.")
+        res = level_resolutions(levels, coarsest)
+        if res[-1] > 257:
+            raise InputError(
+                f"FeatureGrid: levels={levels}, coarsest={coarsest} give a finest grid of {res[-1]} vertices per axis; "
+                "use fewer levels or a smaller coarsest (finest <= 257)."
+            )
+        self.levels = levels
+        self.features = features
+        self.coarsest = coarsest
+        self.resolutions = res
+        gen = torch.Generator().manual_seed(seed)
+        self.grids = nn.ParameterList(
+            nn.Parameter((torch.rand(1, features, r, r, r, generator=gen) * 2 - 1) * init_scale) for r in res
+        )
+        self.active_levels = levels
+        self.out_features = features
+        self._cache: tuple[tuple, Tensor] | None = None
+
+    def composed(self) -> Tensor:
+        """The active levels summed on the finest active grid, ``(R0, R1, R2, features)``.
+
+        Cached while the grids are unchanged (their version counters: an optimiser step bumps
+        them), so the points and the det J points of one step share one composition and one
+        graph."""
+        key = (
+            self.active_levels,
+            torch.is_grad_enabled(),
+            *((g._version, g.data_ptr(), g.requires_grad) for g in self.grids),
+        )
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        grid = self._compose()
+        self._cache = (key, grid)
+        return grid
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_cache"] = None  # a graph is neither copied nor pickled
+        return state
+
+    def _compose(self) -> Tensor:
+        grid = self.grids[0]
+        for level in range(1, min(self.active_levels, self.levels)):
+            r = self.resolutions[level]
+            grid = F.interpolate(grid, size=(r, r, r), mode="trilinear", align_corners=True) + self.grids[level]
+        return grid[0].permute(1, 2, 3, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(M, 3)`` normalized points -> ``(M, features)``.
+
+        Without the Jacobian, ``grid_sample`` reads the points (the same trilinear values,
+        faster on lattices of many points; ``border`` padding differs from the linear
+        extension only outside ``[-1, 1]``)."""
+        grid = self.composed().permute(3, 0, 1, 2)[None]
+        pts = x.flip(-1).reshape(1, -1, 1, 1, 3).to(grid.dtype)  # grid_sample wants (x, y, z) = reversed axes
+        out = F.grid_sample(grid, pts, mode="bilinear", padding_mode="border", align_corners=True)
+        return out.reshape(self.features, -1).T
+
+    def on_lattice(self, axes: tuple[Tensor, Tensor, Tensor], *, jacobian: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Features of separable lattices (per-axis coordinates ``(B, d_a)``): ``(B, d0, d1, d2, features)``
+        and, with ``jacobian``, their derivative ``(B, d0, d1, d2, features, 3)``; the values of
+        :meth:`forward` at the lattice's points, read axis by axis (:func:`lattice_read`)."""
+        grid = self.composed()
+        feats = lattice_read(grid, axes)
+        if not jacobian:
+            return feats, None
+        return feats, torch.stack([lattice_read(grid, axes, derivative=a) for a in range(3)], dim=-1)
+
+    def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Features ``(M, features)`` and their exact derivative with respect to the point,
+        ``(M, 3, features)`` (tangent-major, as :meth:`CoordinateMLP.forward_with_jacobian` takes
+        it; normalized units; piecewise trilinear)."""
+        feats, jac = trilinear_with_jacobian(self.composed(), x, jacobian=True)
+        assert jac is not None
+        return feats, jac
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, features={self.features}, resolutions={self.resolutions}, active_levels={self.active_levels}"
