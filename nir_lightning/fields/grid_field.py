@@ -19,6 +19,37 @@ from nir_lightning.fields.feature_grid import FeatureGrid
 from nir_lightning.fields.mlp import CoordinateMLP
 
 
+def grid_network(
+    *,
+    levels: int,
+    coarsest: int,
+    features: int,
+    width: int,
+    depth: int,
+    activation: Literal["sine", "relu"],
+    init_scale: float,
+    seed: int,
+) -> tuple[FeatureGrid, CoordinateMLP]:
+    """The feature grids and the MLP of the grid fields: ``(..., 3) -> (..., 3)`` as ``mlp(grid(x))``.
+
+    Zero hidden biases make the MLP vanish with the grids (a ReLU MLP is then homogeneous): the
+    field starts at the identity, and its output layer can start at full scale.
+
+    >>> grid, mlp = grid_network(levels=2, coarsest=3, features=2, width=8, depth=1, activation="relu", init_scale=0.0, seed=0)
+    >>> mlp(grid(torch.zeros(2, 3))).abs().max().item()
+    0.0
+    """
+    encoding = FeatureGrid(levels=levels, features=features, coarsest=coarsest, init_scale=init_scale, seed=seed)
+    mlp = CoordinateMLP(
+        in_features=features, out_features=3, width=width, depth=depth, activation=activation, omega0=1.0, output_scale=1.0
+    )
+    with torch.no_grad():
+        for module in mlp.hidden.modules():
+            if isinstance(module, nn.Linear):
+                module.bias.zero_()
+    return encoding, mlp
+
+
 class GridDisplacementField(NeuralField):
     """General deformable field ``phi(x) = x + MLP(grid(x))``.
 
@@ -58,16 +89,10 @@ class GridDisplacementField(NeuralField):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.encoding = FeatureGrid(levels=levels, features=features, coarsest=coarsest, init_scale=init_scale, seed=seed)
-        # Zero hidden biases make the MLP vanish with the grids (a ReLU MLP is then homogeneous):
-        # the field starts at the identity, and its output layer can start at full scale.
-        self.mlp = CoordinateMLP(
-            in_features=features, out_features=3, width=width, depth=depth, activation=activation, omega0=1.0, output_scale=1.0
+        self.encoding, self.mlp = grid_network(
+            levels=levels, coarsest=coarsest, features=features, width=width, depth=depth,
+            activation=activation, init_scale=init_scale, seed=seed,
         )
-        with torch.no_grad():
-            for module in self.mlp.hidden.modules():
-                if isinstance(module, nn.Linear):
-                    module.bias.zero_()
 
     def displacement(self, x: Tensor) -> Tensor:
         """``u(x)`` in normalized units, same shape as ``x``."""

@@ -49,6 +49,7 @@ from nir_lightning.fields.base import ComposedField, NeuralField
 from nir_lightning.fields.displacement import coordinate_network
 from nir_lightning.fields.encoding import FourierFeatures
 from nir_lightning.fields.feature_grid import FeatureGrid
+from nir_lightning.fields.grid_field import grid_network
 from nir_lightning.fields.mlp import CoordinateMLP
 
 ODEMethod = Literal["euler", "midpoint", "rk4", "dopri5"]
@@ -350,13 +351,10 @@ class GridVelocityField(VelocityField):
         atol: float = 1e-5,
     ) -> None:
         NeuralField.__init__(self)
-        encoding = FeatureGrid(levels=levels, features=features, coarsest=coarsest, init_scale=init_scale, seed=seed)
-        mlp = CoordinateMLP(in_features=features, out_features=3, width=width, depth=depth, activation=activation,
-                            omega0=1.0, output_scale=1.0)
-        with torch.no_grad():  # zero hidden biases: v vanishes with the grids (see GridDisplacementField)
-            for module in mlp.hidden.modules():
-                if isinstance(module, nn.Linear):
-                    module.bias.zero_()
+        encoding, mlp = grid_network(
+            levels=levels, coarsest=coarsest, features=features, width=width, depth=depth,
+            activation=activation, init_scale=init_scale, seed=seed,
+        )
         self._setup_flow(StationaryVelocity(encoding, mlp, scale=scale), scale=scale, T=T, method=method,
                          step_size=step_size, adjoint=adjoint, rtol=rtol, atol=atol)
 
