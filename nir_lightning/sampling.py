@@ -108,6 +108,19 @@ def foreground_index(mask: Tensor) -> Tensor:
     return index
 
 
+def random_lattice(shape: Sequence[int], stride: int, generator: torch.Generator) -> tuple[Tensor, tuple[int, int, int]]:
+    """The stride-``stride`` lattice of ``shape`` at a random offset per axis: normalized points
+    ``(d0, d1, d2, 3)`` and the offset (voxels).
+
+    >>> grid, origin = random_lattice((9, 10, 11), 3, torch.Generator().manual_seed(0))
+    >>> grid.shape[-1], all(0 <= o < 3 for o in origin)
+    (3, True)
+    """
+    offset = torch.randint(0, stride, (3,), generator=generator, device=generator.device)
+    origin = (int(offset[0]), int(offset[1]), int(offset[2]))
+    return identity_grid(shape, stride=stride, offset=origin, device=generator.device), origin
+
+
 def _check_shape(shape: tuple[int, int, int], minimum: int, what: str) -> None:
     if len(shape) != 3 or any(int(s) < minimum for s in shape):
         raise InputError(
@@ -181,10 +194,7 @@ class DownsizeSampler(CoordinateSampler):
         progress: float = 1.0,
     ) -> CoordinateSample:
         _check_shape(shape, self.stride, "DownsizeSampler")
-        offset = torch.randint(0, self.stride, (3,), generator=generator, device=generator.device)
-        grid = identity_grid(
-            shape, stride=self.stride, offset=[int(o) for o in offset.tolist()], device=generator.device
-        )
+        grid, _ = random_lattice(shape, self.stride, generator)
         s = float(self.stride)
         return CoordinateSample(points=grid.unsqueeze(0), spacing=(s, s, s), separable=True)
 
@@ -349,9 +359,7 @@ class PyramidSampler(CoordinateSampler):
             sample = patches.sample(shape, generator=generator, mask=mask)
             return CoordinateSample(points=sample.points, spacing=sample.spacing, sigma=self.sigmas[k], levels=levels, separable=True)
         stride = budget_stride(shape, min(self.strides[k], min(shape)), self.max_points[k])
-        offset = torch.randint(0, stride, (3,), generator=generator, device=generator.device)
-        origin = (int(offset[0]), int(offset[1]), int(offset[2]))
-        grid = identity_grid(shape, stride=stride, offset=origin, device=generator.device)
+        grid, origin = random_lattice(shape, stride, generator)
         sigma = self.sigmas[k] * stride / self.strides[k]
         return CoordinateSample(
             points=grid.unsqueeze(0), spacing=(float(stride),) * 3, sigma=sigma, levels=levels, separable=True,
