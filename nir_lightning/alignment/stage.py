@@ -153,7 +153,9 @@ class AffineStage:
             fixed image's finest voxel size (both images are block-averaged towards it).
         rigid_iterations: optimiser steps per level of the rigid stage (one per shrink factor).
         affine_iterations: optimiser steps per level of the affine stage.
-        num_points: random fixed-foreground points per step (the cost per step is fixed by it).
+        num_points: random fixed-foreground points per step (the cost per step is fixed by it;
+            8192 fills the 32x32 joint histogram of ``"mi"`` well: on 6 dev pairs the stage took
+            2.2 s instead of 4.0 s with 16384 and the Dice after the whole chain did not fall).
         lr: Adam learning rate; a step of ``lr`` moves the anatomy by about ``lr`` times its
             radius (see :mod:`~nir_lightning.alignment.parameters`). It decays (cosine) to a
             tenth within each level and halves from one level to the next.
@@ -174,7 +176,7 @@ class AffineStage:
     shrink_factors: tuple[int, ...] = (4, 2, 1)
     rigid_iterations: tuple[int, ...] = (100, 50, 25)
     affine_iterations: tuple[int, ...] = (100, 50, 25)
-    num_points: int = 2**14
+    num_points: int = 2**13
     lr: float = 0.02
     seed: int = 0
 
@@ -206,7 +208,7 @@ class AffineStage:
             if any(v < 0 for v in value):
                 raise bad(param, f"must all be >= 0, got {list(value)}.")
         if not _is_int(self.num_points) or self.num_points < 64:
-            raise bad("num_points", f"must be an integer >= 64, got {self.num_points!r}; e.g. 16384 points per step.")
+            raise bad("num_points", f"must be an integer >= 64, got {self.num_points!r}; e.g. 8192 points per step.")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 1:
             raise bad("lr", f"must be a number in (0, 1], got {self.lr!r}; e.g. 0.02.")
         if not _is_int(self.seed):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from monai.networks.layers import GaussianFilter
 from torch import Tensor
 
 
-def gaussian_smooth(image: Tensor, sigma: float) -> Tensor:
-    """``image`` ``(1, C, D0, D1, D2)`` smoothed by a Gaussian of ``sigma`` voxels (0: unchanged).
+def gaussian_smooth(image: Tensor, sigma: float | Sequence[float]) -> Tensor:
+    """``image`` ``(1, C, D0, D1, D2)`` smoothed by a Gaussian of ``sigma`` voxels (0: unchanged);
+    a sequence gives one sigma per axis.
 
     MONAI's separable filter (kernel truncated at 4 sigma, zero padding, so values near the
     border lean towards 0 as for a background-padded scan).
@@ -20,6 +23,7 @@ def gaussian_smooth(image: Tensor, sigma: float) -> Tensor:
     >>> gaussian_smooth(img, 0.0) is img
     True
     """
-    if sigma <= 0:
+    sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
+    if max(sigmas) <= 0:
         return image
-    return GaussianFilter(spatial_dims=3, sigma=sigma, truncated=4.0).to(image.device)(image)
+    return GaussianFilter(spatial_dims=3, sigma=sigmas if len(set(sigmas)) > 1 else sigmas[0], truncated=4.0).to(image.device)(image)

@@ -130,6 +130,22 @@ class ImagePair:
         if nat.mask is not None:
             self.moving_mask = resample(nat.mask.float()[None, None], "nearest")[0, 0] > 0.5
 
+    def moving_sampling(self) -> tuple[Tensor, np.ndarray | None]:
+        """The moving image a fit samples, and the matrix to sample it through.
+
+        ``(moving, None)`` when the moving image lies on the fixed grid as loaded (same grid, no
+        affine part); else the native moving image (scaled intensities, its own grid) and the
+        4x4 chain matrix ``N_m V_m^-1 W V_f N_f^-1`` (:func:`~nir_lightning.coords.normalized_chain_matrix`):
+        ``moving(M phi(x))`` interpolates the native voxels once, as the outputs do, instead of
+        the copy that :meth:`align` resampled (a second trilinear pass blurs fine detail).
+        """
+        nat = self.native
+        if nat is None:
+            return self.moving, None
+        if nat.shape == self.shape and np.allclose(nat.affine, self.fixed_affine, atol=1e-6) and np.array_equal(self.world, np.eye(4)):
+            return self.moving, None
+        return nat.image, normalized_chain_matrix(self.shape, self.fixed_affine, nat.shape, nat.affine, self.world)
+
     @property
     def shape(self) -> tuple[int, int, int]:
         d0, d1, d2 = self.fixed.shape[2:]

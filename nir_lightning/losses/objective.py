@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import normalized_to_voxel, voxel_to_normalized
+from nir_lightning.coords import apply_matrix, normalized_to_voxel, voxel_to_normalized
 from nir_lightning.core.resample import sample_image
 from nir_lightning.losses.folding import FoldingPenalty, forward_stencil_det
 from nir_lightning.losses.similarity import Similarity
@@ -32,6 +32,7 @@ def registration_objective(
     generator: torch.Generator | None = None,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
+    moving_chain: Tensor | None = None,
     transform_with_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     transform_lattice: Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None = None,
 ) -> dict[str, Tensor]:
@@ -39,7 +40,8 @@ def registration_objective(
 
     Args:
         transform: ``phi`` on normalized points ``(B, d0, d1, d2, 3)``.
-        fixed, moving: images ``(1, 1, D0, D1, D2)`` on the fixed grid (scaled intensities).
+        fixed, moving: images ``(1, 1, D0, D1, D2)`` on the fixed grid (scaled intensities);
+            ``moving`` may be on its own grid, with ``moving_chain``.
         sample: the sampled fixed points (a lattice, or unstructured points).
         similarity, folding, lam: the two terms and the folding weight.
         mask: fixed foreground ``(D0, D1, D2)`` (bool), where extra folding points are drawn.
@@ -48,6 +50,10 @@ def registration_objective(
             0 outside) on the fixed grid: the similarity counts a sample only where the fixed
             mask holds at ``x`` and the moving mask at ``phi(x)`` (nearest neighbour, so the
             weight carries no gradient that would pull the mask's edge).
+        moving_chain: 4x4 matrix from fixed-normalized to ``moving``'s own normalized
+            coordinates (:func:`~nir_lightning.coords.normalized_chain_matrix`), when ``moving``
+            is the native moving image: it is sampled at ``M phi(x)`` (the affine part after the
+            deformable one, :mod:`nir_lightning.coords`). ``None``: ``moving`` is on the fixed grid.
         transform_with_jacobian: ``phi`` and its exact Jacobian, for ``folding.stencil == "analytic"``.
         transform_lattice: ``phi`` on a separable lattice from its per-axis coordinates (the
             same values as ``transform`` on its points, faster); used when the sample is one.
@@ -75,7 +81,7 @@ def registration_objective(
         reg = folding(det)
     if generator is not None and folding.needs_extra_points(sample):
         reg = reg + folding.extra(transform, shape, mask, generator, transform_with_jacobian)
-    warped = sample_image(moving, phi)
+    warped = sample_image(moving, phi if moving_chain is None else apply_matrix(phi, moving_chain))
     fixed_s = sample.read(fixed)
     weight = None
     if fixed_mask is not None:

@@ -17,7 +17,7 @@ import torch
 from jsonargparse import lazy_instance
 from torch import Tensor
 
-from nir_lightning.coords import normalized_to_voxel
+from nir_lightning.coords import normalized_to_voxel, voxel_spacing
 from nir_lightning.core.jacobian import determinant, jacobian_forward
 from nir_lightning.core.resample import sample_image
 from nir_lightning.core.smoothing import gaussian_smooth
@@ -97,6 +97,8 @@ class RegistrationModule(pl.LightningModule):
     sample_mask: Tensor
     fixed_mask: Tensor | None
     moving_mask: Tensor | None
+    moving_source: Tensor
+    moving_chain: Tensor | None
 
     def __init__(
         self,
@@ -165,6 +167,7 @@ class RegistrationModule(pl.LightningModule):
         self.pair: ImagePair | None = None
         self._smoothed: dict[float, tuple[Tensor, Tensor]] = {}
         self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
+        self._source_sigma_scale = (1.0, 1.0, 1.0)
 
     # -- data ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -194,6 +197,16 @@ class RegistrationModule(pl.LightningModule):
         self._smoothed = {}
         self.register_buffer("fixed", pair.fixed.float(), persistent=False)
         self.register_buffer("moving", pair.moving.float(), persistent=False)
+        # The fit samples the moving image through the affine part from its own grid (one
+        # interpolation, as the outputs): ImagePair.moving_sampling.
+        source, chain = pair.moving_sampling()
+        self.register_buffer("moving_source", source.float(), persistent=False)
+        self.register_buffer("moving_chain", None if chain is None else torch.as_tensor(chain, dtype=torch.float32), persistent=False)
+        self._source_sigma_scale = (1.0, 1.0, 1.0)
+        if chain is not None and pair.native is not None:
+            # smooth the native image by the same millimetres as the fixed one
+            fs, ns = voxel_spacing(pair.fixed_affine), voxel_spacing(pair.native.affine)
+            self._source_sigma_scale = (fs[0] / ns[0], fs[1] / ns[1], fs[2] / ns[2])
         self.register_buffer("mask", pair.foreground_mask(), persistent=False)
         # The user's masks: samplers draw inside the fixed one, the similarity counts inside both.
         sample_mask = pair.fixed_mask if pair.fixed_mask is not None else pair.foreground_mask()
@@ -247,13 +260,15 @@ class RegistrationModule(pl.LightningModule):
         return self.transform_field().forward_with_jacobian(x)
 
     def images(self, sigma: float) -> tuple[Tensor, Tensor]:
-        """The fixed and moving images smoothed by ``sigma`` voxels (cached per sigma)."""
+        """The fixed image and the moving image the fit samples (``moving_source``, on its own
+        grid when ``moving_chain`` is set), smoothed by ``sigma`` fixed voxels (cached per sigma)."""
         if sigma <= 0:
-            return self.fixed, self.moving
+            return self.fixed, self.moving_source
         key = round(float(sigma), 6)
         cached = self._smoothed.get(key)
         if cached is None or cached[0].device != self.fixed.device:
-            cached = (gaussian_smooth(self.fixed, key), gaussian_smooth(self.moving, key))
+            source_sigma = [key * f for f in self._source_sigma_scale]
+            cached = (gaussian_smooth(self.fixed, key), gaussian_smooth(self.moving_source, source_sigma))
             self._smoothed[key] = cached
         return cached
 
@@ -270,7 +285,7 @@ class RegistrationModule(pl.LightningModule):
         return registration_objective(
             self.transform, fixed, moving, sample,
             similarity=self.similarity, folding=self.folding, lam=self.lam, mask=self.mask, generator=generator,
-            fixed_mask=self.fixed_mask, moving_mask=self.moving_mask,
+            fixed_mask=self.fixed_mask, moving_mask=self.moving_mask, moving_chain=self.moving_chain,
             transform_with_jacobian=self.transform_with_jacobian if self.folding.stencil == "analytic" else None,
             transform_lattice=self.transform_lattice(),
         )

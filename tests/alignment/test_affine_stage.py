@@ -11,7 +11,7 @@ moving image with a known ``W_true``:
 
 Tolerances (stated here, asserted below): rotation error (of the orthogonal polar factor of
 ``W W_true^-1``) < 1 degree; translation error at the phantom centre < 1 mm; every entry of the
-3x3 part within 0.02. The fits use 4096 points per step (instead of 16384) to stay fast.
+3x3 part within 0.02. The fits use 4096 points per step (instead of the default 8192) to stay fast.
 """
 
 from __future__ import annotations
