@@ -71,7 +71,11 @@ class StationaryVelocity(nn.Module):
         self.scale = scale
 
     def velocity(self, y: Tensor) -> Tensor:
-        return self.scale * torch.tanh(self.mlp(self.encoding(y)))
+        return self.from_features(self.encoding(y))
+
+    def from_features(self, feats: Tensor) -> Tensor:
+        """``v`` from encoded points ``(M, C)`` -> ``(M, 3)``."""
+        return self.scale * torch.tanh(self.mlp(feats))
 
     def velocity_with_jacobian(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """``v(y)`` ``(M, 3)`` and ``Dv(y)`` ``(M, 3, 3)`` by hand-written forward mode."""
@@ -96,6 +100,26 @@ class _Negated(nn.Module):
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         return -self.inner[0].velocity(y)
+
+
+class _KnownStart(nn.Module):
+    """``v``, except at the initial state ``y0`` itself, where ``v0`` (already computed) is returned.
+
+    Every fixed-step solver of torchdiffeq evaluates ``v(y0)`` first, with the very tensor it was
+    given; a lattice computes that first evaluation axis by axis instead (:meth:`GridVelocityField.on_lattice`).
+    Any other argument, a copy of ``y0`` included, is evaluated as usual, so the result cannot
+    depend on the shortcut being taken. Wraps without owning.
+    """
+
+    def __init__(self, velocity: StationaryVelocity, y0: Tensor, v0: Tensor) -> None:
+        super().__init__()
+        self.inner = [velocity]
+        self.y0, self.v0 = y0, v0
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        if y is self.y0:
+            return self.v0
+        return self.inner[0].velocity(y)
 
 
 class _Variational(nn.Module):
@@ -251,7 +275,10 @@ class VelocityField(NeuralField):
         return torch.tensor([0.0, self.T], dtype=like.dtype, device=like.device)
 
     def _flow(self, x: Tensor, func: nn.Module) -> Tensor:
-        flat = x.reshape(-1, x.shape[-1])
+        return self._integrate(x.reshape(-1, x.shape[-1]), func).reshape(x.shape)
+
+    def _integrate(self, flat: Tensor, func: nn.Module) -> Tensor:
+        """The flow of ``func`` from the points ``flat`` ``(M, 3)`` over ``[0, T]``."""
         t = self._times(flat)
         kwargs: dict = {"method": self.method}
         if self.method in ADAPTIVE_METHODS:
@@ -261,7 +288,7 @@ class VelocityField(NeuralField):
             out = odeint_adjoint(func, flat, t, adjoint_params=params, **kwargs)
         else:
             out = odeint(func, flat, t, **kwargs)
-        return out[-1].reshape(x.shape)
+        return out[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         """``phi(x)``: the flow of ``v`` from ``x`` over ``[0, T]``."""
@@ -357,6 +384,38 @@ class GridVelocityField(VelocityField):
         )
         self._setup_flow(StationaryVelocity(encoding, mlp, scale=scale), scale=scale, T=T, method=method,
                          step_size=step_size, adjoint=adjoint, rtol=rtol, atol=atol)
+
+    def on_lattice(self, axes: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """``phi`` on separable lattices given per axis (``(B, d_a)`` normalized coordinates):
+        ``(B, d0, d1, d2, 3)``, the values of :meth:`forward` at their points (to rounding).
+
+        The first velocity evaluation, at the lattice points themselves, reads the grids axis
+        by axis (:meth:`~nir_lightning.fields.feature_grid.FeatureGrid.on_lattice`); torchdiffeq
+        integrates from there as in :meth:`forward` (midpoint with one step: half the point
+        reads of a step). With ``adjoint`` (whose solver sees copies of the points) every
+        evaluation reads points.
+
+        >>> field = GridVelocityField(levels=2, coarsest=3, features=2, width=8, init_scale=0.5)
+        >>> axes = tuple(torch.linspace(-1, 1, n)[None] for n in (3, 4, 5))
+        >>> pts = torch.stack(torch.meshgrid(*(a[0] for a in axes), indexing="ij"), -1)[None]
+        >>> bool(torch.allclose(field.on_lattice(axes), field(pts), atol=1e-6))
+        True
+        """
+        b = axes[0].shape[0]
+        ident = torch.stack(
+            [
+                axes[0][:, :, None, None].expand(b, -1, axes[1].shape[1], axes[2].shape[1]),
+                axes[1][:, None, :, None].expand(b, axes[0].shape[1], -1, axes[2].shape[1]),
+                axes[2][:, None, None, :].expand(b, axes[0].shape[1], axes[1].shape[1], -1),
+            ],
+            dim=-1,
+        )
+        flat = ident.reshape(-1, 3)
+        if self.adjoint:
+            return self._integrate(flat, self.velocity_net).reshape(ident.shape)
+        feats, _ = self.velocity_net.encoding.on_lattice(axes)
+        v0 = self.velocity_net.from_features(feats.reshape(-1, feats.shape[-1]))
+        return self._integrate(flat, _KnownStart(self.velocity_net, flat, v0)).reshape(ident.shape)
 
 
 @torch.no_grad()

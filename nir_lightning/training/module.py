@@ -26,7 +26,7 @@ from nir_lightning.data.pair import ImagePair
 from nir_lightning.errors import InputError
 from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
-from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, NeuralField
+from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, GridVelocityField, NeuralField
 from nir_lightning.losses import FoldingPenalty, Similarity, local_ncc, registration_objective
 from nir_lightning.sampling import (
     CoordinateSample,
@@ -110,9 +110,9 @@ class RegistrationModule(pl.LightningModule):
         similarity: Literal["lncc", "ncc", "mse", "mi"] = "lncc",
         window: int = 5,
         regularizer: Literal["jedt", "unit"] = "jedt",
-        lam: float = 10.0,
+        lam: float = 5.0,
         margin: float = 0.3,
-        lr: float = 5e-3,
+        lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
         jacobian_points: int = 4096,
         jacobian_stencil: Literal["forward", "central", "analytic"] = "analytic",
@@ -293,7 +293,7 @@ class RegistrationModule(pl.LightningModule):
     def transform_lattice(self) -> Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None:
         """The current transform's lattice reader (``phi`` from per-axis coordinates), or ``None``
         where it has none (SIREN fields, phase 2 of the hybrid schedule)."""
-        if self.in_phase2 or not isinstance(self.field, GridDisplacementField):
+        if self.in_phase2 or not isinstance(self.field, (GridDisplacementField, GridVelocityField)):
             return None
         return self.field.on_lattice
 

@@ -241,7 +241,7 @@ def test_hybrid_diffeomorphic_predict_writes_the_inverse(demo_files, tmp_path) -
 @pytest.mark.parametrize(
     ("model_cfg", "field", "field2", "stencil", "lam"),
     [
-        ("displacement", "GridDisplacementField", None, "analytic", 10.0),
+        ("displacement", "GridDisplacementField", None, "analytic", 5.0),
         ("diffeomorphic", "GridVelocityField", None, "analytic", 20.0),
         ("siren", "DisplacementField", None, "forward", 10.0),
         ("siren_diffeomorphic", "VelocityField", None, "central", 20.0),
@@ -267,7 +267,7 @@ def test_model_configs_build_and_compose(
     assert not any(type(c).__name__ == "HybridSchedule" for c in cli.trainer.callbacks)
     # velocity configs penalise det J harder; SIREN configs keep their finite-difference stencils
     assert (cli.model.jacobian_stencil, cli.model.lam) == (stencil, lam)
-    assert cli.model.lr == (5e-3 if "Grid" in field else 3e-4)
+    assert cli.model.lr == {"GridDisplacementField": 1e-2, "GridVelocityField": 5e-3}.get(field, 3e-4)
 
 
 @pytest.mark.parametrize(
