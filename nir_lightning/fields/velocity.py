@@ -413,7 +413,9 @@ class GridVelocityField(VelocityField):
         flat = ident.reshape(-1, 3)
         if self.adjoint:
             return self._integrate(flat, self.velocity_net).reshape(ident.shape)
-        feats, _ = self.velocity_net.encoding.on_lattice(axes)
+        encoding = self.velocity_net.encoding
+        assert isinstance(encoding, FeatureGrid)
+        feats, _ = encoding.on_lattice(axes)
         v0 = self.velocity_net.from_features(feats.reshape(-1, feats.shape[-1]))
         return self._integrate(flat, _KnownStart(self.velocity_net, flat, v0)).reshape(ident.shape)
 
