@@ -89,12 +89,14 @@ def identity_grid(
     *,
     stride: Sequence[int] | int = 1,
     offset: Sequence[int] | int = 0,
+    stop: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Normalized coordinates of the lattice ``offset + stride * k`` of a grid of ``shape``.
+    """Normalized coordinates of the lattice ``offset + stride * k`` of a grid of ``shape``,
+    below ``stop`` (voxels, exclusive, per axis; default ``shape``).
 
-    Returns ``(d0, d1, d2, 3)`` with ``d_a = ceil((shape_a - offset_a) / stride_a)``.
+    Returns ``(d0, d1, d2, 3)`` with ``d_a = ceil((stop_a - offset_a) / stride_a)``.
 
     >>> identity_grid((3, 4, 5)).shape
     torch.Size([3, 4, 5, 3])
@@ -103,9 +105,10 @@ def identity_grid(
     """
     strides = _triple(stride)
     offsets = _triple(offset)
+    stops = tuple(shape) if stop is None else tuple(stop)
     axes = [
         torch.arange(o, n, s, device=device, dtype=dtype)
-        for n, s, o in zip(shape, strides, offsets, strict=True)
+        for n, s, o in zip(stops, strides, offsets, strict=True)
     ]
     vox = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
     return voxel_to_normalized(vox, shape)

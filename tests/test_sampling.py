@@ -9,6 +9,7 @@ import torch
 
 from nir_lightning.coords import normalized_to_voxel
 from nir_lightning.core.chunked import grid_chunks as full_grid_chunks
+from nir_lightning.core.resample import sample_image
 from nir_lightning.errors import InputError
 from nir_lightning.sampling import (
     CoordinateSample,
@@ -228,8 +229,44 @@ def test_pyramid_sampler_keeps_its_point_budget_on_finer_images():
         ({"fractions": [0.5, 0.0, 1.0]}, "fractions must be > 0"),
         ({"levels": [0, 5, 5]}, "levels must be >= 1"),
         ({"max_points": 2}, "max_points must be >= 8"),
+        ({"crop_margin": -1}, "crop_margin must be >= 0"),
     ],
 )
 def test_pyramid_sampler_rejects_bad_arguments(kwargs, match):
     with pytest.raises(InputError, match=match):
         PyramidSampler(**kwargs)
+
+
+def test_pyramid_lattice_spans_the_mask_box_and_reads_images_by_slicing():
+    """crop: the lattice covers the mask's bounding box grown by crop_margin steps, every mask voxel
+    is within half a step of it, and CoordinateSample.read slices what interpolation reads."""
+    shape = (40, 44, 48)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[10:25, 12:30, 20:34] = True
+    image = torch.rand(1, 1, *shape)
+    cropped = PyramidSampler(strides=[3], sigmas=[0.0], fractions=[1.0], levels=None, max_points=2**17)
+    whole = PyramidSampler(strides=[3], sigmas=[0.0], fractions=[1.0], levels=None, max_points=2**17, crop=False)
+    for seed in range(4):
+        c = cropped.sample(shape, generator=torch.Generator().manual_seed(seed), mask=mask)
+        w = whole.sample(shape, generator=torch.Generator().manual_seed(seed), mask=mask)
+        vox = normalized_to_voxel(c.points, shape)[0]
+        lo = vox.reshape(-1, 3).min(dim=0).values
+        hi = vox.reshape(-1, 3).max(dim=0).values
+        assert (lo >= torch.tensor([10 - 6, 12 - 6, 20 - 6]) - 1e-4).all()  # 2 steps of 3 voxels
+        assert (hi <= torch.tensor([24 + 6, 29 + 6, 33 + 6]) + 1e-4).all()
+        assert (lo <= torch.tensor([10 - 6 + 2, 12 - 6 + 2, 20 - 6 + 2]) + 1e-4).all()  # starts within one step
+        assert c.num_points < 0.55 * w.num_points
+        torch.testing.assert_close(c.read(image), sample_image(image, c.points), atol=1e-5, rtol=0)
+    no_mask = cropped.sample(shape, generator=torch.Generator().manual_seed(0))  # no mask: the whole image
+    assert no_mask.num_points == whole.sample(shape, generator=torch.Generator().manual_seed(0), mask=mask).num_points
+
+
+def test_pyramid_budget_counts_the_box():
+    """A stage whose whole-image lattice would exceed the budget keeps its stride when the box fits."""
+    shape = (80, 96, 112)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[20:60, 20:70, 30:80] = True
+    s = PyramidSampler(strides=[2], sigmas=[0.0], fractions=[1.0], levels=None, max_points=40_000)
+    assert s.sample(shape, generator=torch.Generator().manual_seed(0)).spacing == (3.0, 3.0, 3.0)
+    c = s.sample(shape, generator=torch.Generator().manual_seed(0), mask=mask)
+    assert c.spacing == (2.0, 2.0, 2.0) and c.num_points <= 40_000
