@@ -8,9 +8,9 @@ from nir_lightning.fields.displacement import DisplacementField, coordinate_netw
 from nir_lightning.fields.encoding import FourierFeatures
 from nir_lightning.fields.feature_grid import FeatureGrid
 from nir_lightning.fields.grid_field import GridDisplacementField
+from nir_lightning.fields.grid_velocity import GridVelocityField
 from nir_lightning.fields.mlp import CoordinateMLP
 from nir_lightning.fields.velocity import (
-    GridVelocityField,
     StationaryVelocity,
     VelocityField,
     dense_velocity,

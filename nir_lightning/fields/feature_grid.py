@@ -88,6 +88,23 @@ def linear_weights(coords: Tensor, vertices: int, *, derivative: bool = False) -
     return out.scatter_add_(-1, (idx + 1).clamp(max=vertices - 1), hi[..., None])
 
 
+def lattice_points(axes: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """The points of separable lattices from their per-axis coordinates ``(B, d_a)``: ``(B, d0, d1, d2, 3)``.
+
+    >>> lattice_points((torch.zeros(1, 2), torch.ones(1, 3), torch.zeros(1, 4))).shape
+    torch.Size([1, 2, 3, 4, 3])
+    """
+    b = axes[0].shape[0]
+    return torch.stack(
+        [
+            axes[0][:, :, None, None].expand(b, -1, axes[1].shape[1], axes[2].shape[1]),
+            axes[1][:, None, :, None].expand(b, axes[0].shape[1], -1, axes[2].shape[1]),
+            axes[2][:, None, None, :].expand(b, axes[0].shape[1], axes[1].shape[1], -1),
+        ],
+        dim=-1,
+    )
+
+
 def lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, derivative: int | None = None) -> Tensor:
     """Trilinear interpolation of ``grid`` ``(R0, R1, R2, C)`` on separable lattices, axis by axis.
 

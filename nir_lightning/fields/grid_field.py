@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from nir_lightning.fields.base import NeuralField
-from nir_lightning.fields.feature_grid import FeatureGrid
+from nir_lightning.fields.feature_grid import FeatureGrid, lattice_points
 from nir_lightning.fields.mlp import CoordinateMLP
 
 
@@ -107,15 +107,7 @@ class GridDisplacementField(NeuralField):
         ``(B, d0, d1, d2, 3)``, the values of :meth:`forward` at their points, faster."""
         feats, _ = self.encoding.on_lattice(axes)
         u = self.mlp(feats.reshape(-1, feats.shape[-1])).reshape(*feats.shape[:-1], 3)
-        b = axes[0].shape[0]
-        ident = torch.stack(
-            [
-                axes[0][:, :, None, None].expand(b, -1, axes[1].shape[1], axes[2].shape[1]),
-                axes[1][:, None, :, None].expand(b, axes[0].shape[1], -1, axes[2].shape[1]),
-                axes[2][:, None, None, :].expand(b, axes[0].shape[1], axes[1].shape[1], -1),
-            ],
-            dim=-1,
-        )
+        ident = lattice_points(axes)
         return ident + u
 
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -49,7 +49,6 @@ from nir_lightning.fields.base import ComposedField, NeuralField
 from nir_lightning.fields.displacement import coordinate_network
 from nir_lightning.fields.encoding import FourierFeatures
 from nir_lightning.fields.feature_grid import FeatureGrid
-from nir_lightning.fields.grid_field import grid_network
 from nir_lightning.fields.mlp import CoordinateMLP
 
 ODEMethod = Literal["euler", "midpoint", "rk4", "dopri5"]
@@ -100,26 +99,6 @@ class _Negated(nn.Module):
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         return -self.inner[0].velocity(y)
-
-
-class _KnownStart(nn.Module):
-    """``v``, except at the initial state ``y0`` itself, where ``v0`` (already computed) is returned.
-
-    Every fixed-step solver of torchdiffeq evaluates ``v(y0)`` first, with the very tensor it was
-    given; a lattice computes that first evaluation axis by axis instead (:meth:`GridVelocityField.on_lattice`).
-    Any other argument, a copy of ``y0`` included, is evaluated as usual, so the result cannot
-    depend on the shortcut being taken. Wraps without owning.
-    """
-
-    def __init__(self, velocity: StationaryVelocity, y0: Tensor, v0: Tensor) -> None:
-        super().__init__()
-        self.inner = [velocity]
-        self.y0, self.v0 = y0, v0
-
-    def forward(self, t: Tensor, y: Tensor) -> Tensor:
-        if y is self.y0:
-            return self.v0
-        return self.inner[0].velocity(y)
 
 
 class _Variational(nn.Module):
@@ -336,88 +315,6 @@ class VelocityField(NeuralField):
     def extra_repr(self) -> str:
         step = f", step_size={self.step_size}" if self.step_size is not None else f", rtol={self.rtol}, atol={self.atol}"
         return f"T={self.T}, method={self.method!r}{step}, adjoint={self.adjoint}"
-
-
-class GridVelocityField(VelocityField):
-    """Diffeomorphic field on the default encoding: ``v(x) = scale * tanh(MLP(grid(x)))``, integrated
-    with torchdiffeq like :class:`VelocityField`.
-
-    The velocity costs what the displacement field costs per evaluation, so a fit costs about
-    ``evaluations per step`` times the displacement mode's field time (midpoint, one step: 2);
-    the inverse, the flow's own Jacobian and every output are those of :class:`VelocityField`.
-    Keyword arguments map one-to-one onto the CLI's ``model.field.init_args``.
-
-    Args:
-        levels, coarsest, features, width, depth, activation, init_scale, seed: the feature grid
-            and MLP, as in :class:`~nir_lightning.fields.grid_field.GridDisplacementField`.
-        scale, T, method, step_size, adjoint, rtol, atol: the integration, as in :class:`VelocityField`.
-
-    >>> field = GridVelocityField(levels=2, coarsest=3, features=2, width=8)
-    >>> x = torch.rand(4, 3) * 2 - 1
-    >>> bool((field(x) - x).abs().max() < 1e-3), bool((field.inverse(field(x)) - x).abs().max() < 1e-5)
-    (True, True)
-    """
-
-    def __init__(
-        self,
-        *,
-        levels: int = 5,
-        coarsest: int = 4,
-        features: int = 4,
-        width: int = 32,
-        depth: int = 1,
-        activation: Literal["sine", "relu"] = "relu",
-        init_scale: float = 1e-4,
-        seed: int = 0,
-        scale: float = 1.0,
-        T: float = 1.0,
-        method: ODEMethod = "midpoint",
-        step_size: float | None = 1.0,
-        adjoint: bool = False,
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-    ) -> None:
-        NeuralField.__init__(self)
-        encoding, mlp = grid_network(
-            levels=levels, coarsest=coarsest, features=features, width=width, depth=depth,
-            activation=activation, init_scale=init_scale, seed=seed,
-        )
-        self._setup_flow(StationaryVelocity(encoding, mlp, scale=scale), scale=scale, T=T, method=method,
-                         step_size=step_size, adjoint=adjoint, rtol=rtol, atol=atol)
-
-    def on_lattice(self, axes: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-        """``phi`` on separable lattices given per axis (``(B, d_a)`` normalized coordinates):
-        ``(B, d0, d1, d2, 3)``, the values of :meth:`forward` at their points (to rounding).
-
-        The first velocity evaluation, at the lattice points themselves, reads the grids axis
-        by axis (:meth:`~nir_lightning.fields.feature_grid.FeatureGrid.on_lattice`); torchdiffeq
-        integrates from there as in :meth:`forward` (midpoint with one step: half the point
-        reads of a step). With ``adjoint`` (whose solver sees copies of the points) every
-        evaluation reads points.
-
-        >>> field = GridVelocityField(levels=2, coarsest=3, features=2, width=8, init_scale=0.5)
-        >>> axes = tuple(torch.linspace(-1, 1, n)[None] for n in (3, 4, 5))
-        >>> pts = torch.stack(torch.meshgrid(*(a[0] for a in axes), indexing="ij"), -1)[None]
-        >>> bool(torch.allclose(field.on_lattice(axes), field(pts), atol=1e-6))
-        True
-        """
-        b = axes[0].shape[0]
-        ident = torch.stack(
-            [
-                axes[0][:, :, None, None].expand(b, -1, axes[1].shape[1], axes[2].shape[1]),
-                axes[1][:, None, :, None].expand(b, axes[0].shape[1], -1, axes[2].shape[1]),
-                axes[2][:, None, None, :].expand(b, axes[0].shape[1], axes[1].shape[1], -1),
-            ],
-            dim=-1,
-        )
-        flat = ident.reshape(-1, 3)
-        if self.adjoint:
-            return self._integrate(flat, self.velocity_net).reshape(ident.shape)
-        encoding = self.velocity_net.encoding
-        assert isinstance(encoding, FeatureGrid)
-        feats, _ = encoding.on_lattice(axes)
-        v0 = self.velocity_net.from_features(feats.reshape(-1, feats.shape[-1]))
-        return self._integrate(flat, _KnownStart(self.velocity_net, flat, v0)).reshape(ident.shape)
 
 
 @torch.no_grad()
