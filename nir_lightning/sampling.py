@@ -9,8 +9,9 @@ have ``spacing=None`` and are shaped ``(1, N, 1, 1, 3)``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -91,25 +92,33 @@ class CoordinateSampler:
         raise NotImplementedError
 
 
-_FOREGROUND: list[tuple[Tensor, int, Tensor]] = []  # (mask, its version, its nonzero())
+_MASK_CACHE: list[tuple[Tensor, int, dict[str, Any]]] = []  # (mask, its version, what was derived from it)
+
+
+def _derived(mask: Tensor, key: str, compute: Callable[[], Any]) -> Any:
+    """``compute()`` for ``mask``, cached for the last few masks (a fit passes the same mask every
+    step). The cache holds the mask itself, so it is recognised by identity and version, never
+    by a reused address."""
+    for held, version, derived in _MASK_CACHE:
+        if held is mask and version == mask._version:
+            break
+    else:
+        derived = {}
+        _MASK_CACHE.insert(0, (mask, mask._version, derived))
+        del _MASK_CACHE[4:]
+    if key not in derived:
+        derived[key] = compute()
+    return derived[key]
 
 
 def foreground_index(mask: Tensor) -> Tensor:
-    """``mask.nonzero()`` ``(N, 3)``, cached for the last few masks (a fit passes the same mask
-    every step; ``nonzero`` costs about a millisecond per step on a 2 mm brain). The cache holds
-    the mask itself, so it is recognised by identity and version, never by a reused address.
+    """``mask.nonzero()`` ``(N, 3)``, cached (``nonzero`` costs about a millisecond per step on a 2 mm brain).
 
     >>> m = torch.zeros(2, 2, 2, dtype=torch.bool); m[1, 0, 1] = True
     >>> foreground_index(m).tolist()
     [[1, 0, 1]]
     """
-    for held, version, index in _FOREGROUND:
-        if held is mask and version == mask._version:
-            return index
-    index = mask.nonzero()
-    _FOREGROUND.insert(0, (mask, mask._version, index))
-    del _FOREGROUND[4:]
-    return index
+    return _derived(mask, "index", mask.nonzero)
 
 
 def random_lattice(
@@ -132,9 +141,6 @@ def random_lattice(
     return identity_grid(shape, stride=stride, offset=origin, stop=hi, device=generator.device), origin
 
 
-_BOXES: list[tuple[Tensor, int, tuple[tuple[int, int, int], tuple[int, int, int]]]] = []  # (mask, its version, its box)
-
-
 def foreground_box(mask: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """The bounding box ``(lo, hi)`` of ``mask`` ``(D0, D1, D2)`` (voxels, ``hi`` exclusive); the
     whole grid for an empty mask. Cached like :func:`foreground_index`.
@@ -143,18 +149,16 @@ def foreground_box(mask: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, 
     >>> foreground_box(m)
     ((1, 2, 4), (3, 3, 6))
     """
-    for held, version, box in _BOXES:
-        if held is mask and version == mask._version:
-            return box
-    index = foreground_index(mask)
-    if index.shape[0] == 0:
-        d0, d1, d2 = (int(n) for n in mask.shape)
-        box = ((0, 0, 0), (d0, d1, d2))
-    else:
+
+    def compute() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        index = foreground_index(mask)
+        if index.shape[0] == 0:
+            d0, d1, d2 = (int(n) for n in mask.shape)
+            return ((0, 0, 0), (d0, d1, d2))
         lo, hi = index.min(dim=0).values.tolist(), (index.max(dim=0).values + 1).tolist()
-        box = ((lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2]))
-    _BOXES.insert(0, (mask, mask._version, box))
-    del _BOXES[4:]
+        return ((lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2]))
+
+    box: tuple[tuple[int, int, int], tuple[int, int, int]] = _derived(mask, "box", compute)
     return box
 
 

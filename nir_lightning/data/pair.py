@@ -114,7 +114,7 @@ class ImagePair:
             raise ValueError("align() needs the moving image on its own grid (load_pair(..., keep_native=True))")
         nat = self.native
         self.world = np.asarray(world, dtype=np.float64)
-        if nat.shape == self.shape and np.allclose(nat.affine, self.fixed_affine, atol=1e-6) and np.array_equal(self.world, np.eye(4)):
+        if self._moving_on_fixed_grid():
             pts = None  # one grid, no transform: the voxels as they are
         else:
             chain = normalized_chain_matrix(self.shape, self.fixed_affine, nat.shape, nat.affine, self.world)
@@ -130,6 +130,11 @@ class ImagePair:
         if nat.mask is not None:
             self.moving_mask = resample(nat.mask.float()[None, None], "nearest")[0, 0] > 0.5
 
+    def _moving_on_fixed_grid(self) -> bool:
+        """The native moving image is on the fixed grid and there is no affine part: its voxels are the aligned ones."""
+        nat = self.native
+        return nat is not None and nat.shape == self.shape and np.allclose(nat.affine, self.fixed_affine, atol=1e-6) and np.array_equal(self.world, np.eye(4))
+
     def moving_sampling(self) -> tuple[Tensor, np.ndarray | None]:
         """The moving image a fit samples, and the matrix to sample it through.
 
@@ -140,9 +145,7 @@ class ImagePair:
         the copy that :meth:`align` resampled (a second trilinear pass blurs fine detail).
         """
         nat = self.native
-        if nat is None:
-            return self.moving, None
-        if nat.shape == self.shape and np.allclose(nat.affine, self.fixed_affine, atol=1e-6) and np.array_equal(self.world, np.eye(4)):
+        if nat is None or self._moving_on_fixed_grid():
             return self.moving, None
         return nat.image, normalized_chain_matrix(self.shape, self.fixed_affine, nat.shape, nat.affine, self.world)
 
