@@ -135,7 +135,7 @@ SimilarityKind = Literal["lncc", "ncc", "mse", "mi"]
 class Similarity(nn.Module):
     """Chooses the similarity: ``"lncc"`` on grid samples (falls back to global NCC on
     unstructured ones), ``"ncc"`` (global), ``"mse"`` or ``"mi"`` (Parzen-window mutual
-    information over the samples, :func:`~nir_lightning.losses.mutual_information.mutual_information`:
+    information over the samples, normalised by the joint entropy, :func:`~nir_lightning.losses.mutual_information.mutual_information`:
     for pairs of different contrasts, T1 against T2 or FLAIR, where NCC assumes a linear relation).
 
     >>> x = torch.rand(1, 1, 6, 6, 6)
@@ -157,7 +157,7 @@ class Similarity(nn.Module):
         if self.kind == "mse":
             return mse(fixed, warped, weight=weight)
         if self.kind == "mi":
-            return mutual_information(fixed, warped, num_bins=self.num_bins, weight=weight)
+            return mutual_information(fixed, warped, num_bins=self.num_bins, weight=weight, normalized=True)
         if self.kind == "ncc" or not is_grid:
             return global_ncc(fixed, warped, weight=weight)
         return local_ncc(fixed, warped, window=self.window, weight=weight)

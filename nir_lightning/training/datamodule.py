@@ -111,11 +111,11 @@ class PairDataModule(pl.LightningDataModule):
         assert native is not None
         if self.affine.kind != "none":
             # points come from the user's fixed mask, else the foreground rule (not just > 0,
-            # which on a raw scan's noisy background would take most of them)
-            sample_mask = pair.fixed_mask if pair.fixed_mask is not None else pair.foreground_mask()
+            # which on a raw scan's noisy background would take most of them), grown
             res = self.affine.fit(
                 pair.fixed, pair.fixed_affine, native.image, native.affine,
-                fixed_mask=sample_mask, moving_mask=native.mask,
+                fixed_mask=pair.fixed_mask, moving_mask=native.mask,
+                foreground=pair.foreground_mask() if pair.fixed_mask is None else None,
             )
             pair.align(res.world)
             self.affine_result = res

@@ -41,6 +41,12 @@ from nir_lightning.training.tracking import logging_step
 log = logging.getLogger(__name__)
 
 
+DEFAULT_LAM = {"lncc": 5.0, "ncc": 5.0, "mse": 5.0, "mi": 1.0}
+"""``lam`` when none is given, by similarity. Adam sees only the ratio of the two terms' gradients,
+and normalised MI moves far less than local NCC over a fit: at 5 the folding term held a T2-like
+pair back (Dice 0.697 against 0.703 at 1, 0 folds either way; benchmarks/README.md)."""
+
+
 class RegistrationModule(pl.LightningModule):
     """Optimises ``field`` so that ``moving(field(x))`` matches ``fixed(x)``.
 
@@ -67,7 +73,7 @@ class RegistrationModule(pl.LightningModule):
             (mutual information, for pairs of different contrasts).
         window: local NCC window in lattice samples.
         regularizer: ``"jedt"`` (penalise det <= 0 only) or ``"unit"`` (|det - 1|).
-        lam: weight of the regulariser.
+        lam: weight of the regulariser; ``None``: :data:`DEFAULT_LAM` of ``similarity``.
         margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR).
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
@@ -110,7 +116,7 @@ class RegistrationModule(pl.LightningModule):
         similarity: Literal["lncc", "ncc", "mse", "mi"] = "lncc",
         window: int = 5,
         regularizer: Literal["jedt", "unit"] = "jedt",
-        lam: float = 5.0,
+        lam: float | None = None,
         margin: float = 0.3,
         lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
@@ -121,6 +127,8 @@ class RegistrationModule(pl.LightningModule):
         eval_max_points: int = 2**18,
     ) -> None:
         super().__init__()
+        if lam is None:
+            lam = DEFAULT_LAM.get(similarity, 5.0)
         if not (math.isfinite(lam) and lam >= 0):
             raise InputError(f"model.lam (weight of the folding penalty) must be a finite number >= 0, got {lam}; use e.g. lam=10, or 0 to switch the penalty off.")
         if not (math.isfinite(lr) and lr > 0):

@@ -199,6 +199,8 @@ def test_ncc_and_masks(phantom):
         ("rigid_iterations", (10, 10)),
         ("affine_iterations", (10, -1, 10)),
         ("num_points", 10),
+        ("margin", -1.0),
+        ("margin", float("inf")),
         ("lr", 0.0),
         ("lr", float("nan")),
         ("seed", "zero"),
@@ -209,6 +211,30 @@ def test_bad_values_name_the_field(field, value):
         AffineStage(**{field: value})
     assert info.value.owner == "AffineStage" and info.value.param == field
     assert str(info.value).startswith(f"AffineStage.{field} ")
+
+
+def test_points_come_from_the_foreground_grown_by_the_margin_or_from_the_mask_as_given(phantom):
+    """Without a mask the sampling region is the foreground grown by ``margin`` mm (a box of
+    3 voxels of 2 mm each way for 6 mm), so both sides of the anatomy's edge are sampled; a
+    user's mask is used as given, and ``margin=0`` leaves the foreground as it is."""
+    from scipy.ndimage import binary_dilation
+
+    image, affine, _ = phantom
+    fixed = tensor(image)
+    fg = torch.from_numpy(image > 0.1)
+
+    def region(stage: AffineStage, fixed_mask, foreground) -> np.ndarray:
+        level = stage._level(1, fixed, affine, fixed, affine, fixed_mask, None, foreground)
+        out = np.zeros(int(np.prod(level.fixed_shape)), dtype=bool)
+        out[level.region.numpy()] = True
+        return out.reshape(level.fixed_shape)
+
+    grown = region(AffineStage(margin=6.0), None, fg)
+    expected = binary_dilation(fg.numpy(), structure=np.ones((7, 7, 7), dtype=bool))
+    assert expected.sum() > 1.2 * fg.sum()  # the shell is there to be found
+    np.testing.assert_array_equal(grown, expected)
+    np.testing.assert_array_equal(region(AffineStage(margin=6.0), fg, None), fg.numpy())
+    np.testing.assert_array_equal(region(AffineStage(margin=0.0), None, fg), fg.numpy())
 
 
 def test_lists_from_a_config_become_tuples():

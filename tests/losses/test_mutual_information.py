@@ -33,6 +33,19 @@ def test_invariant_to_monotonic_and_non_monotonic_remaps():
     assert float(mutual_information(1.0 - (2.0 * a - 1.0) ** 2, a)) == pytest.approx(folded, rel=1e-6)
 
 
+def test_normalized_is_mi_over_the_joint_entropy_in_minus_one_to_zero():
+    a = rand(8192)
+    shuffled = a[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(1))]
+    for b in (a, 1.0 - (2.0 * a - 1.0) ** 2, shuffled):
+        nmi = float(mutual_information(a, b, normalized=True))
+        assert -1.0 <= nmi <= 0.0
+    assert float(mutual_information(a, a, normalized=True)) < float(mutual_information(a, 1.0 - (2.0 * a - 1.0) ** 2, normalized=True)) - 0.1
+    assert abs(float(mutual_information(a, shuffled, normalized=True))) < 0.02
+    # doubling the samples (the overlap) leaves it alone
+    twice = torch.cat([a, a])
+    assert float(mutual_information(twice, twice, normalized=True)) == pytest.approx(float(mutual_information(a, a, normalized=True)), rel=1e-9)
+
+
 def test_any_shape_and_symmetric():
     a = rand(2 * 3 * 4 * 5).reshape(1, 1, 2, 3, 4, 5)
     b = rand(a.numel(), seed=3).reshape(a.shape)
@@ -69,11 +82,12 @@ def test_gradient_finite_and_values_outside_unit_range_contribute():
     assert float(b.grad[outside].abs().sum()) > 0.0  # not clamped away
 
 
-def test_gradient_matches_finite_differences():
+@pytest.mark.parametrize("normalized", [False, True])
+def test_gradient_matches_finite_differences(normalized):
     a = rand(64)
     b = rand(64, seed=2)
     b.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda y: mutual_information(a, y, num_bins=8, sigma_ratio=1.0), (b,))
+    assert torch.autograd.gradcheck(lambda y: mutual_information(a, y, num_bins=8, sigma_ratio=1.0, normalized=normalized), (b,))
 
 
 def test_bad_arguments():

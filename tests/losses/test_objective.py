@@ -38,3 +38,13 @@ def test_module_step_is_the_pure_objective(sampler, stencil: str) -> None:
     for key in ("loss", "sim", "jedt"):
         assert torch.equal(got[key], want[key]), key
     assert float(want["jedt"].detach()) >= 0 and -1 <= float(want["sim"].detach()) <= 0
+
+
+def test_the_folding_weight_defaults_by_similarity_and_an_explicit_one_wins():
+    from nir_lightning.training.module import DEFAULT_LAM
+
+    field = DisplacementField(width=16, num_frequencies=4)
+    assert RegistrationModule(field=field).lam == DEFAULT_LAM["lncc"] == 5.0
+    assert RegistrationModule(field=field, similarity="mi").lam == DEFAULT_LAM["mi"] == 1.0
+    assert RegistrationModule(field=field, similarity="mi", lam=7.0).lam == 7.0
+    assert set(DEFAULT_LAM) == {"lncc", "ncc", "mse", "mi"}
