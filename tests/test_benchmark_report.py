@@ -130,3 +130,14 @@ def test_sdlogj_of_zero_displacement_is_zero() -> None:
     assert m["sdlogj"] == 0.0
     assert m["dice_after"] == 1.0
     assert "sdlogj" in CSV_COLUMNS
+
+
+def test_nir_uses_mutual_information_on_multimodal_pairs_unless_told_otherwise() -> None:
+    from harness.methods import nir_overrides
+
+    one = nir_overrides({"device": "cpu"})
+    two = nir_overrides({"device": "cpu", "multimodal": True})
+    mine = nir_overrides({"device": "cpu", "multimodal": True, "nir_args": ["--model.similarity=lncc"]})
+    assert "model.similarity" not in one
+    assert two["model.similarity"] == "mi"
+    assert mine["model.similarity"] == "lncc"

@@ -117,11 +117,13 @@ def overrides_from_args(args: Sequence[str]) -> dict[str, str]:
 
 
 def nir_overrides(spec: dict[str, Any]) -> dict[str, Any]:
-    """The nir run's config overrides: accelerator, ``quick`` steps, then the user's ``nir_args``
-    (later entries win)."""
+    """The nir run's config overrides: accelerator, ``quick`` steps, mutual information for
+    ``multimodal`` pairs (as the peers' chains switch to it: ``nir register --similarity mi``),
+    then the user's ``nir_args`` (later entries win)."""
     cuda = spec["device"].startswith("cuda")
     device: dict[str, Any] = {"trainer.accelerator": "gpu", "trainer.devices": 1} if cuda else {"trainer.accelerator": "cpu"}
-    return {**device, **(NIR_QUICK if spec.get("quick") else {}), **overrides_from_args(spec.get("nir_args", []))}
+    contrast = {"model.similarity": "mi"} if spec.get("multimodal") else {}
+    return {**device, **(NIR_QUICK if spec.get("quick") else {}), **contrast, **overrides_from_args(spec.get("nir_args", []))}
 
 
 def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:

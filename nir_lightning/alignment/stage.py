@@ -15,11 +15,12 @@ It finds the world matrix ``W`` (4x4 float64, fixed RAS mm -> moving RAS mm, so 
    pyramid level from coarse to fine.
 3. Affine (``kind="affine"``): 12 parameters started from the rigid result, every level again.
 
-Each step draws ``num_points`` random points in the fixed foreground (jittered within their
-voxel, so the fixed and moving grids never line up exactly, which would give mutual
-information its interpolation artefacts), maps them through the chain matrix
-``N_m V_m^-1 W V_f N_f^-1`` (:func:`~nir_lightning.coords.normalized_chain_matrix`, built in
-torch so it is differentiable in ``W``), samples the moving image there and compares
+Each step draws ``num_points`` random points in the fixed foreground grown by ``margin`` mm
+(or in a user's fixed mask as given), jittered within their voxel, so the fixed and moving grids
+never line up exactly, which would give mutual information its interpolation artefacts; maps
+them through the chain matrix ``N_m V_m^-1 W V_f N_f^-1``
+(:func:`~nir_lightning.coords.normalized_chain_matrix`, built in torch so it is differentiable
+in ``W``), samples the moving image there and compares
 intensities with Parzen mutual information or global NCC. Points that land outside the moving
 image (or outside the moving mask) get weight 0. The cost per step is fixed by
 ``num_points``, whatever the image size; only building the pyramid touches every voxel.
@@ -173,9 +174,9 @@ class AffineStage:
             when no fixed mask is given, so that points fall on both sides of the anatomy's
             edge. With points inside the anatomy only, mutual information prefers to shrink the
             moving anatomy where its edge is bright (CSF in a T2): the fixed edge then meets the
-            moving background, a purer pairing (a T2-like shared pair: scales ~8 % too large,
-            Dice after the affine stage 0.470; see benchmarks/README.md). A user's fixed mask is
-            used as given.
+            moving background, a purer pairing (on the T2-like shared pair the scales came out
+            5-10 % too large, Dice after the stage 0.470; with 10 mm, 0.518; benchmarks/README.md,
+            0.2.2). A user's fixed mask is used as given.
         lr: Adam learning rate; a step of ``lr`` moves the anatomy by about ``lr`` times its
             radius (see :mod:`~nir_lightning.alignment.parameters`). It decays (cosine) to a
             tenth within each level and halves from one level to the next.

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LAM = {"lncc": 5.0, "ncc": 5.0, "mse": 5.0, "mi": 1.0}
 """``lam`` when none is given, by similarity. Adam sees only the ratio of the two terms' gradients,
 and normalised MI moves far less than local NCC over a fit: at 5 the folding term held a T2-like
-pair back (Dice 0.697 against 0.703 at 1, 0 folds either way; benchmarks/README.md)."""
+pair back (Dice 0.690 against 0.703 at 1, 0 folds either way; benchmarks/README.md, 0.2.2)."""
 
 
 class RegistrationModule(pl.LightningModule):
