@@ -328,7 +328,9 @@ class AffineStage:
             return float(self._loss(level, _torch64(world, device), *sample))
 
         f3 = fixed[0, 0]
-        fmask = fixed_mask.to(device) if fixed_mask is not None else foreground.to(device)  # type: ignore[union-attr]
+        support = fixed_mask if fixed_mask is not None else foreground
+        assert support is not None
+        fmask = support.to(device)
         mmask = moving_mask.to(device) if moving_mask is not None else None
         centre = center_of_mass(f3, fixed_affine, fmask)
         radius = float(np.sqrt(max(float(principal_axes(f3, fixed_affine, fmask)[0].sum()), 1e-6)))

@@ -1,7 +1,8 @@
 """Negative mutual information with Gaussian Parzen windows, optionally weighted per sample.
 
 Used by the rigid/affine stage (:mod:`nir_lightning.alignment`) to align images of different
-contrasts or of the same contrast with different intensity scaling.
+contrasts or of the same contrast with different intensity scaling, and, normalised, by the
+neural field's ``mi`` similarity (:mod:`nir_lightning.losses.similarity`).
 
 Why not ``monai.losses.GlobalMutualInformationLoss``: it clamps intensities to ``[0, 1]``
 (a sample just outside that range then has zero gradient) and it has no per-sample weights,
@@ -47,11 +48,11 @@ def mutual_information(
     standard deviation ``sigma_ratio`` times the bin spacing; with all weights 0 the result is
     0. Memory is ``O(N * num_bins)`` per image plus a ``num_bins**2`` joint histogram.
     With ``normalized``, the result is ``-MI / H(a, b)`` in ``[-1, 0]`` (Studholme's
-    overlap-invariant normalisation; the kernel's smoothing keeps identical images near
-    -0.5, see below): the neural field can move edges
-    against the background, and plain MI rewards moving the anatomy's bright rim (CSF in a T2)
-    off the fixed anatomy, which purifies the joint histogram. Returns a scalar, differentiable
-    in ``a``, ``b`` (and ``weight``).
+    overlap-invariant normalisation; the kernel's smoothing keeps identical images near -0.5,
+    see below). The neural field uses it: it can move edges against the background, and plain
+    MI rewards moving the anatomy's bright rim (CSF in a T2) off the fixed anatomy, which
+    purifies the joint histogram. Returns a scalar, differentiable in ``a``, ``b`` (and
+    ``weight``).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> a = torch.rand(4096, generator=g)
