@@ -215,9 +215,11 @@ class RegistrationModule(pl.LightningModule):
             # smooth the native image by the same millimetres as the fixed one
             fs, ns = voxel_spacing(pair.fixed_affine), voxel_spacing(pair.native.affine)
             self._source_sigma_scale = (fs[0] / ns[0], fs[1] / ns[1], fs[2] / ns[2])
-        self.register_buffer("mask", pair.foreground_mask(), persistent=False)
+        fg = pair.foreground_mask()
+        self.register_buffer("mask", fg, persistent=False)
         # The user's masks: samplers draw inside the fixed one, the similarity counts inside both.
-        sample_mask = pair.fixed_mask if pair.fixed_mask is not None else pair.foreground_mask()
+        # Without one the samplers share the foreground tensor, and so its cached index and box.
+        sample_mask = pair.fixed_mask if pair.fixed_mask is not None else fg
         self.register_buffer("sample_mask", sample_mask, persistent=False)
         for name in ("fixed_mask", "moving_mask"):
             m = getattr(pair, name)
