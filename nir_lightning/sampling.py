@@ -178,6 +178,34 @@ def grown_box(
     )
 
 
+def foreground_domain(
+    mask: Tensor, spacing: Sequence[float], margin: float
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """The box of normalized coordinates (low, high corners) that holds ``mask``'s bounding box
+    grown by ``margin`` millimetres (``spacing``: mm per voxel, array-axis order), clipped to
+    the image: where the feature grids of a field are spread (``FeatureGrid.set_domain``).
+
+    >>> m = torch.zeros(11, 11, 11, dtype=torch.bool); m[3:8, 5, :] = True
+    >>> low, high = foreground_domain(m, (1.0, 1.0, 2.0), 2.0)  # voxels 1..9, 3..7, 0..10
+    >>> [round(v, 3) for v in low], [round(v, 3) for v in high]
+    ([-0.8, -0.4, -1.0], [0.8, 0.4, 1.0])
+    """
+    shape = tuple(int(n) for n in mask.shape)
+    (l0, l1, l2), (h0, h1, h2) = foreground_box(mask)
+    lo = torch.tensor([l0, l1, l2], dtype=torch.float64) - torch.tensor([margin / s for s in spacing], dtype=torch.float64)
+    hi = torch.tensor([h0 - 1, h1 - 1, h2 - 1], dtype=torch.float64) + torch.tensor([margin / s for s in spacing], dtype=torch.float64)
+    size = torch.tensor(shape, dtype=torch.float64)
+    low = voxel_to_normalized(lo.clamp(min=0), shape)
+    high = voxel_to_normalized(torch.minimum(hi, size - 1), shape)
+    # an axis of one voxel (or a one-voxel-thick mask) keeps its whole extent
+    flat = high <= low
+    low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
+    return (
+        (float(low[0]), float(low[1]), float(low[2])),
+        (float(high[0]), float(high[1]), float(high[2])),
+    )
+
+
 def _check_shape(shape: tuple[int, int, int], minimum: int, what: str) -> None:
     if len(shape) != 3 or any(int(s) < minimum for s in shape):
         raise InputError(

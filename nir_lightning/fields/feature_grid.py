@@ -19,6 +19,8 @@ to six.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -153,6 +155,8 @@ class FeatureGrid(nn.Module):
     (torch.Size([5, 3, 2]), True)
     """
 
+    domain: Tensor  # (2, 3) buffer: the low and high corners of the grids' box
+
     def __init__(
         self,
         *,
@@ -184,6 +188,57 @@ class FeatureGrid(nn.Module):
         self.active_levels = levels
         self.out_features = features
         self._cache: tuple[tuple, Tensor] | None = None
+        # The box of normalized coordinates the grids span (rows: low, high corner); the whole
+        # image by default. Persistent, so a saved field reads its points as it was fitted.
+        self.register_buffer("domain", torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+        self._whole_image = True  # kept with the buffer, so that a step does not read it back from a GPU
+
+    def set_domain(self, low: Sequence[float], high: Sequence[float]) -> None:
+        """Let the grids span the box ``[low, high]`` of normalized coordinates (array-axis order)
+        instead of ``[-1, 1]^3``. Outside it the features keep their value at the box's face.
+
+        A box around the anatomy gives cells of the same size in millimetres whatever the
+        image's field of view (a raw scan's head fills half of it, a template-cropped one
+        nearly all). Call before fitting; the grids' values are not moved.
+
+        >>> enc = FeatureGrid(levels=1, features=1, coarsest=2, init_scale=0.0)
+        >>> with torch.no_grad():
+        ...     enc.grids[0][0, 0, 1] = 1.0  # the vertices at the high end of axis 0
+        >>> enc.set_domain((0.0, -1.0, -1.0), (0.5, 1.0, 1.0))
+        >>> enc(torch.tensor([[0.25, 0.0, 0.0], [1.0, 0.0, 0.0]])).flatten().tolist()
+        [0.5, 1.0]
+        """
+        lo = torch.as_tensor(low, dtype=torch.float64).reshape(3)
+        hi = torch.as_tensor(high, dtype=torch.float64).reshape(3)
+        if not (bool(torch.isfinite(lo).all()) and bool(torch.isfinite(hi).all()) and bool((hi > lo).all())):
+            raise InputError(f"FeatureGrid.set_domain needs finite low < high on every axis, got low={lo.tolist()}, high={hi.tolist()}.")
+        self.domain.copy_(torch.stack([lo, hi]).to(self.domain))
+        self._whole_image = self._spans_image()
+
+    def _spans_image(self) -> bool:
+        return bool((self.domain[0] == -1).all() and (self.domain[1] == 1).all())
+
+    def _whole(self) -> bool:
+        return self._whole_image
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        # fields saved before the domain existed spanned the whole image
+        state_dict.setdefault(prefix + "domain", torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._whole_image = self._spans_image()
+
+    def _into_domain(self, x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor | None]:
+        """Points (or one axis's coordinates) in the grids' ``[-1, 1]``, and the derivative of
+        that map (``None`` on the whole image, where it is the identity)."""
+        if self._whole():
+            return x, None
+        lo, hi = self.domain.to(x.dtype)
+        if axis is not None:
+            lo, hi = lo[axis], hi[axis]
+        half = (hi - lo) / 2
+        t = (x - (lo + hi) / 2) / half
+        inside = (t >= -1) & (t <= 1)
+        return t.clamp(-1, 1), inside.to(x.dtype) / half
 
     def composed(self) -> Tensor:
         """The active levels summed on the finest active grid, ``(R0, R1, R2, features)``.
@@ -221,6 +276,7 @@ class FeatureGrid(nn.Module):
         faster on lattices of many points; ``border`` padding differs from the linear
         extension only outside ``[-1, 1]``)."""
         grid = self.composed().permute(3, 0, 1, 2)[None]
+        x, _ = self._into_domain(x)
         pts = x.flip(-1).reshape(1, -1, 1, 1, 3).to(grid.dtype)  # grid_sample wants (x, y, z) = reversed axes
         out = F.grid_sample(grid, pts, mode="bilinear", padding_mode="border", align_corners=True)
         return out.reshape(self.features, -1).T
@@ -230,18 +286,33 @@ class FeatureGrid(nn.Module):
         and, with ``jacobian``, their derivative ``(B, d0, d1, d2, features, 3)``; the values of
         :meth:`forward` at the lattice's points, read axis by axis (:func:`lattice_read`)."""
         grid = self.composed()
-        feats = lattice_read(grid, axes)
+        mapped = [self._into_domain(axes[a], a) for a in range(3)]
+        inner = (mapped[0][0], mapped[1][0], mapped[2][0])
+        feats = lattice_read(grid, inner)
         if not jacobian:
             return feats, None
-        return feats, torch.stack([lattice_read(grid, axes, derivative=a) for a in range(3)], dim=-1)
+        derivs = []
+        for a in range(3):
+            d = lattice_read(grid, inner, derivative=a)
+            scale = mapped[a][1]
+            if scale is not None:  # (B, d_a) -> broadcast along lattice axis a
+                d = d * scale.reshape(scale.shape[0], *[-1 if b == a else 1 for b in range(3)], 1)
+            derivs.append(d)
+        return feats, torch.stack(derivs, dim=-1)
 
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Features ``(M, features)`` and their exact derivative with respect to the point,
         ``(M, 3, features)`` (tangent-major, as :meth:`CoordinateMLP.forward_with_jacobian` takes
         it; normalized units; piecewise trilinear)."""
-        feats, jac = trilinear_with_jacobian(self.composed(), x, jacobian=True)
+        t, scale = self._into_domain(x)
+        feats, jac = trilinear_with_jacobian(self.composed(), t, jacobian=True)
         assert jac is not None
+        if scale is not None:  # chain rule through the box map: row a times d t_a / d x_a
+            jac = jac * scale[:, :, None]
         return feats, jac
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, features={self.features}, resolutions={self.resolutions}, active_levels={self.active_levels}"
+        return (
+            f"levels={self.levels}, features={self.features}, resolutions={self.resolutions}, active_levels={self.active_levels}"
+            + ("" if self._whole() else f", domain={[[round(v, 4) for v in row] for row in self.domain.tolist()]}")
+        )

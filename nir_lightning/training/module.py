@@ -34,6 +34,7 @@ from nir_lightning.sampling import (
     DownsizeSampler,
     MinipatchSampler,
     PyramidSampler,
+    foreground_domain,
 )
 from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, linear_decay
 from nir_lightning.training.tracking import logging_step
@@ -45,6 +46,10 @@ DEFAULT_LAM = {"lncc": 5.0, "ncc": 5.0, "mse": 5.0, "mi": 1.0}
 """``lam`` when none is given, by similarity. Adam sees only the ratio of the two terms' gradients,
 and normalised MI moves far less than local NCC over a fit: at 5 the folding term held a T2-like
 pair back (Dice 0.690 against 0.703 at 1, 0 folds either way; benchmarks/README.md, 0.2.2)."""
+
+
+_DEFAULT_FIELD = lazy_instance(GridDisplacementField)
+_DEFAULT_SAMPLER = lazy_instance(PyramidSampler)
 
 
 class RegistrationModule(pl.LightningModule):
@@ -93,6 +98,10 @@ class RegistrationModule(pl.LightningModule):
             fit samples exactly what an uninterrupted one would).
         val_stride: lattice stride of the validation metrics.
         eval_max_points: points per chunk of dense inference (bounds memory).
+        domain_margin: the fields' feature grids span the fixed foreground's bounding box (the
+            user's fixed mask's, if given) grown by this many millimetres, so their cells are as
+            fine in millimetres on a raw scan, whose head fills half the field of view, as on a
+            cropped one; ``None``: the whole image.
     """
 
     # buffers (registered in __init__ / attach_pair), declared for type checkers
@@ -109,10 +118,10 @@ class RegistrationModule(pl.LightningModule):
     def __init__(
         self,
         *,
-        field: NeuralField = lazy_instance(GridDisplacementField),
+        field: NeuralField = _DEFAULT_FIELD,
         field2: NeuralField | None = None,
         schedule: HybridSchedule | None = None,
-        sampler: CoordinateSampler = lazy_instance(PyramidSampler),
+        sampler: CoordinateSampler = _DEFAULT_SAMPLER,
         similarity: Literal["lncc", "ncc", "mse", "mi"] = "lncc",
         window: int = 5,
         regularizer: Literal["jedt", "unit"] = "jedt",
@@ -125,8 +134,13 @@ class RegistrationModule(pl.LightningModule):
         seed: int = 0,
         val_stride: int = 2,
         eval_max_points: int = 2**18,
+        domain_margin: float | None = 16.0,
     ) -> None:
         super().__init__()
+        # Python builds a default argument once: without a new one, every module made without a
+        # field would train the same field, the second starting where the first stopped
+        field = GridDisplacementField() if field is _DEFAULT_FIELD else field
+        sampler = PyramidSampler() if sampler is _DEFAULT_SAMPLER else sampler
         if lam is None:
             lam = DEFAULT_LAM.get(similarity, 5.0)
         if not (math.isfinite(lam) and lam >= 0):
@@ -157,6 +171,10 @@ class RegistrationModule(pl.LightningModule):
                     )
         if val_stride < 1 or eval_max_points < 1:
             raise InputError("model.val_stride and model.eval_max_points must be >= 1")
+        if domain_margin is not None and not (math.isfinite(domain_margin) and domain_margin >= 0):
+            raise InputError(
+                f"model.domain_margin must be a finite number of millimetres >= 0 (or null: the whole image), got {domain_margin}; e.g. 16."
+            )
         self.save_hyperparameters(logger=False, ignore=["field", "field2", "schedule", "sampler"])
         self.field = field
         self.field2 = field2
@@ -172,6 +190,7 @@ class RegistrationModule(pl.LightningModule):
         self.seed = seed
         self.val_stride = val_stride
         self.eval_max_points = eval_max_points
+        self.domain_margin = domain_margin
         self.pair: ImagePair | None = None
         self._smoothed: dict[float, tuple[Tensor, Tensor]] = {}
         self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
@@ -224,6 +243,11 @@ class RegistrationModule(pl.LightningModule):
         for name in ("fixed_mask", "moving_mask"):
             m = getattr(pair, name)
             self.register_buffer(name, None if m is None else m.float()[None, None], persistent=False)
+        if self.domain_margin is not None:
+            low, high = foreground_domain(sample_mask, voxel_spacing(pair.fixed_affine), self.domain_margin)
+            for module in self.modules():
+                if isinstance(module, FeatureGrid):
+                    module.set_domain(low, high)
 
     @property
     def margin(self) -> float:

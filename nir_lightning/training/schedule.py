@@ -65,6 +65,9 @@ def two_phase_lr_lambdas(total_steps: int, switch_step: int, final_ratio: float)
     return [nf1, nf2]
 
 
+_DEFAULT_PHASE2_SAMPLER = lazy_instance(MinipatchSampler)
+
+
 class HybridSchedule:
     """When phase 2 starts and how it samples (``model.schedule`` in configs).
 
@@ -89,7 +92,7 @@ class HybridSchedule:
         *,
         switch_step: int | None = None,
         switch_fraction: float = 0.5,
-        phase2_sampler: CoordinateSampler = lazy_instance(MinipatchSampler),
+        phase2_sampler: CoordinateSampler = _DEFAULT_PHASE2_SAMPLER,
         phase2_window: int | None = None,
     ) -> None:
         if switch_step is not None and switch_step < 0:
@@ -103,7 +106,8 @@ class HybridSchedule:
             raise InputError(f"HybridSchedule.phase2_window={phase2_window} is larger than the mini-patch ({patch}); use a window <= patch_size.", owner="HybridSchedule", param="phase2_window", value=phase2_window)
         self.switch_step = switch_step
         self.switch_fraction = switch_fraction
-        self.phase2_sampler = phase2_sampler
+        # a new one for the shared default, as RegistrationModule does with its field
+        self.phase2_sampler = MinipatchSampler() if phase2_sampler is _DEFAULT_PHASE2_SAMPLER else phase2_sampler
         self.phase2_window = phase2_window
 
     def resolve_switch_step(self, max_steps: int | None) -> int:

@@ -151,3 +151,62 @@ def test_grid_velocity_reads_the_lattice_once_and_integrates_like_points(method,
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in field.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+# -- the grids' domain --------------------------------------------------------------------------------
+LOW, HIGH = (-0.5, -0.8, 0.0), (0.3, 0.6, 0.9)
+
+
+def _domain_grid() -> tuple[FeatureGrid, FeatureGrid]:
+    """The same grids twice: spanning the image, and spanning the box (LOW, HIGH)."""
+    whole = FeatureGrid(levels=3, features=2, coarsest=3, init_scale=0.5).double()
+    boxed = FeatureGrid(levels=3, features=2, coarsest=3, init_scale=0.5).double()
+    boxed.set_domain(LOW, HIGH)
+    return whole, boxed
+
+
+def _into_box(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = torch.tensor(LOW, dtype=x.dtype), torch.tensor(HIGH, dtype=x.dtype)
+    return ((x - (lo + hi) / 2) / ((hi - lo) / 2)).clamp(-1, 1)
+
+
+def test_a_domain_spreads_the_grids_over_the_box_and_keeps_the_face_values_outside():
+    whole, boxed = _domain_grid()
+    x = _points(200, seed=5) * 1.1  # inside and outside the box
+    assert torch.allclose(boxed(x), whole(_into_box(x)), atol=1e-12)
+    feats, jac = boxed.forward_with_jacobian(x)
+    assert torch.allclose(feats, boxed(x), atol=1e-12)
+    # the chain rule through the box map: d/dx = (d/dt) / half-extent inside, 0 where clamped
+    _, jac_t = whole.forward_with_jacobian(_into_box(x))
+    lo, hi = torch.tensor(LOW, dtype=x.dtype), torch.tensor(HIGH, dtype=x.dtype)
+    inside = ((x >= lo) & (x <= hi)).to(x.dtype)
+    assert torch.allclose(jac, jac_t * (inside / ((hi - lo) / 2))[:, :, None], atol=1e-12)
+    assert float(inside.mean()) < 0.9 and float(inside.mean()) > 0.1
+    outside = inside[:, 0] == 0
+    assert float(jac[outside][:, 0].abs().max()) == 0.0
+    # and the lattice read, with its derivative, is the point read
+    sample = DownsizeSampler(stride=3).sample((20, 22, 18), generator=torch.Generator().manual_seed(2))
+    axes = tuple(a.double() for a in sample.axes)
+    lat, dlat = boxed.on_lattice(axes, jacobian=True)
+    assert dlat is not None
+    pv, pj = boxed.forward_with_jacobian(sample.points.double().reshape(-1, 3))
+    assert torch.allclose(lat.reshape(-1, 2), pv, atol=1e-12)
+    assert torch.allclose(dlat.reshape(-1, 2, 3), pj.transpose(1, 2), atol=1e-10)
+
+
+def test_a_domain_is_saved_with_the_field_and_old_fields_load_as_whole_image():
+    _, boxed = _domain_grid()
+    fresh = FeatureGrid(levels=3, features=2, coarsest=3).double()
+    fresh.load_state_dict(boxed.state_dict())
+    x = _points(20, seed=6)
+    assert torch.equal(fresh(x), boxed(x)) and "domain=" in repr(fresh)
+    old = {k: v for k, v in boxed.state_dict().items() if k != "domain"}  # saved before 0.2.3
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.domain, torch.tensor([[-1.0] * 3, [1.0] * 3], dtype=fresh.domain.dtype))
+    assert "domain=" not in repr(fresh)
+
+
+@pytest.mark.parametrize("low, high", [((0.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((0.0, float("nan"), 0.0), (1.0, 1.0, 1.0))])
+def test_a_bad_domain_is_an_input_error(low, high):
+    with pytest.raises(InputError, match="low < high"):
+        FeatureGrid(levels=1, features=1, coarsest=2).set_domain(low, high)
