@@ -192,11 +192,11 @@ def foreground_domain(
     """
     shape = tuple(int(n) for n in mask.shape)
     (l0, l1, l2), (h0, h1, h2) = foreground_box(mask)
-    lo = torch.tensor([l0, l1, l2], dtype=torch.float64) - torch.tensor([margin / s for s in spacing], dtype=torch.float64)
-    hi = torch.tensor([h0 - 1, h1 - 1, h2 - 1], dtype=torch.float64) + torch.tensor([margin / s for s in spacing], dtype=torch.float64)
-    size = torch.tensor(shape, dtype=torch.float64)
+    grow = torch.tensor([margin / s for s in spacing], dtype=torch.float64)  # voxels per axis
+    lo = torch.tensor([l0, l1, l2], dtype=torch.float64) - grow
+    hi = torch.tensor([h0 - 1, h1 - 1, h2 - 1], dtype=torch.float64) + grow
     low = voxel_to_normalized(lo.clamp(min=0), shape)
-    high = voxel_to_normalized(torch.minimum(hi, size - 1), shape)
+    high = voxel_to_normalized(torch.minimum(hi, torch.tensor(shape, dtype=torch.float64) - 1), shape)
     # an axis of one voxel (or a one-voxel-thick mask) keeps its whole extent
     flat = high <= low
     low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)

@@ -218,9 +218,6 @@ class FeatureGrid(nn.Module):
     def _spans_image(self) -> bool:
         return bool((self.domain[0] == -1).all() and (self.domain[1] == 1).all())
 
-    def _whole(self) -> bool:
-        return self._whole_image
-
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         # fields saved before the domain existed spanned the whole image
         state_dict.setdefault(prefix + "domain", torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
@@ -230,7 +227,7 @@ class FeatureGrid(nn.Module):
     def _into_domain(self, x: Tensor, axis: int | None = None) -> tuple[Tensor, Tensor | None]:
         """Points (or one axis's coordinates) in the grids' ``[-1, 1]``, and the derivative of
         that map (``None`` on the whole image, where it is the identity)."""
-        if self._whole():
+        if self._whole_image:
             return x, None
         lo, hi = self.domain.to(x.dtype)
         if axis is not None:
@@ -314,5 +311,5 @@ class FeatureGrid(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"levels={self.levels}, features={self.features}, resolutions={self.resolutions}, active_levels={self.active_levels}"
-            + ("" if self._whole() else f", domain={[[round(v, 4) for v in row] for row in self.domain.tolist()]}")
+            + ("" if self._whole_image else f", domain={[[round(v, 4) for v in row] for row in self.domain.tolist()]}")
         )
