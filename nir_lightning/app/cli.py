@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "register-many": "register every pair of a CSV (resumable; sharded over torchrun ranks)",
     "apply": "apply a result's transform to another image or label map (like antsApplyTransforms)",
     "compare": "compare finished runs: a table of final metrics and the training curves",
+    "report": "one HTML report of a register-many folder: flagged pairs first, plots, a sortable table with QC figures",
     "fit": "LightningCLI: fit the model of a config (-c files), e.g. with a W&B logger",
     "validate": "LightningCLI: validation metrics of a config/checkpoint",
     "test": "LightningCLI: test metrics of a config/checkpoint",
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
             from nir_lightning.app.compare import main as compare
 
             return compare(argv[1:])
+        elif command == "report":
+            from nir_lightning.app.report import main as report
+
+            return report(argv[1:])
         elif command in ("fit", "validate", "test", "predict") or command.startswith("-"):
             _lightning_cli(argv)
         else:
