@@ -10,7 +10,25 @@ from torch import Tensor
 
 from nir_lightning.core.jacobian import jacobian_determinant
 
-__all__ = ["dice_per_label", "folding", "hd95_per_label", "jacobian_determinant", "mean_dice"]
+__all__ = ["dice_per_label", "folding", "hd95_per_label", "jacobian_determinant", "label_boxes", "mean_dice"]
+
+
+def _as_array(labels: np.ndarray | Tensor) -> np.ndarray:
+    return labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+
+
+def _label_counts(flat: np.ndarray, labels: Sequence[int]) -> np.ndarray | None:
+    """Voxel count of each label of ``labels`` in ``flat`` by one ``bincount`` (``None`` when the
+    values are not small non-negative integers: the caller counts label by label)."""
+    if flat.size == 0 or flat.dtype.kind not in "iu" or int(flat.min()) < 0 or int(flat.max()) > _MAX_BINCOUNT:
+        return None
+    counts = np.bincount(flat.astype(np.intp, copy=False))
+    idx = np.asarray([int(v) for v in labels], dtype=np.int64)
+    ok = (idx >= 0) & (idx < counts.size)
+    return np.where(ok, counts[np.clip(idx, 0, counts.size - 1)], 0)
+
+
+_MAX_BINCOUNT = 1 << 20  # larger label values (or negative ones) take the label-by-label path
 
 
 def dice_per_label(
@@ -18,21 +36,27 @@ def dice_per_label(
 ) -> dict[int, float]:
     """Dice of each label between two integer label maps of the same shape.
 
-    A label absent from both maps gets NaN (it is not evidence either way).
+    A label absent from both maps gets NaN (it is not evidence either way). Counts come from
+    three ``bincount`` passes over the maps, not three comparisons per label (100 labels at
+    2 mm: milliseconds).
 
     >>> a = np.array([0, 1, 1, 2]); b = np.array([0, 1, 2, 2])
     >>> dice_per_label(a, b, [1, 2])
     {1: 0.6666666666666666, 2: 0.6666666666666666}
     """
-    p = torch.as_tensor(np.asarray(prediction)).reshape(-1)
-    t = torch.as_tensor(np.asarray(target)).reshape(-1)
+    p, t = _as_array(prediction).reshape(-1), _as_array(target).reshape(-1)
     if p.shape != t.shape:
         raise ValueError(f"label maps differ in size: {tuple(p.shape)} vs {tuple(t.shape)}")
+    n_p, n_t = _label_counts(p, labels), _label_counts(t, labels)
+    n_pt = None if n_p is None or n_t is None else _label_counts(p[p == t], labels)
     out: dict[int, float] = {}
-    for lab in labels:
-        pm, tm = p == lab, t == lab
-        denom = int(pm.sum()) + int(tm.sum())
-        out[int(lab)] = float("nan") if denom == 0 else 2.0 * int((pm & tm).sum()) / denom
+    for i, lab in enumerate(labels):
+        if n_p is None or n_t is None or n_pt is None:
+            pm, tm = p == lab, t == lab
+            size, inter = int(pm.sum()) + int(tm.sum()), int((pm & tm).sum())
+        else:
+            size, inter = int(n_p[i]) + int(n_t[i]), int(n_pt[i])
+        out[int(lab)] = float("nan") if size == 0 else 2.0 * inter / size
     return out
 
 
@@ -42,6 +66,46 @@ def mean_dice(per_label: dict[int, float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def label_boxes(labels_map: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...]]:
+    """Bounding box (a tuple of slices) of each label of ``labels`` present in ``labels_map``.
+
+    One pass over the map (:func:`scipy.ndimage.find_objects`) for small non-negative integer
+    labels, else one comparison per label.
+
+    >>> a = np.zeros((4, 5), dtype=np.int32); a[1:3, 2:4] = 7
+    >>> label_boxes(a, [7, 8])
+    {7: (slice(1, 3, None), slice(2, 4, None))}
+    """
+    from scipy.ndimage import find_objects
+
+    wanted = [int(v) for v in labels]
+    if labels_map.size and labels_map.dtype.kind in "iu" and int(labels_map.min()) >= 0 and wanted and 0 < max(wanted) <= _MAX_BINCOUNT:
+        found = find_objects(labels_map, max_label=max(wanted))
+        boxes = {lab: found[lab - 1] for lab in wanted if lab > 0 and found[lab - 1] is not None}
+        if 0 in wanted and bool((labels_map == 0).any()):
+            boxes[0] = _box_of(labels_map == 0)
+        return boxes
+    return {lab: _box_of(labels_map == lab) for lab in wanted if bool((labels_map == lab).any())}
+
+
+def _box_of(mask: np.ndarray) -> tuple[slice, ...]:
+    idx = np.nonzero(mask)
+    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+
+
+def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
+    return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
+
+
+def _edge_coords_mm(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Millimetre coordinates of ``mask``'s edge voxels: in the mask, not in its erosion by the
+    6-neighbourhood with the outside counted as background (MONAI's ``get_mask_edges``)."""
+    from scipy.ndimage import binary_erosion
+
+    edges = mask & ~binary_erosion(mask)
+    return np.argwhere(edges).astype(np.float64) * spacing
+
+
 def hd95_per_label(
     prediction: np.ndarray | Tensor,
     target: np.ndarray | Tensor,
@@ -49,24 +113,41 @@ def hd95_per_label(
     *,
     spacing: Sequence[float],
 ) -> dict[int, float]:
-    """95th-percentile symmetric Hausdorff distance (mm) per label, via MONAI.
+    """95th-percentile symmetric Hausdorff distance (mm) per label, MONAI's definition.
+
+    HD95 of a label: take the edge voxels of the label in each map (voxels of the label with a
+    6-neighbour outside it); for each edge voxel of one map, the Euclidean distance in mm to
+    the nearest edge voxel of the other; the 95th percentile of those distances
+    (:func:`torch.quantile`, linear interpolation) in each direction; the larger of the two.
+    This is ``monai.metrics.compute_hausdorff_distance(percentile=95, spacing=spacing)``
+    (tested equal to 1e-3 mm), computed inside each label's bounding box (the union of both
+    maps' boxes) found for all labels in one pass, with a KD-tree on the edge voxels as MONAI
+    does on CPU, instead of building edge masks over the whole volume once per label.
 
     NaN where the label is missing from either map.
-    """
-    from monai.metrics import compute_hausdorff_distance
 
-    p = torch.as_tensor(np.asarray(prediction))
-    t = torch.as_tensor(np.asarray(target))
+    >>> a = np.zeros((9, 9, 9), dtype=np.int32); a[2:5, 2:5, 2:5] = 1
+    >>> hd95_per_label(np.roll(a, 2, axis=0), a, [1, 2], spacing=(1.0, 1.0, 2.0))
+    {1: 2.0, 2: nan}
+    """
+    from scipy.spatial import KDTree
+
+    p, t = _as_array(prediction), _as_array(target)
+    if p.shape != t.shape:
+        raise ValueError(f"label maps differ in size: {p.shape} vs {t.shape}")
+    scale = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (p.ndim,))
+    boxes_p, boxes_t = label_boxes(p, labels), label_boxes(t, labels)
     out: dict[int, float] = {}
-    for lab in labels:
-        pm, tm = p == lab, t == lab
-        if not bool(pm.any()) or not bool(tm.any()):
-            out[int(lab)] = float("nan")
+    for lab in (int(v) for v in labels):
+        if lab not in boxes_p or lab not in boxes_t:
+            out[lab] = float("nan")
             continue
-        hd = compute_hausdorff_distance(
-            pm[None, None], tm[None, None], percentile=95, spacing=list(spacing)
-        )
-        out[int(lab)] = float(hd.item())
+        box = _union(boxes_p[lab], boxes_t[lab])
+        ep, et = _edge_coords_mm(p[box] == lab, scale), _edge_coords_mm(t[box] == lab, scale)
+        # MONAI: distances as float32, the percentile of each direction by torch.quantile, then the max
+        d_pt = torch.as_tensor(KDTree(et, leafsize=32).query(ep, k=1)[0], dtype=torch.float32)
+        d_tp = torch.as_tensor(KDTree(ep, leafsize=32).query(et, k=1)[0], dtype=torch.float32)
+        out[lab] = float(max(torch.quantile(d_pt, 0.95), torch.quantile(d_tp, 0.95)))
     return out
 
 
