@@ -123,7 +123,8 @@ def note_flags(notes: object) -> list[Flag]:
     for note in notes:
         text = " ".join(str(note).split())
         kind = next((k for pattern, k in _NOTE_KINDS if pattern in text), "note")
-        out.append(Flag(kind, f"{_NOTE_LABEL[kind]}: {text}" if kind != "note" else text))
+        plain = kind == "note" or text.lower().startswith(_NOTE_LABEL[kind].lower()[:12])  # says it already
+        out.append(Flag(kind, text if plain else f"{_NOTE_LABEL[kind]}: {text}"))
     return out
 
 
