@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from nir_lightning.app.lock import lock_file
 from nir_lightning.core.transform_chain import (
     RESAMPLE_MODES,
     DisplacementStep,
@@ -93,7 +94,9 @@ def apply_transform(
 ) -> Path:
     """Resample ``input`` onto the grid of ``reference`` through the result in ``transform``; returns the output path.
 
-    See the module docstring for the chains. The output is written atomically: float32 for
+    See the module docstring for the chains. The output is written atomically (and flushed to
+    disk before its rename) while holding a lock beside it (``.<name>.nir.lock``): a second
+    ``nir apply`` to the same file stops with a :class:`LockedError`. Float32 for
     ``"linear"``, the input's integer type for ``"nearest"``/``"label"`` (64-bit integers become int32).
     """
     mode = check_interpolation(interpolation)
@@ -101,13 +104,14 @@ def apply_transform(
     in_path = check_image_file(input, "--input")
     ref_path = check_image_file(reference, "--reference")
     out_path = check_output(output, reads=[in_path, ref_path], result=result)
-    ref_shape, ref_affine = image_grid(ref_path)
-    chain = load_chain(result, inverse=inverse, reference=(ref_path, ref_shape, ref_affine))
-    data, in_affine, out_dtype = read_input(in_path, mode)
+    with lock_file(out_path, what=f"--output '{out_path}'"):  # one writer: a second `nir apply` to it stops at once
+        ref_shape, ref_affine = image_grid(ref_path)
+        chain = load_chain(result, inverse=inverse, reference=(ref_path, ref_shape, ref_affine))
+        data, in_affine, out_dtype = read_input(in_path, mode)
 
-    image = torch.from_numpy(data.astype(np.float32, copy=False))[None]
-    warped = resample(image, in_affine, ref_shape, ref_affine, chain, mode=mode)[0].numpy()
-    save_nifti(warped.astype(out_dtype, copy=False), ref_affine, out_path)
+        image = torch.from_numpy(data.astype(np.float32, copy=False))[None]
+        warped = resample(image, in_affine, ref_shape, ref_affine, chain, mode=mode)[0].numpy()
+        save_nifti(warped.astype(out_dtype, copy=False), ref_affine, out_path)  # temporary, fsync, rename
     return out_path
 
 

@@ -10,6 +10,14 @@ moving images and the core NIfTI outputs exist. That is sound because
 :func:`nir_lightning.evaluation.evaluate.write_outputs` writes every file atomically and ``metrics.json``
 last; before a pair is (re)done its old ``metrics.json`` is removed first, so a crash at any point
 leaves it incomplete, never complete with mixed outputs.
+
+One writer per pair: a pair is registered while holding its folder's lock
+(:mod:`nir_lightning.app.lock`), and is looked at again under the lock. So two jobs on one
+cohort (or the processes of a mistaken launch that all think they are rank 0) share the pairs:
+a pair locked by another process is skipped (``running`` in this job's summary until it ends),
+and one that another process completed or failed after this job started is not redone.
+``summary.csv`` is written under its own lock from what is on disk plus this job's rows, so it
+keeps one row per pair whatever the interleaving, and the job that ends last writes the full one.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from nir_lightning.app.distributed import (
     setup_distributed,
     single_process_lightning,
 )
+from nir_lightning.app.lock import LockedError, folder_lock_path, lock_file, lock_folder, read_lock
 from nir_lightning.app.register import register_pair
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.errors import InputError
@@ -182,6 +191,44 @@ def complete_metrics(pair_dir: Path, spec: PairSpec) -> dict[str, Any] | None:
     return metrics
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Inode and mtime of ``path`` (an atomic rewrite changes both), ``None`` if absent."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def snapshot(pair_dir: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """What this job saw of a pair's ``metrics.json`` and ``error.txt`` when it started."""
+    return _identity(pair_dir / "metrics.json"), _identity(pair_dir / ERROR_FILE)
+
+
+def _error_message(pair_dir: Path) -> str:
+    """The last line of a failed pair's ``error.txt`` (the exception and its message)."""
+    try:
+        lines = [ln for ln in (pair_dir / ERROR_FILE).read_text().splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
+def disk_row(spec: PairSpec, output: Path) -> dict[str, Any]:
+    """The row of a pair this process did not (yet) do, from its folder: ``completed``,
+    ``running`` (locked by a live process), ``failed`` (``error.txt``) or ``pending``."""
+    pair_dir = output / spec.id
+    metrics = complete_metrics(pair_dir, spec)
+    if metrics is not None:
+        return _row(spec, "completed", metrics)
+    holder = read_lock(folder_lock_path(pair_dir))
+    if holder is not None:
+        return _row(spec, "running", seconds=None, error=f"being registered by {holder.describe()}")
+    if (pair_dir / ERROR_FILE).is_file():
+        return _row(spec, "failed", seconds=None, error=_error_message(pair_dir))
+    return _row(spec, "pending", seconds=None)
+
+
 def _clear(pair_dir: Path) -> None:
     """Remove an earlier attempt's outputs; ``metrics.json`` first so the folder is never complete meanwhile."""
     ordered = ["metrics.json"] + [n for n in OUTPUT_FILES if n != "metrics.json"] + [ERROR_FILE]
@@ -205,31 +252,51 @@ def _row(spec: PairSpec, status: str, metrics: dict[str, Any] | None = None, sec
     }
 
 
-def run_pair(spec: PairSpec, output: Path, common: Mapping[str, Any]) -> dict[str, Any]:
+def run_pair(
+    spec: PairSpec, output: Path, common: Mapping[str, Any], *,
+    seen: tuple[tuple[int, int] | None, tuple[int, int] | None] | None = None, force_unlock: bool = False,
+) -> dict[str, Any]:
     """Register one pair into ``output/<id>`` with :func:`register_pair` (keyword arguments
-    ``common``); a summary row, never raises for a failed pair (``KeyboardInterrupt``/``SystemExit``
-    still propagate)."""
+    ``common``) while holding the pair's lock; a summary row, never raises for a failed pair
+    (``KeyboardInterrupt``/``SystemExit`` still propagate).
+
+    A pair locked by another process gives a ``running`` row and is left alone. ``seen`` is the
+    :func:`snapshot` of the pair when this job started: a pair whose ``metrics.json`` (complete) or
+    ``error.txt`` changed since was done by another process and is not redone (its row is read back).
+    """
     pair_dir = output / spec.id
     t0 = time.perf_counter()
-    _clear(pair_dir)
-    if spec.problem:
-        return _row(spec, "failed", seconds=0.0, error=spec.problem)
     try:
-        with single_process_lightning():
-            result = register_pair(
-                spec.fixed, spec.moving, fixed_labels=spec.fixed_labels, moving_labels=spec.moving_labels,
-                output=pair_dir, **common,
-            )
-        return _row(spec, "completed", result.metrics)
-    except Exception as exc:  # noqa: BLE001 -- isolate the failure: record it, go on with the others
-        message = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-        with contextlib.suppress(OSError):
-            write_text_atomic(pair_dir / ERROR_FILE, traceback.format_exc())
-        return _row(spec, "failed", seconds=time.perf_counter() - t0, error=message)
+        lock = lock_folder(pair_dir, what=f"pair '{spec.id}' ('{pair_dir}')", force=force_unlock, fix=" (or pass --force-unlock)")
+    except LockedError as exc:
+        return _row(spec, "running", seconds=None, error=f"being registered by {exc.holder.describe()}")
+    try:
+        if seen is not None and snapshot(pair_dir) != seen:
+            row = disk_row(spec, output)  # finished by another process while this job ran
+            if row["status"] in ("completed", "failed"):
+                row["by_other"] = True
+                return row
+        _clear(pair_dir)
+        if spec.problem:
+            return _row(spec, "failed", seconds=0.0, error=spec.problem)
+        try:
+            with single_process_lightning():
+                result = register_pair(
+                    spec.fixed, spec.moving, fixed_labels=spec.fixed_labels, moving_labels=spec.moving_labels,
+                    output=pair_dir, **common,
+                )
+            return _row(spec, "completed", result.metrics)
+        except Exception as exc:  # noqa: BLE001 -- isolate the failure: record it, go on with the others
+            message = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(OSError):
+                write_text_atomic(pair_dir / ERROR_FILE, traceback.format_exc())
+            return _row(spec, "failed", seconds=time.perf_counter() - t0, error=message)
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     finally:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        lock.release()
 
 
 # ----------------------------------------------------------------------------- summary
@@ -244,6 +311,7 @@ def _cell(value: Any) -> str:
 
 
 def write_summary(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write ``rows`` as ``summary.csv`` (atomically)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(SUMMARY_FIELDS)
@@ -252,10 +320,22 @@ def write_summary(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+def write_merged_summary(path: Path, specs: Sequence[PairSpec], done: dict[int, dict[str, Any]], results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write ``summary.csv`` under its lock: one row per CSV row, this job's rows where it has
+    them, else what the pair's folder says (another job may have done it); returns the rows."""
+    with lock_file(path, what=f"summary '{path}'", wait_s=120.0):
+        rows = _merged(specs, done, results, path.parent)
+        write_summary(path, rows)
+    return rows
+
+
 def aggregate_line(rows: Sequence[dict[str, Any]], skipped: int, summary: Path) -> str:
     done = [r for r in rows if r["status"] == "completed"]
     failed = [r for r in rows if r["status"] == "failed"]
+    running = [r for r in rows if r["status"] == "running"]
     parts = [f"{len(done)}/{len(rows)} pairs completed ({skipped} already complete, skipped), {len(failed)} failed"]
+    if running:
+        parts[0] += f", {len(running)} still running in another process"
     for key in ("dice_after", "dice_before"):
         vals = [r[key] for r in done if r.get(key) is not None]
         if vals:
@@ -286,7 +366,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", action="append", default=[], help="config YAML for every pair (repeatable)")
     p.add_argument("--labels", help="labels to average Dice over: a TSV whose first column is the label, or '2,3,41'")
     p.add_argument("--seed", type=int, default=0, help="seed of every pair's fit (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="redo every pair, also complete ones")
+    p.add_argument("--overwrite", action="store_true", help="redo every pair, also complete ones (not those another job completes meanwhile)")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over the lock of a pair even when another process (or host) holds it; only when that process is known to be gone")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each rank (default: the usable cores less the load; see `nir register --help`)")
     p.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto", help="torch.distributed backend under torchrun (auto: nccl with CUDA, else gloo)")
     p.add_argument("--dist-timeout-hours", type=float, default=72.0, help="how long ranks wait for each other at the end (default 72)")
@@ -345,17 +427,23 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
 
         partial = out / f".summary.rank{d.rank}-of-{d.world}.csv"
         results: dict[int, dict[str, Any]] = {}
+        seen = {i: snapshot(out / specs[i].id) for i in mine}  # to tell pairs another job does meanwhile
         for n, i in enumerate(mine, 1):
             spec = specs[i]
             print(f"nir register-many: {tag}pair {n}/{len(mine)} '{spec.id}' ...", flush=True)
-            row = run_pair(spec, out, common)
+            row = run_pair(spec, out, common, seen=seen[i], force_unlock=args.force_unlock)
             results[i] = row
-            status = f"completed in {row['seconds']:.1f} s" if row["status"] == "completed" else f"FAILED: {row['error']}"
-            print(f"nir register-many: {tag}pair '{spec.id}' {status}", file=sys.stdout if row["status"] == "completed" else sys.stderr, flush=True)
+            if row["status"] == "running":
+                status = f"skipped: {row['error']}"
+            elif row.pop("by_other", False):
+                status = f"skipped: {row['status']} by another process meanwhile"
+            else:
+                status = f"completed in {row['seconds']:.1f} s" if row["status"] == "completed" else f"FAILED: {row['error']}"
+            print(f"nir register-many: {tag}pair '{spec.id}' {status}", file=sys.stderr if row["status"] == "failed" else sys.stdout, flush=True)
             if d.world > 1:  # this rank's progress, readable while the job runs
                 write_summary(partial, [results[j] for j in sorted(results)])
             elif d.rank == 0:
-                write_summary(out / "summary.csv", _merged(specs, done, results))
+                write_merged_summary(out / "summary.csv", specs, done, results)
 
         if d.world > 1:
             import torch.distributed as dist
@@ -377,26 +465,30 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
 
     if d.rank != 0:
         return {"rows": [results[i] for i in sorted(results)], "failed": 0, "skipped": 0, "rank": d.rank, "world": d.world}
-    rows = _merged(specs, done, results)
     missing = [specs[i].id for i in range(len(specs)) if i not in done and i not in results]
     if missing:  # cannot happen unless a rank lost its results; make it visible rather than silent
         raise RuntimeError(f"no result for pair(s) {', '.join(missing)}")
     summary = out / "summary.csv"
-    write_summary(summary, rows)
+    rows = write_merged_summary(summary, specs, done, results)
     if d.world > 1:
         for stale in out.glob(".summary.rank*-of-*.csv"):
             with contextlib.suppress(OSError):
                 stale.unlink()
     failed = sum(r["status"] == "failed" for r in rows)
     print(aggregate_line(rows, len(done), summary), flush=True)
+    # summary.csv is final here: `rows` is what it holds (steps that read it, e.g. a report, go here)
     return {"rows": rows, "failed": failed, "skipped": len(done), "rank": d.rank, "world": d.world}
 
 
-def _merged(specs: Sequence[PairSpec], done: dict[int, dict[str, Any]], results: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per CSV row, in CSV order; pairs not yet attempted are ``pending``."""
+def _merged(specs: Sequence[PairSpec], done: dict[int, dict[str, Any]], results: dict[int, dict[str, Any]], output: Path) -> list[dict[str, Any]]:
+    """One row per CSV row, in CSV order: this job's row when it has a final one, else the
+    pair's folder's (:func:`disk_row`: done by another job, running there, or pending)."""
     rows = []
     for i, spec in enumerate(specs):
-        rows.append(done.get(i) or results.get(i) or _row(spec, "pending", seconds=None))
+        row = done.get(i) or results.get(i)
+        if row is None or row["status"] not in ("completed", "failed"):
+            row = disk_row(spec, output)
+        rows.append(row)
     return rows
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nir_lightning._version import __version__
+from nir_lightning.app.lock import lock_folder
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.data.checks import check_image_file, parse_labels
 from nir_lightning.errors import InputError
@@ -139,6 +140,7 @@ def register_pair(
     checkpoint_every: int = 50,
     progress: bool | None = None,
     quiet: bool = False,
+    force_unlock: bool = False,
 ) -> PairRegistration:
     """Fit a neural field to one pair and write the outputs (warped image/labels, ITK displacement,
     det J, ``qc.png``, ``metrics.json``) into ``output``.
@@ -169,12 +171,15 @@ def register_pair(
         progress: print a progress line every few percent (``None``: when stderr is not a
             terminal, where the progress bar is not shown).
         quiet: no summary line at the end.
+        force_unlock: take over the lock of ``output`` even when another process (or another
+            host) holds it; only when that process is known to be gone.
 
     Returns:
         :class:`PairRegistration` (output folder, metrics, dense result, loaded pair).
 
     Raises:
         InputError: a bad file, option or config value, before any output is created.
+        LockedError: another process is writing ``output`` (an ``InputError``: exit status 2).
 
     >>> from nir_lightning import register_pair
     >>> r = register_pair(demo=True, overrides={"trainer.max_steps": 2}, quiet=True)  # doctest: +SKIP
@@ -197,47 +202,54 @@ def register_pair(
     if labels is not None and fixed_labels is None and not demo:
         raise InputError("--labels was given without --fixed-labels/--moving-labels; give the label maps too.")
     out = Path(output) if output is not None else Path(tempfile.mkdtemp(prefix="nir_register_"))
-    check_output_folder(out, resume=resume, overwrite=overwrite)
-    inputs: Path | None = None
-    if not demo:
-        fixed, inputs = _as_path(fixed, "fixed", inputs)
-        moving, inputs = _as_path(moving, "moving", inputs)
-        check_image_file(fixed, "fixed")
-        check_image_file(moving, "moving")
-        if fixed_labels is not None:
-            fixed_labels, inputs = _as_path(fixed_labels, "fixed label", inputs)
-            moving_labels, inputs = _as_path(moving_labels, "moving label", inputs)
-            check_image_file(fixed_labels, "fixed label")
-            check_image_file(moving_labels, "moving label")
-    parse_labels(labels)  # the loader's own parser: a bad list or a missing file fails before any output exists
-    if affine is not None and affine not in ("none", "rigid", "affine"):
-        raise InputError(f"--affine {affine!r} is not a stage; use none (the headers align the pair), rigid or affine (rigid, then affine).")
-    if similarity is not None and similarity not in ("lncc", "ncc", "mse", "mi"):
-        raise InputError(f"--similarity {similarity!r} is not known; use lncc (one contrast), ncc, mse, or mi (different contrasts, e.g. T1 and T2).")
-    masks: dict[str, str] = {}
-    for role, mask in (("fixed", fixed_mask), ("moving", moving_mask)):
-        if mask is not None:
-            if demo:
-                raise InputError(f"--{role}-mask is not used with --demo; give --fixed/--moving too, without --demo.")
-            path, inputs = _as_path(mask, f"{role} mask", inputs)
-            check_image_file(path, f"{role} mask")
-            masks[role] = str(path)
-    cli_extra: list[str] = [f"--data.{role}_mask={path}" for role, path in masks.items()]
-    if affine is not None:
-        cli_extra.append(f"--data.affine.kind={affine}")
-    if similarity is not None:
-        cli_extra.append(f"--model.similarity={similarity}")
+    if out.exists() and not out.is_dir():
+        check_output_folder(out, resume=resume, overwrite=overwrite)  # the message for a file given as --output
+    # one writer per result: taken before the look for earlier results, held to the end
+    lock = lock_folder(out, what=f"--output '{out}'", force=force_unlock, fix=" (or pass --force-unlock)")
+    try:
+        check_output_folder(out, resume=resume, overwrite=overwrite)
+        inputs: Path | None = None
+        if not demo:
+            fixed, inputs = _as_path(fixed, "fixed", inputs)
+            moving, inputs = _as_path(moving, "moving", inputs)
+            check_image_file(fixed, "fixed")
+            check_image_file(moving, "moving")
+            if fixed_labels is not None:
+                fixed_labels, inputs = _as_path(fixed_labels, "fixed label", inputs)
+                moving_labels, inputs = _as_path(moving_labels, "moving label", inputs)
+                check_image_file(fixed_labels, "fixed label")
+                check_image_file(moving_labels, "moving label")
+        parse_labels(labels)  # the loader's own parser: a bad list or a missing file fails before any output exists
+        if affine is not None and affine not in ("none", "rigid", "affine"):
+            raise InputError(f"--affine {affine!r} is not a stage; use none (the headers align the pair), rigid or affine (rigid, then affine).")
+        if similarity is not None and similarity not in ("lncc", "ncc", "mse", "mi"):
+            raise InputError(f"--similarity {similarity!r} is not known; use lncc (one contrast), ncc, mse, or mi (different contrasts, e.g. T1 and T2).")
+        masks: dict[str, str] = {}
+        for role, mask in (("fixed", fixed_mask), ("moving", moving_mask)):
+            if mask is not None:
+                if demo:
+                    raise InputError(f"--{role}-mask is not used with --demo; give --fixed/--moving too, without --demo.")
+                path, inputs = _as_path(mask, f"{role} mask", inputs)
+                check_image_file(path, f"{role} mask")
+                masks[role] = str(path)
+        cli_extra: list[str] = [f"--data.{role}_mask={path}" for role, path in masks.items()]
+        if affine is not None:
+            cli_extra.append(f"--data.affine.kind={affine}")
+        if similarity is not None:
+            cli_extra.append(f"--model.similarity={similarity}")
 
-    # -- now the heavy part
-    import torch
+        # -- now the heavy part
+        import torch
 
-    torch.set_num_threads(n_threads)
-    return _run(
-        out=out, configs=configs, overrides=cli_extra + _override_args(overrides), seed=seed, demo=demo, composed=composed,
-        fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
-        overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
-        progress=progress, quiet=quiet, t0=t0,
-    )
+        torch.set_num_threads(n_threads)
+        return _run(
+            out=out, configs=configs, overrides=cli_extra + _override_args(overrides), seed=seed, demo=demo, composed=composed,
+            fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
+            overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
+            progress=progress, quiet=quiet, t0=t0,
+        )
+    finally:
+        lock.release()
 
 
 def _run(
