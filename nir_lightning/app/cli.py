@@ -56,6 +56,8 @@ def register_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--demo", action="store_true", help="register the built-in synthetic phantom pair (no data needed)")
     p.add_argument("--overwrite", action="store_true", help="replace results (and logs) of an earlier run in --output")
+    p.add_argument("--force-unlock", action="store_true",
+                   help="take over --output's lock (<output>/.nir.lock) even from another host; only when that process is known to be gone")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and sampling (default 0)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: OMP_NUM_THREADS if set, else the cores this process may use less the current load)")
@@ -75,7 +77,7 @@ def register(argv: list[str]) -> dict:
         args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels, labels=args.labels,
         fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, affine=args.affine, similarity=args.similarity, composed=args.composed,
         config=args.config, output=args.output, overrides=extra, seed=args.seed, threads=args.threads, demo=args.demo,
-        overwrite=args.overwrite, resume=args.resume, checkpoint_every=args.checkpoint_every,
+        overwrite=args.overwrite, resume=args.resume, checkpoint_every=args.checkpoint_every, force_unlock=args.force_unlock,
         progress={"auto": None, "line": True, "bar": False}[args.progress],
     )
     return result.metrics
