@@ -180,3 +180,26 @@ def test_torchrun_two_ranks_matches_single_process(pairs: Path, first_run: Path)
         for key in ("dice_after", "folding_percent"):
             if single[rows.index(r)][key]:
                 assert abs(float(r[key]) - float(single[rows.index(r)][key])) < 1e-3
+
+
+def test_two_jobs_on_one_csv_share_the_pairs(pairs: Path) -> None:
+    """Two register-many launched together on one CSV: each pair registered once, one row per pair."""
+    ids = ["p1", "p2", "p3", "p4"]
+    csv_path = pairs / "twice.csv"
+    csv_path.write_text("fixed,moving,id\n" + "".join(
+        f"data/s{k % 3}/fixed.nii.gz,data/s{k % 3}/moving.nii.gz,{pid}\n" for k, pid in enumerate(ids)
+    ))
+    out = pairs / "out_twice"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "nir_lightning.cli", "register-many", "--pairs", str(csv_path), "--output", str(out),
+           "--threads", "1", "--data.affine.kind=none", *OVERRIDES]
+    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    print(*logs, sep="\n----\n")
+    assert [p.returncode for p in procs] == [0, 0], logs
+    done = sorted(i for log in logs for i in re.findall(r"pair '([^']+)' completed in", log))
+    assert done == ids, logs  # every pair registered by exactly one of the two jobs
+    rows = _summary(out)
+    assert [r["id"] for r in rows] == ids and all(r["status"] == "completed" for r in rows), rows
+    assert not list(out.glob("*/.nir.lock")) and not (out / ".summary.csv.nir.lock").exists()
