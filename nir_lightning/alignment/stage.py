@@ -36,12 +36,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from nir_lightning.alignment.moments import center_of_mass, initial_world_matrix, principal_axes
 from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
-from nir_lightning.coords import voxel_spacing, voxel_to_normalized, voxel_to_normalized_matrix
+from nir_lightning.alignment.pyramid import MIN_LEVEL_VOXELS, Level, build_level, torch64
+from nir_lightning.coords import voxel_to_normalized
 from nir_lightning.core.resample import sample_image
 from nir_lightning.errors import InputError
 from nir_lightning.losses.mutual_information import mutual_information
@@ -56,10 +56,6 @@ _PROBE_LR_FACTOR = 2.0
 """The probes' learning rate relative to ``lr``: they must travel some 20 degrees in few steps."""
 _FINAL_LR_FRACTION = 0.1
 """The learning rate decays (cosine) to this fraction of its start within every level."""
-
-
-_MIN_LEVEL_VOXELS = 16
-"""Pyramid levels whose fixed image is smaller than this along an axis are skipped."""
 
 
 @dataclass(frozen=True)
@@ -95,58 +91,6 @@ class AffineResult:
     similarity_after: float
     history: tuple[LevelHistory, ...] = ()
     initial: np.ndarray = field(default_factory=lambda: np.eye(4))
-
-
-@dataclass
-class _Level:
-    """One pyramid level: both images downsampled, their affines and the sampling region."""
-
-    shrink: int
-    fixed: Tensor  # (1, 1, d0, d1, d2)
-    fixed_shape: tuple[int, int, int]
-    moving: Tensor
-    moving_mask: Tensor | None  # (1, 1, ...) float fraction, or None
-    region: Tensor  # flat indices of the fixed voxels to sample from
-    left: Tensor  # N_m V_m^-1 (4x4 float64)
-    right: Tensor  # V_f N_f^-1 (4x4 float64)
-
-
-def _pool(image: Tensor, factors: tuple[int, int, int]) -> Tensor:
-    if factors == (1, 1, 1):
-        return image
-    return F.avg_pool3d(image, kernel_size=factors, stride=factors)
-
-
-def _grown(mask: Tensor, steps: Sequence[int]) -> Tensor:
-    """``mask`` ``(D0, D1, D2)`` dilated by ``steps[a]`` voxels along each axis a (a box element)."""
-    out = mask[None, None].to(torch.float32)
-    for axis, k in enumerate(steps):
-        if k > 0:
-            size = [1, 1, 1]
-            size[axis] = 2 * k + 1
-            pad = [0, 0, 0]
-            pad[axis] = k
-            out = F.max_pool3d(out, kernel_size=tuple(size), stride=1, padding=tuple(pad))
-    return out[0, 0] > 0
-
-
-def _pooled_affine(affine: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Affine of a grid averaged in blocks of ``factors``: block ``u`` is centred on voxel ``f u + (f - 1) / 2``."""
-    f = np.asarray(factors, dtype=np.float64)
-    block = np.eye(4)
-    block[:3, :3] = np.diag(f)
-    block[:3, 3] = (f - 1.0) / 2.0
-    return np.asarray(affine, dtype=np.float64) @ block
-
-
-def _factors(shape: Sequence[int], affine: np.ndarray, target_mm: float) -> tuple[int, int, int]:
-    """Per-axis block sizes that bring the voxel size of ``affine`` closest to ``target_mm``."""
-    out = [max(1, min(int(n), math.floor(target_mm / s + 0.5))) for n, s in zip(shape, voxel_spacing(affine), strict=True)]
-    return (out[0], out[1], out[2])
-
-
-def _torch64(a: np.ndarray, device: torch.device) -> Tensor:
-    return torch.as_tensor(np.asarray(a, dtype=np.float64), device=device)
 
 
 @dataclass(frozen=True)
@@ -245,7 +189,7 @@ class AffineStage:
         w = None if weight is None else weight.reshape(1, -1)
         return global_ncc(fixed_values.reshape(1, -1), moving_values.reshape(1, -1), weight=w)
 
-    def _loss(self, level: _Level, world: Tensor, points: Tensor, fixed_values: Tensor) -> Tensor:
+    def _loss(self, level: Level, world: Tensor, points: Tensor, fixed_values: Tensor) -> Tensor:
         """Similarity of fixed values at level-normalized ``points`` ``(N, 3)`` and the moving image at ``W``."""
         chain = level.left @ world @ level.right
         lin = chain[:3, :3].to(points.dtype)
@@ -257,7 +201,7 @@ class AffineStage:
             weight = weight * sample_image(level.moving_mask, grid.detach()).reshape(-1)
         return self._similarity(fixed_values, moving_values, weight)
 
-    def _draw(self, level: _Level, generator: torch.Generator, num_points: int | None = None) -> tuple[Tensor, Tensor]:
+    def _draw(self, level: Level, generator: torch.Generator, num_points: int | None = None) -> tuple[Tensor, Tensor]:
         """Random fixed points (level-normalized, ``(N, 3)``) in the sampling region and their values."""
         device = level.region.device
         n = self.num_points if num_points is None else num_points
@@ -315,17 +259,17 @@ class AffineStage:
         moving = moving.to(device=device, dtype=fixed.dtype)
         if fixed_mask is None and foreground is None:
             foreground = fixed[0, 0] > 0
-        levels = [self._level(s, fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask, foreground) for s in self.shrink_factors]
-        # A level whose fixed image is smaller than _MIN_LEVEL_VOXELS along an axis holds too little
+        levels = [build_level(s, fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask, foreground, self.margin) for s in self.shrink_factors]
+        # A level whose fixed image is smaller than MIN_LEVEL_VOXELS along an axis holds too little
         # anatomy to steer 12 parameters (on small images the fit drifts there); skip it, keep the finest.
-        usable = [i for i, lv in enumerate(levels) if min(lv.fixed_shape) >= _MIN_LEVEL_VOXELS or i == len(levels) - 1]
+        usable = [i for i, lv in enumerate(levels) if min(lv.fixed_shape) >= MIN_LEVEL_VOXELS or i == len(levels) - 1]
         generator = torch.Generator(device=device).manual_seed(int(self.seed))
         eval_generator = torch.Generator(device=device).manual_seed(int(self.seed) + 1)
         fine_eval = self._draw(levels[-1], eval_generator)
 
         @torch.no_grad()
-        def evaluate(level: _Level, sample: tuple[Tensor, Tensor], world: np.ndarray) -> float:
-            return float(self._loss(level, _torch64(world, device), *sample))
+        def evaluate(level: Level, sample: tuple[Tensor, Tensor], world: np.ndarray) -> float:
+            return float(self._loss(level, torch64(world, device), *sample))
 
         f3 = fixed[0, 0]
         support = fixed_mask if fixed_mask is not None else foreground
@@ -392,7 +336,7 @@ class AffineStage:
     def _optimise(
         self,
         name: str,
-        level: _Level,
+        level: Level,
         params: RigidParameters | AffineParameters,
         steps: int,
         lr: float,
@@ -420,52 +364,6 @@ class AffineStage:
             loss_start=losses[0],
             loss_end=float(np.mean(losses[-tail:])),
         )
-
-    def _level(
-        self,
-        shrink: int,
-        fixed: Tensor,
-        fixed_affine: np.ndarray,
-        moving: Tensor,
-        moving_affine: np.ndarray,
-        fixed_mask: Tensor | None,
-        moving_mask: Tensor | None,
-        foreground: Tensor | None,
-    ) -> _Level:
-        device = fixed.device
-        target = shrink * min(voxel_spacing(fixed_affine))
-        ff = _factors(fixed.shape[2:], fixed_affine, target)
-        mf = _factors(moving.shape[2:], moving_affine, target)
-        f = _pool(fixed, ff)
-        m = _pool(moving, mf)
-        f_aff = _pooled_affine(fixed_affine, ff)
-        m_aff = _pooled_affine(moving_affine, mf)
-        mask = fixed_mask if fixed_mask is not None else foreground
-        assert mask is not None
-        frac = _pool(mask.to(device=device, dtype=fixed.dtype)[None, None], ff)[0, 0]
-        region = frac >= 0.5
-        if not bool(region.any()):
-            region = frac > 0
-        if fixed_mask is None:
-            region = _grown(region, [math.ceil(self.margin / s - 1e-6) for s in voxel_spacing(f_aff)])
-        mm = None
-        if moving_mask is not None:
-            mm = _pool(moving_mask.to(device=device, dtype=moving.dtype)[None, None], mf)
-        fixed_shape = (int(f.shape[2]), int(f.shape[3]), int(f.shape[4]))
-        moving_shape = (int(m.shape[2]), int(m.shape[3]), int(m.shape[4]))
-        left = voxel_to_normalized_matrix(moving_shape) @ np.linalg.inv(m_aff)
-        right = f_aff @ np.linalg.pinv(voxel_to_normalized_matrix(fixed_shape))
-        return _Level(
-            shrink=shrink,
-            fixed=f,
-            fixed_shape=fixed_shape,
-            moving=m,
-            moving_mask=mm,
-            region=region.reshape(-1).nonzero().reshape(-1),
-            left=_torch64(left, device),
-            right=_torch64(right, device),
-        )
-
 
 def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)

@@ -32,6 +32,7 @@ from nir_lightning.alignment import (
     principal_axes,
 )
 from nir_lightning.alignment.parameters import rotation_matrix
+from nir_lightning.alignment.pyramid import build_level
 from nir_lightning.data.phantom import make_phantom
 from nir_lightning.errors import InputError
 
@@ -224,7 +225,7 @@ def test_points_come_from_the_foreground_grown_by_the_margin_or_from_the_mask_as
     fg = torch.from_numpy(image > 0.1)
 
     def region(stage: AffineStage, fixed_mask, foreground) -> np.ndarray:
-        level = stage._level(1, fixed, affine, fixed, affine, fixed_mask, None, foreground)
+        level = build_level(1, fixed, affine, fixed, affine, fixed_mask, None, foreground, stage.margin)
         out = np.zeros(int(np.prod(level.fixed_shape)), dtype=bool)
         out[level.region.numpy()] = True
         return out.reshape(level.fixed_shape)
