@@ -1,217 +1,26 @@
-"""Coordinate samplers: which fixed-image points one optimisation step looks at.
-
-Each sampler returns a :class:`CoordinateSample`: normalized points shaped as a batch of
-regular lattices ``(B, d0, d1, d2, 3)`` plus the lattice step in fixed voxels, which the
-local-NCC loss and the finite-difference Jacobian need. Unstructured samples (``random``)
-have ``spacing=None`` and are shaped ``(1, N, 1, 1, 3)``.
-"""
+"""The samplers: random voxels, a random stride-k lattice, mini-patches and the coarse-to-fine pyramid."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import identity_grid, voxel_to_normalized
-from nir_lightning.core.resample import sample_image
+from nir_lightning.coords import voxel_to_normalized
 from nir_lightning.errors import InputError
+from nir_lightning.sampling.domain import (
+    budget_stride,
+    check_shape,
+    foreground_box,
+    foreground_index,
+    grown_box,
+    random_lattice,
+)
+from nir_lightning.sampling.sample import CoordinateSample, CoordinateSampler
 
-
-@dataclass(frozen=True)
-class CoordinateSample:
-    """Sampled fixed-image points.
-
-    Attributes:
-        points: normalized coordinates ``(B, d0, d1, d2, 3)`` (array-axis order).
-        spacing: lattice step along each axis in fixed voxels; ``None`` if the points
-            form no lattice (then ``d1 = d2 = 1`` and the points are independent).
-        sigma: Gaussian smoothing (fixed voxels) of both images this sample is compared on
-            (coarse-to-fine; 0: the images as they are).
-        levels: feature-grid levels of the field that take part (coarse-to-fine; ``None``: all).
-        separable: each lattice of the batch is the product of one coordinate list per axis
-            (:attr:`axes`), so a grid field can read it axis by axis.
-        voxel_lattice: ``(offset, stride)`` when the points are exactly the voxel centres
-            ``offset + stride * k`` of the fixed grid (one lattice): images are read there by
-            slicing, not interpolation.
-        voxel_stop: with ``voxel_lattice``, the exclusive end of the lattice per axis (voxels)
-            when it covers a box of the image rather than all of it.
-    """
-
-    points: Tensor
-    spacing: tuple[float, float, float] | None
-    sigma: float = 0.0
-    levels: int | None = None
-    separable: bool = False
-    voxel_lattice: tuple[tuple[int, int, int], int] | None = None
-    voxel_stop: tuple[int, int, int] | None = None
-
-    @property
-    def is_grid(self) -> bool:
-        return self.spacing is not None
-
-    @property
-    def num_points(self) -> int:
-        return self.points[..., 0].numel()
-
-    def read(self, image: Tensor, *, mode: str = "bilinear") -> Tensor:
-        """``image`` ``(1, C, D0, D1, D2)`` on the fixed grid at the sampled points, ``(B, C, d0, d1, d2)``:
-        a slice on a voxel lattice, else interpolation (:func:`~nir_lightning.core.resample.sample_image`)."""
-        if self.voxel_lattice is not None:
-            (o0, o1, o2), st = self.voxel_lattice
-            e0, e1, e2 = self.voxel_stop if self.voxel_stop is not None else (None, None, None)
-            return image[:, :, o0:e0:st, o1:e1:st, o2:e2:st]
-        return sample_image(image, self.points, mode=mode)  # type: ignore[arg-type]
-
-    @property
-    def axes(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """Per-axis normalized coordinates ``(B, d_a)`` of separable lattices (read off :attr:`points`), else ``None``."""
-        if not self.separable:
-            return None
-        p = self.points
-        return p[:, :, 0, 0, 0], p[:, 0, :, 0, 1], p[:, 0, 0, :, 2]
-
-
-class CoordinateSampler:
-    """Base class of the samplers (the type of ``model.sampler`` in configs)."""
-
-    def sample(
-        self,
-        shape: tuple[int, int, int],
-        *,
-        generator: torch.Generator,
-        mask: Tensor | None = None,
-        progress: float = 1.0,
-    ) -> CoordinateSample:
-        """Draw points for a fixed image of spatial ``shape``; ``mask`` ``(D0, D1, D2)``
-        (bool, on the generator's device) marks the foreground where it matters; ``progress``
-        in ``[0, 1]`` is how far the fit is (only coarse-to-fine samplers use it)."""
-        raise NotImplementedError
-
-
-_MASK_CACHE: list[tuple[Tensor, int, dict[str, Any]]] = []  # (mask, its version, what was derived from it)
-
-
-def _derived(mask: Tensor, key: str, compute: Callable[[], Any]) -> Any:
-    """``compute()`` for ``mask``, cached for the last few masks (a fit passes the same mask every
-    step). The cache holds the mask itself, so it is recognised by identity and version, never
-    by a reused address."""
-    for held, version, derived in _MASK_CACHE:
-        if held is mask and version == mask._version:
-            break
-    else:
-        derived = {}
-        _MASK_CACHE.insert(0, (mask, mask._version, derived))
-        del _MASK_CACHE[4:]
-    if key not in derived:
-        derived[key] = compute()
-    return derived[key]
-
-
-def foreground_index(mask: Tensor) -> Tensor:
-    """``mask.nonzero()`` ``(N, 3)``, cached (``nonzero`` costs about a millisecond per step on a 2 mm brain).
-
-    >>> m = torch.zeros(2, 2, 2, dtype=torch.bool); m[1, 0, 1] = True
-    >>> foreground_index(m).tolist()
-    [[1, 0, 1]]
-    """
-    return _derived(mask, "index", mask.nonzero)
-
-
-def random_lattice(
-    shape: Sequence[int],
-    stride: int,
-    generator: torch.Generator,
-    box: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
-) -> tuple[Tensor, tuple[int, int, int]]:
-    """The stride-``stride`` lattice of ``shape`` at a random offset per axis: normalized points
-    ``(d0, d1, d2, 3)`` and its first voxel. With ``box = (lo, hi)`` (voxels, ``hi`` exclusive)
-    the lattice starts at ``lo`` plus the offset and ends before ``hi``; the draw is the same.
-
-    >>> grid, origin = random_lattice((9, 10, 11), 3, torch.Generator().manual_seed(0))
-    >>> grid.shape[-1], all(0 <= o < 3 for o in origin)
-    (3, True)
-    """
-    offset = torch.randint(0, stride, (3,), generator=generator, device=generator.device)
-    lo, hi = ((0, 0, 0), tuple(shape)) if box is None else box
-    origin = (lo[0] + int(offset[0]), lo[1] + int(offset[1]), lo[2] + int(offset[2]))
-    return identity_grid(shape, stride=stride, offset=origin, stop=hi, device=generator.device), origin
-
-
-def foreground_box(mask: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """The bounding box ``(lo, hi)`` of ``mask`` ``(D0, D1, D2)`` (voxels, ``hi`` exclusive); the
-    whole grid for an empty mask. Cached like :func:`foreground_index`.
-
-    >>> m = torch.zeros(5, 6, 7, dtype=torch.bool); m[1:3, 2, 4:6] = True
-    >>> foreground_box(m)
-    ((1, 2, 4), (3, 3, 6))
-    """
-
-    def compute() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-        index = foreground_index(mask)
-        if index.shape[0] == 0:
-            d0, d1, d2 = (int(n) for n in mask.shape)
-            return ((0, 0, 0), (d0, d1, d2))
-        lo, hi = index.min(dim=0).values.tolist(), (index.max(dim=0).values + 1).tolist()
-        return ((lo[0], lo[1], lo[2]), (hi[0], hi[1], hi[2]))
-
-    box: tuple[tuple[int, int, int], tuple[int, int, int]] = _derived(mask, "box", compute)
-    return box
-
-
-def grown_box(
-    box: tuple[tuple[int, int, int], tuple[int, int, int]], margin: int, shape: Sequence[int]
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """``box`` grown by ``margin`` voxels on every side, clipped to ``shape``.
-
-    >>> grown_box(((1, 2, 4), (3, 3, 6)), 2, (5, 6, 7))
-    ((0, 0, 2), (5, 5, 7))
-    """
-    (l0, l1, l2), (h0, h1, h2) = box
-    n0, n1, n2 = (int(n) for n in shape)
-    return (
-        (max(0, l0 - margin), max(0, l1 - margin), max(0, l2 - margin)),
-        (min(n0, h0 + margin), min(n1, h1 + margin), min(n2, h2 + margin)),
-    )
-
-
-def foreground_domain(
-    mask: Tensor, spacing: Sequence[float], margin: float
-) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """The box of normalized coordinates (low, high corners) that holds ``mask``'s bounding box
-    grown by ``margin`` millimetres (``spacing``: mm per voxel, array-axis order), clipped to
-    the image: where the feature grids of a field are spread (``FeatureGrid.set_domain``).
-
-    >>> m = torch.zeros(11, 11, 11, dtype=torch.bool); m[3:8, 5, :] = True
-    >>> low, high = foreground_domain(m, (1.0, 1.0, 2.0), 2.0)  # voxels 1..9, 3..7, 0..10
-    >>> [round(v, 3) for v in low], [round(v, 3) for v in high]
-    ([-0.8, -0.4, -1.0], [0.8, 0.4, 1.0])
-    """
-    shape = tuple(int(n) for n in mask.shape)
-    (l0, l1, l2), (h0, h1, h2) = foreground_box(mask)
-    grow = torch.tensor([margin / s for s in spacing], dtype=torch.float64)  # voxels per axis
-    lo = torch.tensor([l0, l1, l2], dtype=torch.float64) - grow
-    hi = torch.tensor([h0 - 1, h1 - 1, h2 - 1], dtype=torch.float64) + grow
-    low = voxel_to_normalized(lo.clamp(min=0), shape)
-    high = voxel_to_normalized(torch.minimum(hi, torch.tensor(shape, dtype=torch.float64) - 1), shape)
-    # an axis of one voxel (or a one-voxel-thick mask) keeps its whole extent
-    flat = high <= low
-    low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
-    return (
-        (float(low[0]), float(low[1]), float(low[2])),
-        (float(high[0]), float(high[1]), float(high[2])),
-    )
-
-
-def _check_shape(shape: tuple[int, int, int], minimum: int, what: str) -> None:
-    if len(shape) != 3 or any(int(s) < minimum for s in shape):
-        raise InputError(
-            f"{what} needs a 3D image of at least {minimum} voxels per axis, got shape {tuple(shape)}; "
-            "use a smaller patch_size/stride (model.sampler.init_args) or a larger image."
-        )
+__all__ = ["DownsizeSampler", "MinipatchSampler", "PyramidSampler", "RandomSampler"]
 
 
 class RandomSampler(CoordinateSampler):
@@ -236,7 +45,7 @@ class RandomSampler(CoordinateSampler):
         mask: Tensor | None = None,
         progress: float = 1.0,
     ) -> CoordinateSample:
-        _check_shape(shape, 1, "RandomSampler")
+        check_shape(shape, 1, "RandomSampler")
         device = generator.device
         if mask is not None and bool(mask.any()):
             fg = foreground_index(mask)
@@ -278,7 +87,7 @@ class DownsizeSampler(CoordinateSampler):
         mask: Tensor | None = None,
         progress: float = 1.0,
     ) -> CoordinateSample:
-        _check_shape(shape, self.stride, "DownsizeSampler")
+        check_shape(shape, self.stride, "DownsizeSampler")
         grid, _ = random_lattice(shape, self.stride, generator)
         s = float(self.stride)
         return CoordinateSample(points=grid.unsqueeze(0), spacing=(s, s, s), separable=True)
@@ -316,7 +125,7 @@ class MinipatchSampler(CoordinateSampler):
         progress: float = 1.0,
     ) -> CoordinateSample:
         p = self.patch_size
-        _check_shape(shape, p, f"MinipatchSampler(patch_size={p})")
+        check_shape(shape, p, f"MinipatchSampler(patch_size={p})")
         device = generator.device
         high = torch.tensor([n - p for n in shape], device=device)
         if mask is not None and bool(mask.any()):
@@ -335,18 +144,6 @@ class MinipatchSampler(CoordinateSampler):
 
     def __repr__(self) -> str:
         return f"MinipatchSampler(num_patches={self.num_patches}, patch_size={self.patch_size})"
-
-
-def budget_stride(shape: Sequence[int], stride: int, max_points: int) -> int:
-    """The smallest lattice stride ``>= stride`` whose lattice of ``shape`` holds at most ``max_points``.
-
-    >>> budget_stride((80, 96, 112), 2, 2**17), budget_stride((160, 192, 224), 2, 2**17)
-    (2, 4)
-    """
-    s = max(1, stride)
-    while math.prod(math.ceil(n / s) for n in shape) > max_points and s < max(shape):
-        s += 1
-    return s
 
 
 class PyramidSampler(CoordinateSampler):
