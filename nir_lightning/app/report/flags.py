@@ -122,8 +122,8 @@ def note_flags(notes: object) -> list[Flag]:
         return out
     for note in notes:
         text = " ".join(str(note).split())
-        kind = next((k for pattern, k in _NOTE_KINDS if pattern in text), "note")
-        plain = kind == "note" or text.lower().startswith(_NOTE_LABEL[kind].lower()[:12])  # says it already
+        pattern, kind = next(((pat, k) for pat, k in _NOTE_KINDS if pat in text), ("", "note"))
+        plain = kind == "note" or pattern in text[:40]  # the note says what it is up front already
         out.append(Flag(kind, text if plain else f"{_NOTE_LABEL[kind]}: {text}"))
     return out
 

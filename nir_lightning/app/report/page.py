@@ -76,8 +76,8 @@ def _num(v: Any, fmt: str) -> str:
 
 def _summary(cohort: Cohort) -> str:
     done, failed, pending = (len(cohort.by_status(s)) for s in ("completed", "failed", "pending"))
-    out = [f'<div class="counts"><span><b>{len(cohort.pairs)}</b> pairs</span><span><b>{done}</b> done</span>'
-           f'<span><b>{failed}</b> failed</span><span><b>{pending}</b> pending</span></div>']
+    out = [(f'<div class="counts"><span><b>{len(cohort.pairs)}</b> pairs</span><span><b>{done}</b> done</span>'
+            f'<span><b>{failed}</b> failed</span><span><b>{pending}</b> pending</span></div>')]
     rows = []
     for key, name in STAT_KEYS:
         vals = [v for v in (p.number(key) for p in cohort.completed) if v is not None]
