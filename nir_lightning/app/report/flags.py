@@ -81,7 +81,7 @@ def robust_z(values: Sequence[float | None], *, floor: float = 0.0) -> list[floa
 
     >>> [round(z, 1) for z in robust_z([0.80, 0.81, 0.79, 0.80, 0.30])]
     [0.0, 0.7, -0.7, 0.0, -33.7]
-    >>> robust_z([0.8, 0.8, 0.8, 0.7], floor=0.02)
+    >>> [round(z, 3) for z in robust_z([0.8, 0.8, 0.8, 0.7], floor=0.02)]
     [0.0, 0.0, 0.0, -5.0]
     """
     xs = [v for v in values if v is not None and math.isfinite(v)]
