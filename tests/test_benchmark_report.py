@@ -1,4 +1,5 @@
-"""The benchmark's per-method summary (``benchmarks/harness/report.py``) and its SDlogJ column.
+"""The benchmark's per-method summary (``benchmarks/harness/report.py``), its SDlogJ column and
+the accuracy-vs-regularity (Pareto) table, statement and figure of a regularisation sweep.
 
 The summary is what the development benchmark is read by (nir's lead over ANTs and FireANTs), so
 its means must be over the same pairs for every method, and leads must compare means. Fake
@@ -18,7 +19,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from harness.report import CSV_COLUMNS, markdown, summarize, summary_markdown, write_summary
+from harness.report import (
+    CSV_COLUMNS,
+    PARETO_COLUMNS,
+    dominance,
+    family,
+    is_peer,
+    markdown,
+    pareto,
+    pareto_markdown,
+    pareto_points,
+    plot_pareto,
+    short_settings,
+    summarize,
+    summary_markdown,
+    write_pareto,
+    write_summary,
+)
 from harness.score import score_field
 
 from nir_lightning.data.pair import ImagePair
@@ -141,3 +158,111 @@ def test_nir_uses_mutual_information_on_multimodal_pairs_unless_told_otherwise()
     assert "model.similarity" not in one
     assert two["model.similarity"] == "mi"
     assert mine["model.similarity"] == "lncc"
+
+
+# -- accuracy vs regularity (issue 24) ----------------------------------------------------------
+
+# method -> mean (SDlogJ, Dice NN, Dice label interp.) over p1, p2; nir's curve lies above ANTs'
+# on NN Dice (worst margin +0.020 at SDlogJ 0.15) but not on label-interp Dice, where the ANTs
+# default (0.83) beats nir's curve there (0.815): margin -0.015 at 0.15.
+SWEEP = {
+    "nir": (0.20, 0.82, 0.82),
+    "nir@model.alpha=1": (0.10, 0.80, 0.81),
+    "nir@model.alpha=3": (0.05, 0.76, 0.77),
+    "ants": (0.15, 0.79, 0.83),
+    "ants@total_sigma=1": (0.08, 0.74, 0.75),
+    "ants@total_sigma=2": (0.04, 0.70, 0.71),
+    "fireants-greedy": (0.30, 0.85, 0.86),
+}
+
+
+def _sweep_rows(onehot: bool = True) -> list[dict[str, Any]]:
+    """p1 and p2 around the SWEEP means (det J <= 0 voxels 3 and 7, HD95 2 and 3 mm, 10 and 30 s);
+    p3 dropped (fireants-greedy failed it, nir's wild values there must not count)."""
+    rows: list[dict[str, Any]] = []
+    for pair, sign, folds, hd95, sec in (("p1", -1, 3, 2.0, 10.0), ("p2", 1, 7, 3.0, 30.0)):
+        for m, (sd, dice, lin) in SWEEP.items():
+            row = _row(pair, m, dice + sign * 0.01, sec, 0.01, sd * (1 + sign * 0.5))
+            row.update(folding_count=folds, hd95_after=hd95)
+            row["dice_onehot_linear"] = lin - sign * 0.02 if onehot else None
+            rows.append(row)
+        rows.append({"pair": pair, "method": "fireants-syn", "status": "skipped", "note": "fireants not installed"})
+    for m in SWEEP:
+        bad = m == "fireants-greedy"
+        rows.append({**_row("p3", m, 0.99, 1.0, 9.0, 9.0, status="failed" if bad else "ok"), "folding_count": 999})
+    return rows
+
+
+def test_families_and_settings_of_sweep_methods() -> None:
+    assert [family(m) for m in ("nir@model.alpha=1", "nir:diffeo@model.lam=5", "ants")] == ["nir", "nir:diffeo", "ants"]
+    assert not is_peer("nir@model.alpha=1") and not is_peer("nir:diffeo@a=1") and is_peer("ants@total_sigma=1")
+    assert short_settings("nir@model.alpha=1,model.lam=5") == "alpha=1,lam=5"
+    assert short_settings("ants") == "default"
+
+
+def test_pareto_means_over_common_pairs_sorted_by_family_then_sdlogj(tmp_path: Path) -> None:
+    result = pareto(_sweep_rows())
+    assert result.pairs == ["p1", "p2"] and result.dropped == {"p3": "fireants-greedy failed"}
+    assert [(r["family"], r["settings"]) for r in result.rows] == [
+        ("nir", "model.alpha=3"), ("nir", "model.alpha=1"), ("nir", "default"),
+        ("ants", "total_sigma=2"), ("ants", "total_sigma=1"), ("ants", "default"),
+        ("fireants-greedy", "default"),
+    ]  # fmt: skip
+    for r in result.rows:
+        sd, dice, lin = SWEEP[r["method"]]
+        assert (r["sdlogj"], r["dice_after"], r["dice_onehot_linear"]) == (pytest.approx(sd), pytest.approx(dice), pytest.approx(lin))
+        assert (r["pairs"], r["folding_count_total"], r["folding_count_max"]) == (2, 10, 7)
+        assert (r["hd95_after"], r["seconds_reg"]) == (pytest.approx(2.5), pytest.approx(20.0))
+    write_pareto(tmp_path / "pareto.csv", result)
+    with (tmp_path / "pareto.csv").open(newline="") as fh:
+        got = list(csv.DictReader(fh))
+    assert list(got[0]) == PARETO_COLUMNS and len(got) == 7
+    assert (got[0]["method"], float(got[0]["sdlogj"]), got[0]["folding_count_total"]) == ("nir@model.alpha=3", pytest.approx(0.05), "10")
+
+
+def test_dominance_true_on_nn_false_on_label_interpolation() -> None:
+    result = pareto(_sweep_rows())
+    nn_ants, nn_fire = dominance(result, "dice_after")
+    assert (nn_ants.family, nn_ants.peer, nn_ants.above) == ("nir", "ants", True)
+    assert nn_ants.worst_margin == pytest.approx(0.02) and nn_ants.at_sdlogj == pytest.approx(0.15)
+    assert nn_ants.sentence() == (
+        "nir above ants (Dice NN) at every SDlogJ it reaches: yes (worst margin +0.020 at SDlogJ 0.150); "
+        "ants reaches SDlogJ 0.040–0.150, nir's settings 0.050–0.200: compared on 0.050–0.150 only."
+    )
+    # fireants-greedy is one point at SDlogJ 0.30, beyond nir's settings: no claim either way
+    assert nn_fire.above is None and "not comparable" in nn_fire.sentence()
+    lin_ants, _ = dominance(result, "dice_onehot_linear")
+    assert lin_ants.above is False
+    assert lin_ants.worst_margin == pytest.approx(-0.015) and lin_ants.at_sdlogj == pytest.approx(0.15)
+    assert "(Dice label interp.) at every SDlogJ it reaches: no (worst margin -0.015 at SDlogJ 0.150)" in lin_ants.sentence()
+    # a nir point inside the peer's range is compared there: nir alone at 0.10 vs ANTs' 0.7543
+    keep = ("nir@model.alpha=1", "ants", "ants@total_sigma=1")
+    lone = pareto([r for r in _sweep_rows() if r["method"] in keep and r["pair"] != "p3"])
+    (d,) = dominance(lone)
+    assert d.above is True and d.worst_margin == pytest.approx(0.80 - (0.74 + 0.05 * 2 / 7)) and d.at_sdlogj == pytest.approx(0.10)
+
+
+def test_pareto_section_and_figure(tmp_path: Path) -> None:
+    from nir_lightning.app.compare import plot_pareto as draw
+
+    md = markdown(_sweep_rows(), {"date": "today"}, {})
+    assert md.index("## Mean over pairs") < md.index("## Accuracy vs regularity (Pareto)") < md.index("## p1")
+    assert "| nir | model.alpha=3 | 2 | 0.760 | 0.770 | 0.050 | 10 (7) | 2.50 | 20.0 |" in md
+    assert "- nir above ants (Dice NN) at every SDlogJ it reaches: yes (worst margin +0.020 at SDlogJ 0.150)" in md
+    assert plot_pareto(tmp_path / "pareto.png", pareto(_sweep_rows()))
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
+    fig, notes = draw(pareto_points(pareto(_sweep_rows())))
+    assert len(fig.axes) == 2 and notes == []
+    nn = fig.axes[0]
+    assert [ln.get_label() for ln in nn.lines] == ["nir", "ants", "fireants-greedy"]
+    assert nn.lines[0].get_xdata().tolist() == pytest.approx([0.05, 0.10, 0.20])  # joined in SDlogJ order
+    assert nn.lines[2].get_linestyle() == "None"  # one setting: a lone point
+    assert [t.get_text() for t in nn.texts][:3] == ["alpha=3", "alpha=1", "default"]
+    # a run with --no-onehot: the label-interpolation panel is left out, with a note
+    no_lin = pareto(_sweep_rows(onehot=False))
+    fig, notes = draw(pareto_points(no_lin))
+    assert len(fig.axes) == 1 and "Dice (label interpolation)" in notes[0]
+    assert "no 'Dice label interp. vs SDlogJ' panel" in "\n".join(pareto_markdown(no_lin))
+    # nothing to plot: no file, no exception
+    assert not plot_pareto(tmp_path / "none.png", pareto([_row("p1", "nir", 0.8, 1.0, 0.0, float("nan"))]))
+    assert not (tmp_path / "none.png").exists()

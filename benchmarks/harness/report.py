@@ -11,6 +11,12 @@ Over several pairs, :func:`summarize` gives each method's means over the pairs t
 finished (``summary.csv``, the first table of ``results.md``), so that all methods are averaged
 over the same pairs, and each method's lead over each peer: ``dice_minus_PEER`` (mean Dice minus
 the peer's) and ``time_ratio_PEER`` (mean registration seconds over the peer's).
+
+A method ``NAME@KEY=VALUE,...`` is NAME at other settings (a regularisation sweep, issue 24); the
+part before ``@`` is its *family*. :func:`pareto` gives one row per method setting (``pareto.csv``,
+the "Accuracy vs regularity" section of ``results.md``), :func:`dominance` whether each nir family's
+Dice-vs-SDlogJ curve lies above each peer family's, and :func:`plot_pareto` draws ``pareto.png``
+(the same scatter as ``nir compare --pareto``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import csv
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +63,28 @@ SUMMARY_MEANS = ("dice_after", "dice_onehot_linear", "folding_percent", "sdlogj"
 """Row keys whose mean over the common pairs :func:`summarize` reports under the same name."""
 
 
+def family(method: str) -> str:
+    """The method without its ``@`` settings: ``nir@model.alpha=1`` -> ``nir``, ``ants`` -> ``ants``."""
+    return method.partition("@")[0]
+
+
+def settings_of(method: str) -> str:
+    """The ``@`` settings of a method (``model.alpha=1,model.lam=5``), ``default`` if none."""
+    return method.partition("@")[2] or "default"
+
+
+def short_settings(method: str) -> str:
+    """Settings for a plot label: dotted keys cut to their last part (``model.alpha=1`` -> ``alpha=1``)."""
+    text = settings_of(method)
+    if text == "default":
+        return text
+    return ",".join(k.rsplit(".", 1)[-1] + eq + v for k, eq, v in (item.partition("=") for item in text.split(",")))
+
+
 def is_peer(method: str) -> bool:
-    """A method nir_lightning is compared with (anything but ``nir`` and ``nir:NAME``)."""
-    return not (method == "nir" or method.startswith("nir:"))
+    """A method nir_lightning is compared with: any family but ``nir`` and ``nir:NAME`` (settings included)."""
+    fam = family(method)
+    return not (fam == "nir" or fam.startswith("nir:"))
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -236,6 +262,234 @@ def summary_markdown(summary: Summary) -> list[str]:
     return lines
 
 
+# -- accuracy vs regularity (issue 24) ----------------------------------------------------------
+
+PARETO_COLUMNS = [
+    "family",
+    "settings",
+    "method",
+    "pairs",
+    "dice_after",
+    "dice_onehot_linear",
+    "sdlogj",
+    "folding_count_total",
+    "folding_count_max",
+    "hd95_after",
+    "seconds_reg",
+]
+"""``pareto.csv``'s header: per method setting, means over the common pairs (Dice NN, Dice of the
+linear one-hot interpolation, SDlogJ, HD95, registration seconds), the det J <= 0 voxel count
+summed over them and its largest value on one pair."""
+
+
+@dataclass
+class Pareto:
+    """What :func:`pareto` returns.
+
+    Attributes:
+        rows: one per method that ran, keys :data:`PARETO_COLUMNS` (``None`` where missing),
+            sorted by family (first-seen order) then mean SDlogJ.
+        pairs: the pairs averaged over (finished ``ok`` by every method, as in :func:`summarize`).
+        dropped: pair -> which methods did not finish it.
+    """
+
+    rows: list[dict[str, Any]]
+    pairs: list[str]
+    dropped: dict[str, str]
+
+    def families(self) -> list[str]:
+        return list(dict.fromkeys(r["family"] for r in self.rows))
+
+
+def pareto(rows: Sequence[dict[str, Any]]) -> Pareto:
+    """One row per method setting, averaged over the pairs every method finished (see :func:`summarize`)."""
+    common = summarize(rows)
+    out: list[dict[str, Any]] = []
+    for s in common.rows:
+        m = s["method"]
+        sel = [r for r in rows if r["method"] == m and r["pair"] in common.pairs]
+        folds: list[Any] = [r.get("folding_count") for r in sel]
+        have_folds = bool(folds) and all(_num(x) for x in folds)
+        out.append(
+            {
+                "family": family(m),
+                "settings": settings_of(m),
+                "method": m,
+                "pairs": len(sel),
+                "dice_after": s["dice_after"],
+                "dice_onehot_linear": s["dice_onehot_linear"],
+                "sdlogj": s["sdlogj"],
+                "folding_count_total": int(sum(folds)) if have_folds else None,
+                "folding_count_max": int(max(folds)) if have_folds else None,
+                "hd95_after": _mean([r.get("hd95_after") for r in sel]),
+                "seconds_reg": s["seconds_reg"],
+            }
+        )
+    order = {f: i for i, f in enumerate(dict.fromkeys(r["family"] for r in out))}
+    # a setting without SDlogJ sorts last in its family (it cannot sit on the curve)
+    out.sort(key=lambda r: (order[r["family"]], 0 if _num(r["sdlogj"]) else 1, r["sdlogj"] if _num(r["sdlogj"]) else 0.0))
+    return Pareto(rows=out, pairs=common.pairs, dropped=common.dropped)
+
+
+def write_pareto(path: Path, result: Pareto) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=PARETO_COLUMNS)
+        w.writeheader()
+        for r in result.rows:
+            w.writerow({k: _blank(r.get(k)) for k in PARETO_COLUMNS})
+
+
+PARETO_METRICS = {"dice_after": "Dice NN", "dice_onehot_linear": "Dice label interp."}
+"""Dice columns :func:`dominance` and the figure compare against SDlogJ, with their names."""
+
+
+@dataclass
+class Dominance:
+    """Whether ``family``'s curve lies above ``peer``'s wherever both are defined (:func:`dominance`).
+
+    Attributes:
+        above: ``True`` if the Dice margin (family minus peer) is > 0 at every SDlogJ where both
+            curves are defined, ``False`` if not, ``None`` if their SDlogJ ranges do not overlap.
+        worst_margin, at_sdlogj: the smallest margin and where (``None`` without overlap).
+        own_range, peer_range: the SDlogJ ranges of the two curves (min, max); outside their
+            overlap nothing is compared, and :meth:`sentence` says so.
+    """
+
+    family: str
+    peer: str
+    metric: str
+    above: bool | None
+    worst_margin: float | None
+    at_sdlogj: float | None
+    own_range: tuple[float, float]
+    peer_range: tuple[float, float]
+
+    def sentence(self) -> str:
+        name = PARETO_METRICS.get(self.metric, self.metric)
+        text = f"{self.family} above {self.peer} ({name}) at every SDlogJ it reaches: "
+        if self.above is None or self.worst_margin is None or self.at_sdlogj is None:
+            text += "not comparable (their SDlogJ ranges do not overlap)"
+        else:
+            text += f"{'yes' if self.above else 'no'} (worst margin {self.worst_margin:+.3f} at SDlogJ {self.at_sdlogj:.3f})"
+        (lo, hi), (plo, phi) = self.own_range, self.peer_range
+        if plo < lo or phi > hi:  # the curves' ranges differ: say what was not compared
+            text += f"; {self.peer} reaches SDlogJ {_span(plo, phi)}, {self.family}'s settings {_span(lo, hi)}"
+            if self.above is not None:
+                text += f": compared on {_span(max(lo, plo), min(hi, phi))} only"
+        return text + "."
+
+
+def _span(a: float, b: float) -> str:
+    return f"{a:.3f}" if a == b else f"{a:.3f}–{b:.3f}"
+
+
+def _curve(result: Pareto, fam: str, metric: str) -> list[tuple[float, float]]:
+    """A family's (SDlogJ, Dice) points in SDlogJ order; at equal SDlogJ the best Dice (the frontier)."""
+    best: dict[float, float] = {}
+    for r in result.rows:
+        x, y = r.get("sdlogj"), r.get(metric)
+        if r["family"] == fam and _num(x) and _num(y):
+            best[float(x)] = max(float(y), best.get(float(x), -math.inf))
+    return sorted(best.items())
+
+
+def _interp(curve: Sequence[tuple[float, float]], x: float) -> float:
+    """Linear interpolation of a curve at ``x`` inside its SDlogJ range."""
+    for (x0, y0), (x1, y1) in pairwise(curve):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return curve[0][1]  # a one-point curve, at its own SDlogJ
+
+
+def dominance(result: Pareto, metric: str = "dice_after") -> list[Dominance]:
+    """For each nir family and each peer family with ``metric``: is the nir curve above the peer's?
+
+    Both curves join their settings linearly in SDlogJ order, so their difference is linear
+    between the SDlogJ values of either: its minimum over the overlap of the two ranges is at one
+    of those or at an end of the overlap, so the worst margin is exact, not sampled. A family with
+    one setting is a point, compared only where the other family's range contains its SDlogJ.
+    """
+    fams = [f for f in result.families() if _curve(result, f, metric)]
+    out = []
+    for fam in (f for f in fams if not is_peer(f)):
+        mine = _curve(result, fam, metric)
+        own = (mine[0][0], mine[-1][0])
+        for peer in (f for f in fams if is_peer(f)):
+            theirs = _curve(result, peer, metric)
+            rng = (theirs[0][0], theirs[-1][0])
+            a, b = max(own[0], rng[0]), min(own[1], rng[1])
+            if a > b:
+                out.append(Dominance(fam, peer, metric, None, None, None, own, rng))
+                continue
+            xs = sorted({a, b, *(x for x, _ in mine + theirs if a <= x <= b)})
+            worst, at = min((_interp(mine, x) - _interp(theirs, x), x) for x in xs)
+            out.append(Dominance(fam, peer, metric, worst > 0, worst, at, own, rng))
+    return out
+
+
+def pareto_markdown(result: Pareto) -> list[str]:
+    """The "Accuracy vs regularity" section: the table by family then SDlogJ, and the dominance lines."""
+    lines = ["## Accuracy vs regularity (Pareto)", ""]
+    if not result.pairs:
+        return [*lines, "No pair was finished by every method: no means.", ""]
+    lines.append(
+        f"Per method setting, means over the {len(result.pairs)} pair(s) every method finished; "
+        "det J ≤ 0 voxels summed over them (and the most on one pair). Figure: `pareto.png`."
+    )
+    head = ["family", "settings", "pairs", "Dice (NN)", "Dice (lin. one-hot)", "SDlogJ", "det J ≤ 0 voxels total (max/pair)",
+            "HD95 mm", "reg s"]  # fmt: skip
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result.rows:
+        folds = (
+            f"{r['folding_count_total']} ({r['folding_count_max']})" if _num(r.get("folding_count_total")) else "–"
+        )
+        cells = [r["family"], r["settings"], str(r["pairs"]), _fmt(r["dice_after"], ".3f"), _fmt(r["dice_onehot_linear"], ".3f"),
+                 _fmt(r["sdlogj"], ".3f"), folds, _fmt(r["hd95_after"], ".2f"), _fmt(r["seconds_reg"], ".1f")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    statements = [d for metric in PARETO_METRICS for d in dominance(result, metric)]
+    lines += [f"- {d.sentence()}" for d in statements] or [
+        "No dominance statement: it needs a nir family and a peer family with SDlogJ and Dice."
+    ]
+    lines += [f"- {note}" for note in pareto_notes(result)]
+    lines.append("")
+    return lines
+
+
+def pareto_points(result: Pareto) -> list[Any]:
+    """:class:`nir_lightning.app.compare.ParetoPoint` per method setting: grouped by family, labelled by setting."""
+    from nir_lightning.app.compare import ParetoPoint
+
+    return [
+        ParetoPoint(
+            group=r["family"],
+            label=short_settings(r["method"]),
+            values={k: float(r[k]) for k in ("sdlogj", *PARETO_METRICS) if _num(r.get(k))},
+        )
+        for r in result.rows
+    ]
+
+
+def pareto_notes(result: Pareto) -> list[str]:
+    """Panels of ``pareto.png`` left out for lack of data (e.g. a run with ``--no-onehot``)."""
+    notes = []
+    for metric, name in PARETO_METRICS.items():
+        if not any(_num(r.get("sdlogj")) and _num(r.get(metric)) for r in result.rows):
+            notes.append(f"pareto.png: no '{name} vs SDlogJ' panel (no method setting has both {metric} and sdlogj).")
+    return notes
+
+
+def plot_pareto(path: Path, result: Pareto) -> bool:
+    """``pareto.png``: Dice NN and Dice label interp. vs SDlogJ, a line per family; ``False`` (no file) if nothing to draw."""
+    from nir_lightning.app.compare import plot_pareto as draw
+    from nir_lightning.errors import InputError
+
+    try:
+        draw(pareto_points(result), path, title="Accuracy vs regularity: mean Dice vs mean SDlogJ per setting")
+    except InputError:
+        return False
+    return True
+
 def write_per_structure(path: Path, rows: Sequence[dict[str, Any]], names: dict[int, str]) -> None:
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -266,6 +520,7 @@ def markdown(rows: Sequence[dict[str, Any]], header: dict[str, Any], names: dict
             lines.append(f"- **{key}**: {header[key]}")
     lines.append("")
     lines += summary_markdown(summarize(rows))
+    lines += pareto_markdown(pareto(rows))
     for pair in dict.fromkeys(r["pair"] for r in rows):
         prs = [r for r in rows if r["pair"] == pair]
         best = next((r.get("best_peer") for r in prs if r.get("best_peer")), None)

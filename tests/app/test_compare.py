@@ -1,4 +1,4 @@
-"""``nir compare``: table values from known files, and from two tiny real runs."""
+"""``nir compare``: table values from known files, the Dice-vs-SDlogJ scatter, and two tiny real runs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from nir_lightning.app.compare import (
     compare_table,
     format_table,
     load_runs,
+    pareto_points,
     plot_curves,
+    plot_pareto,
     read_metrics_csv,
     run_styles,
 )
@@ -189,3 +191,59 @@ def test_nir_compare_on_two_tiny_runs(tiny_pair: dict[str, Path], tmp_path: Path
             assert float(row[key]) == pytest.approx(value, rel=1e-6), key
         assert float(row["seconds_fit"]) == json.loads((folder / "summary.json").read_text())["seconds_fit"]
     assert mpimg.imread(plot).shape[:2] == (256, 4 * 320)
+
+
+def _reg_folder(folder: Path, **metrics: float) -> Path:
+    """A ``nir register`` output folder reduced to its metrics.json."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"device": "cpu", "dice_per_label": {"2": 0.9}, **metrics}))
+    return folder
+
+
+def test_pareto_scatter_of_two_result_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    a = _reg_folder(tmp_path / "alpha1", dice_after=0.80, dice_after_label=0.81, sdlogj=0.10, folding_count=3,
+                    folding_percent=0.001, hd95_after=2.5, seconds_fit=12.0)  # fmt: skip
+    b = _reg_folder(tmp_path / "alpha3", dice_after=0.76, dice_after_label=0.78, sdlogj=0.05, folding_count=0,
+                    folding_percent=0.0, hd95_after=2.9, seconds_fit=11.0)  # fmt: skip
+    png, table = tmp_path / "pareto.png", tmp_path / "t.csv"
+    assert main(["compare", str(a), str(b), "--pareto", str(png), "--csv", str(table), "--columns", "dice_after,hd95_after"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # the table gains what the scatter shows, and the folds
+    assert out[0].split() == ["run", "dice_after", "hd95_after", "sdlogj", "folding_count"]
+    assert out[1].split() == ["alpha1", "0.8", "2.5", "0.1", "3"] and out[2].split() == ["alpha3", "0.76", "2.9", "0.05", "0"]
+    assert out[-1] == f"nir compare: Dice vs SDlogJ written to {png}"
+    assert png.stat().st_size > 1000 and mpimg.imread(png).shape[2] in (3, 4)
+    assert not (tmp_path / "compare.png").exists()  # with --pareto the curves plot is opt-in (these folders have none)
+    points = pareto_points([a, b], load_runs([a, b]))
+    fig, notes = plot_pareto(points)
+    assert notes == [] and [ax.get_title() for ax in fig.axes] == ["Dice (nearest neighbour) vs SDlogJ", "Dice (label interpolation) vs SDlogJ"]
+    nn, lab = fig.axes
+    assert [(ln.get_label(), ln.get_xdata().tolist(), ln.get_ydata().tolist()) for ln in nn.lines] == [
+        ("alpha1", [0.10], [0.80]), ("alpha3", [0.05], [0.76])
+    ]  # fmt: skip
+    assert [ln.get_ydata().tolist() for ln in lab.lines] == [[0.81], [0.78]]
+    assert [t.get_text() for t in nn.texts] == ["alpha1", "alpha3"]  # each point labelled with its folder
+    # a benchmark result folder names its label-interpolation Dice dice_onehot_linear; without either: one panel
+    c = _reg_folder(tmp_path / "bench" / "ants", dice_after=0.7, dice_onehot_linear=0.72, sdlogj=0.2)
+    d = _reg_folder(tmp_path / "nolab", dice_after=0.7, sdlogj=0.2)
+    assert plot_pareto(pareto_points([c], load_runs([c])))[0].axes[1].lines[0].get_ydata().tolist() == [0.72]
+    fig, notes = plot_pareto(pareto_points([d], load_runs([d])))
+    assert len(fig.axes) == 1 and "Dice (label interpolation)" in notes[0]
+
+
+def test_pareto_input_errors_name_the_folder(two_runs: list[Path], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    good = _reg_folder(tmp_path / "good", dice_after=0.8, sdlogj=0.1)
+    png = str(tmp_path / "p.png")
+    assert main(["compare", str(good), str(tmp_path / "nope"), "--pareto", png]) == 2
+    assert f"run folder not found: '{tmp_path / 'nope'}'" in capsys.readouterr().err
+    # a CSV-logger folder is a run for the curves, but has no metrics.json for the scatter
+    assert main(["compare", str(good), str(two_runs[0]), "--pareto", png]) == 2
+    err = capsys.readouterr().err
+    assert f"'{two_runs[0]}' has none" in err and "metrics.json" in err
+    no_sd = _reg_folder(tmp_path / "nosd", dice_after=0.8)
+    assert main(["compare", str(good), str(no_sd), "--pareto", png]) == 2
+    assert f"'{no_sd / 'metrics.json'}' lacks sdlogj" in capsys.readouterr().err
+    assert not Path(png).exists()
