@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster scoring)")
     p.add_argument("--no-onehot", action="store_true", help="skip the linear-interpolation-of-one-hot Dice")
     p.add_argument("--out", help="output folder (default benchmarks/results/DATE[_quick])")
-    p.add_argument("--readme", action="store_true", help="also put the table into README.md between its benchmark markers")
+    p.add_argument("--readme", action="store_true", help="also point README.md's benchmark block at this run's results.md (date, commit, command; no figures)")
     return p.parse_args(argv)
 
 
@@ -133,26 +133,28 @@ def resolve_methods(args: argparse.Namespace) -> tuple[list[str], dict[str, list
         configs[f"nir:{name}"] = paths
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods += [m for m in configs if m not in methods]
-    from harness.methods import overrides_from_args, runner_for
+    from harness.methods import method_settings, overrides_from_args, runner_for
 
     try:
         overrides_from_args(shlex.split(args.nir_args))
     except ValueError as exc:
         sys.exit(f"run_benchmark: --nir-args: {exc}")
     for m in methods:
-        if m.startswith("nir:") and m not in configs:
-            sys.exit(f"run_benchmark: method {m} needs --nir-config {m[4:]}=FILE.yaml")
         try:
+            base = method_settings(m)[0]
             runner_for(m)
-        except KeyError as exc:
+        except (KeyError, ValueError) as exc:
             sys.exit(f"run_benchmark: {exc.args[0]}")
+        if base.startswith("nir:") and base not in configs:
+            sys.exit(f"run_benchmark: method {base} needs --nir-config {base[4:]}=FILE.yaml")
     return methods, configs
 
 
 def available(method: str) -> str | None:
     """None if the method can run here, else the reason (one line)."""
-    from harness.methods import PEER_MODULES
+    from harness.methods import PEER_MODULES, method_settings
 
+    method = method_settings(method)[0]
     if method in PEER_MODULES:
         mod, dist = PEER_MODULES[method]
         if importlib.util.find_spec(mod) is None:
@@ -281,13 +283,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runnable.append(m)
 
+    from harness.methods import method_settings
     from harness.report import (
         add_ratios,
         label_names,
         markdown,
+        pareto,
         plot,
+        plot_pareto,
         summarize,
         write_csv,
+        write_pareto,
         write_per_structure,
         write_summary,
     )
@@ -308,11 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(status="skipped", note=available(m))
                 rows.append(row)
                 continue
-            folder = out / pair["name"] / m.replace(":", "_")
+            folder = out / pair["name"] / "".join(c if c.isalnum() or c in "-_." else "_" for c in m)
+            base, settings = method_settings(m)
             spec = {**{k: pair[k] for k in ("fixed", "moving", "fixed_labels", "moving_labels", "labels")},
-                    "method": m, "out": str(folder), "device": args.device, "threads": args.threads, "seed": args.seed,
-                    "quick": args.quick, "nir_configs": nir_configs.get(m, []), "nir_args": shlex.split(args.nir_args),
-                    "multimodal": bool(pair.get("multimodal"))}
+                    "method": base, "settings": settings, "out": str(folder), "device": args.device, "threads": args.threads,
+                    "seed": args.seed, "quick": args.quick, "nir_configs": nir_configs.get(base, []),
+                    "nir_args": shlex.split(args.nir_args), "multimodal": bool(pair.get("multimodal"))}
             print(f"-- {m} ...", end=" ", flush=True)
             info = run_worker(spec, folder, env, args.timeout)
             row.update(seconds_wall=info["seconds_wall"], peak_rss_mb=info["peak_rss_mb"], peak_cuda_mb=info.get("peak_cuda_mb"),
@@ -363,13 +370,16 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "results.csv", rows)
     write_per_structure(out / "per_structure.csv", rows, names)
     write_summary(out / "summary.csv", summarize(rows))
+    write_pareto(out / "pareto.csv", pareto(rows))
     md = markdown(rows, header, names)
     (out / "results.md").write_text(md)
     plot(out / "dice_vs_seconds.png", rows)
+    drew_pareto = plot_pareto(out / "pareto.png", pareto(rows))
     write_json_atomic(out / "run.json", {"header": header, "args": vars(args), "methods": methods})
     if args.readme:
-        update_readme(REPO / "README.md", md)
-    print(f"\nwrote {out / 'results.csv'}, {out / 'summary.csv'}, {out / 'per_structure.csv'}, {out / 'results.md'}, {out / 'dice_vs_seconds.png'}\n")
+        update_readme(REPO / "README.md", header, out / "results.md")
+    print(f"\nwrote {out / 'results.csv'}, {out / 'summary.csv'}, {out / 'per_structure.csv'}, {out / 'results.md'}, {out / 'dice_vs_seconds.png'}, "
+          f"{out / 'pareto.csv'}" + (f", {out / 'pareto.png'}" if drew_pareto else " (no pareto.png: no SDlogJ and Dice to plot)") + "\n")
     print(md)
     failed = [r for r in rows if r["status"] in ("failed", "timeout", "score-error")]
     return 1 if failed else 0
@@ -379,14 +389,27 @@ README_START = "<!-- benchmark:start (written by benchmarks/run_benchmark.py --r
 README_END = "<!-- benchmark:end -->"
 
 
-def update_readme(readme: Path, md: str) -> None:
-    """Replace the table between the README's markers, so the README shows what the harness measured."""
+def readme_pointer(header: dict[str, Any], results: Path) -> str:
+    """What README.md shows between its markers: where the last run's table is, with its date,
+    commit and command; no figures (those live in benchmarks/README.md, each with its conditions).
+
+    >>> print(readme_pointer({"date": "2026-12-04 15:00", "git": "abc1234", "command": "python benchmarks/run_benchmark.py"}, Path("out/results.md")))
+    Last harness run: 2026-12-04 15:00, commit abc1234 (`python benchmarks/run_benchmark.py`); its table is in `out/results.md`. The figures quoted for the current version, with their commands and conditions, are in [`benchmarks/README.md`](benchmarks/README.md).
+    """
+    return (f"Last harness run: {header.get('date', '?')}, commit {header.get('git', '?')} (`{header.get('command', '?')}`); "
+            f"its table is in `{results}`. The figures quoted for the current version, with their commands and conditions, "
+            "are in [`benchmarks/README.md`](benchmarks/README.md).")
+
+
+def update_readme(readme: Path, header: dict[str, Any], results: Path) -> None:
+    """Point README.md's benchmark block at this run's table (:func:`readme_pointer`): the README
+    keeps no table of its own that a later version could leave stale."""
     text = readme.read_text()
     if README_START not in text or README_END not in text:
         raise SystemExit(f"{readme} has no benchmark markers ({README_START} ... {README_END})")
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
-    readme.write_text(head + README_START + "\n" + md.strip() + "\n" + README_END + tail)
+    readme.write_text(head + README_START + "\n" + readme_pointer(header, results) + "\n" + README_END + tail)
 
 
 if __name__ == "__main__":

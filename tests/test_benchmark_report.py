@@ -258,6 +258,10 @@ def test_pareto_section_and_figure(tmp_path: Path) -> None:
     assert nn.lines[0].get_xdata().tolist() == pytest.approx([0.05, 0.10, 0.20])  # joined in SDlogJ order
     assert nn.lines[2].get_linestyle() == "None"  # one setting: a lone point
     assert [t.get_text() for t in nn.texts][:3] == ["alpha=3", "alpha=1", "default"]
+    # settings with the same result share one annotation rather than overprinting
+    same = [dict(r, method="nir@model.lam=5") for r in _sweep_rows() if r["method"] == "nir"]
+    fig, _ = draw(pareto_points(pareto(_sweep_rows() + same)))
+    assert [t.get_text() for t in fig.axes[0].texts][:3] == ["alpha=3", "alpha=1", "default / lam=5"]
     # a run with --no-onehot: the label-interpolation panel is left out, with a note
     no_lin = pareto(_sweep_rows(onehot=False))
     fig, notes = draw(pareto_points(no_lin))

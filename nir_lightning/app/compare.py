@@ -426,6 +426,7 @@ def plot_pareto(
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     handles: dict[str, Line2D] = {}
     for ax, (keys, ylabel, drawn) in zip(axes, panels, strict=True):
+        labels: dict[tuple[float, float], list[tuple[str, str]]] = {}  # one annotation per spot: same-result settings
         for g in groups:
             pts = sorted((p for p in drawn if p.group == g), key=lambda p: p.values[PARETO_X])
             if not pts:
@@ -435,7 +436,10 @@ def plot_pareto(
             (line,) = ax.plot(xs, ys, linestyle="-" if len(pts) > 1 else "none", markersize=6, label=g, **style[g])
             handles.setdefault(g, line)
             for p, xv, yv in zip(pts, xs, ys, strict=True):
-                ax.annotate(p.label, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=7, color=style[g]["color"])
+                labels.setdefault((round(xv, 6), round(yv or 0.0, 6)), []).append((p.label, style[g]["color"]))
+        for (xv, yv), texts in labels.items():
+            label = " / ".join(dict.fromkeys(t for t, _ in texts))
+            ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=7, color=texts[0][1])
         ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
         ax.set_xlabel("SDlogJ (std of log det J; lower = more regular)", fontsize=8)
         ax.set_ylabel(f"mean {ylabel}", fontsize=8)
