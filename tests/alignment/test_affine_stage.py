@@ -283,3 +283,27 @@ def test_moments_follow_the_header(phantom):
     vals2, vecs2 = principal_axes(img, truth @ affine)
     np.testing.assert_allclose(vals2, vals, rtol=1e-8)
     np.testing.assert_allclose(np.abs(np.sum(vecs2 * (truth[:3, :3] @ vecs), axis=0)), 1.0, atol=1e-6)
+
+
+# -- early stop ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_early_stop_ends_flat_levels_and_keeps_misaligned_results(phantom):
+    """An aligned pair (moving = fixed) stops every long level early (well under the 350-step
+    budget), and stays at the identity; on a misaligned pair the matrix found with early stop is
+    within the recovery tolerances of the full budget's. ``early_stop=False`` runs every step."""
+    image, affine, centre = phantom
+    aligned = AffineStage(kind="affine", init="none", **FAST).fit(tensor(image), affine, tensor(image), affine)
+    budget = sum(AffineStage().rigid_iterations) + sum(AffineStage().affine_iterations)
+    assert sum(h.iterations for h in aligned.history) < 0.75 * budget
+    assert translation_error_mm(aligned.world, np.eye(4), centre) < MAX_TRANSLATION_MM
+    assert np.abs(aligned.world[:3, :3] - np.eye(3)).max() < MAX_ENTRY
+    full = AffineStage(kind="affine", init="none", early_stop=False, **FAST).fit(tensor(image), affine, tensor(image), affine)
+    assert sum(h.iterations for h in full.history) == budget  # a skipped coarse level's steps run at the next
+
+    truth = true_affine()
+    moving, moving_affine = moving_for("header", image, affine, truth)
+    early = AffineStage(kind="affine", **FAST).fit(tensor(image), affine, moving, moving_affine)
+    whole = AffineStage(kind="affine", early_stop=False, **FAST).fit(tensor(image), affine, moving, moving_affine)
+    assert translation_error_mm(early.world, whole.world, centre) < MAX_TRANSLATION_MM
+    assert rotation_error_deg(early.world, whole.world) < MAX_ROTATION_DEG
+    assert np.abs(early.world[:3, :3] - whole.world[:3, :3]).max() < MAX_ENTRY
