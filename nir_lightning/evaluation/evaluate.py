@@ -5,6 +5,7 @@ Plain PyTorch/numpy; the Lightning predict step and ``nir register`` both call t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,7 @@ def evaluate(
     dense inverse transform and ``inverse_consistency_mm``: mean ``|phi^-1(phi(x)) - x|`` in
     millimetres over the fixed foreground (``inverse_consistency_max_mm``: its maximum).
     """
+    t_start = time.perf_counter()
     shape = pair.shape
     phi = dense_field(field_, shape, max_points=max_points).cpu()
     if not bool(torch.isfinite(phi).all()):
@@ -140,6 +142,7 @@ def evaluate(
         metrics["epe_before_vox"] = float(true[fg].norm(dim=-1).mean())
         metrics["epe_after_vox"] = float((full - true)[fg].norm(dim=-1).mean())
     warped_labels = nearest = None
+    t_scoring = time.perf_counter()
     if pair.has_labels and labels is not None:
         def through(steps: list[DisplacementStep | MatrixStep], mode: Any) -> Tensor:
             assert labels is not None
@@ -153,6 +156,8 @@ def evaluate(
         fixed_labels = pair.fixed_labels[0, 0].cpu()
         metrics["dice_after_label"] = mean_dice(dice_per_label(warped_labels, fixed_labels, pair.labels))
         metrics["dice_affine"] = mean_dice(dice_per_label(through(chain[-1:], "nearest"), fixed_labels, pair.labels))
+    metrics["seconds_scoring"] = time.perf_counter() - t_scoring  # labels: their warps, Dice, HD95
+    metrics["seconds_evaluate"] = time.perf_counter() - t_start  # all of it: the dense pass, warps, det J, scoring
     return RegistrationResult(
         phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=warped_labels, metrics=metrics, inv_disp_vox=inv_disp,
         disp_ras_mm=disp_mm, warped_labels_nearest=nearest,

@@ -11,6 +11,7 @@ folder without it is incomplete (``--resume`` and ``register-many`` rely on that
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ def write_outputs(
     ``metrics.json`` is removed first and written last: a folder without it is incomplete
     (``--resume`` and ``register-many`` rely on that).
     """
+    t_start = time.perf_counter()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)
@@ -88,5 +90,6 @@ def write_outputs(
     if pair.notes:
         metrics["notes"] = list(pair.notes)
     metrics.update(extra or {})
+    metrics["seconds_outputs"] = time.perf_counter() - t_start  # every file but metrics.json itself
     write_json_atomic(out / "metrics.json", metrics)
     return metrics

@@ -8,9 +8,12 @@ and :class:`~nir_lightning.training.datamodule.PairDataModule`; ``nir register``
 from __future__ import annotations
 
 import logging
+import os
+import time
 import warnings
 from typing import Any
 
+from pytorch_lightning import Callback
 from pytorch_lightning.cli import LightningCLI
 
 from nir_lightning.errors import InputError
@@ -62,7 +65,40 @@ class NIRCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         # A bar that refreshes every step floods non-TTY logs (CI): add a throttled one unless
         # the config disables the bar or brings its own.
-        return super()._instantiate_trainer(config, [*callbacks, *progress_bar_callbacks(config, callbacks)])
+        return super()._instantiate_trainer(config, [*callbacks, *progress_bar_callbacks(config, callbacks), StartupClock()])
+
+
+def process_start_time() -> float | None:
+    """When this process started (Unix seconds, to a clock tick), from ``/proc``; ``None`` elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after the command name
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+class StartupClock(Callback):
+    """Records ``seconds_startup`` in the predictions' metrics: process start to the first fit
+    step, less the affine stage (imports, parsing, building the CLI, loading the pair). For
+    ``nir register`` that is the command's own start-up; in a long Python session it includes
+    the session."""
+
+    def __init__(self) -> None:
+        self.first_step: float | None = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.first_step is None:
+            self.first_step = time.time()
+
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        started, metrics = process_start_time(), getattr(outputs, "metrics", None)
+        if self.first_step is None or started is None or not isinstance(metrics, dict):
+            return
+        affine = getattr(getattr(trainer, "datamodule", None), "affine_result", None)
+        metrics["seconds_startup"] = self.first_step - started - (float(affine.seconds) if affine is not None else 0.0)
 
 
 def config_keys_of(config: Any, owner: str, param: str, prefix: str = "") -> list[tuple[str, Any]]:
