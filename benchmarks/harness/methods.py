@@ -123,7 +123,8 @@ def nir_overrides(spec: dict[str, Any]) -> dict[str, Any]:
     cuda = spec["device"].startswith("cuda")
     device: dict[str, Any] = {"trainer.accelerator": "gpu", "trainer.devices": 1} if cuda else {"trainer.accelerator": "cpu"}
     contrast = {"model.similarity": "mi"} if spec.get("multimodal") else {}
-    return {**device, **(NIR_QUICK if spec.get("quick") else {}), **contrast, **overrides_from_args(spec.get("nir_args", []))}
+    return {**device, **(NIR_QUICK if spec.get("quick") else {}), **contrast, **overrides_from_args(spec.get("nir_args", [])),
+            **spec.get("settings", {})}
 
 
 def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -162,7 +163,7 @@ def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run_ants(spec: dict[str, Any], out: Path) -> dict[str, Any]:
-    return _run_ants(spec, out, dict(ANTS_SETTINGS, **(ANTS_QUICK if spec.get("quick") else {})))
+    return _run_ants(spec, out, dict(ANTS_SETTINGS, **(ANTS_QUICK if spec.get("quick") else {}), **spec.get("settings", {})))
 
 
 def _run_ants(spec: dict[str, Any], out: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -203,7 +204,7 @@ def run_fireants(spec: dict[str, Any], out: Path, *, syn: bool) -> dict[str, Any
         from fireants.registration.greedy import GreedyRegistration as Registration
 
     device = spec["device"]
-    settings = dict(FIREANTS_SETTINGS, **(FIREANTS_QUICK if spec.get("quick") else {}))
+    settings = dict(FIREANTS_SETTINGS, **(FIREANTS_QUICK if spec.get("quick") else {}), **spec.get("settings", {}))
     fixed = BatchedImages([Image.load_file(spec["fixed"], device=device)])
     moving = BatchedImages([Image.load_file(spec["moving"], device=device)])
     print(Registration.__name__, settings, "device", device, flush=True)
@@ -301,8 +302,36 @@ RUNNERS: dict[str, Runner] = {
 }
 
 
+def method_settings(method: str) -> tuple[str, dict[str, Any]]:
+    """A method name and the settings it overrides: ``NAME@KEY=VALUE,KEY=VALUE`` runs NAME with
+    those settings (a regularisation sweep: ``ants@total_sigma=1``,
+    ``fireants-greedy@smooth_warp_sigma=1.0``, ``nir@model.alpha=3``). Values are read as JSON
+    where they parse (numbers, lists), else kept as strings.
+
+    >>> method_settings("ants@flow_sigma=4.5,total_sigma=1")
+    ('ants', {'flow_sigma': 4.5, 'total_sigma': 1})
+    >>> method_settings("nir:diffeo")
+    ('nir:diffeo', {})
+    """
+    import json
+
+    name, _, rest = method.partition("@")
+    settings: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"method {method!r}: expected KEY=VALUE after '@', got {item!r}")
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    return name, settings
+
+
 def runner_for(method: str) -> Runner:
-    """``nir`` and ``nir:NAME`` (named configs) share the nir runner."""
+    """``nir`` and ``nir:NAME`` (named configs) share the nir runner; ``@KEY=VALUE`` settings
+    (:func:`method_settings`) are passed in the spec."""
+    method = method_settings(method)[0]
     base = "nir" if method == "nir" or method.startswith("nir:") else method
     if base not in RUNNERS:
         raise KeyError(f"unknown method {method!r}; known: nir, nir:NAME, {', '.join(k for k in RUNNERS if k != 'nir')}")
