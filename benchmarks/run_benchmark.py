@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             info = run_worker(spec, folder, env, args.timeout)
             row.update(seconds_wall=info["seconds_wall"], peak_rss_mb=info["peak_rss_mb"], peak_cuda_mb=info.get("peak_cuda_mb"),
                        seconds_reg=info.get("seconds_reg"), steps=info.get("steps"), dice_self_reported=info.get("dice_self_reported"))
-            if m == "ants" or not args.device.startswith("cuda"):
+            if base == "ants" or not args.device.startswith("cuda"):
                 row["device"] = "cpu"
             if info["timed_out"] or not info.get("ok"):
                 row.update(status="timeout" if info["timed_out"] else "failed", note=info.get("error", f"exit code {info['returncode']}"))

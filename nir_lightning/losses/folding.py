@@ -63,14 +63,20 @@ def voxel_offsets(shape: tuple[int, int, int], like: Tensor) -> Tensor:
     return torch.diag((1.0 / normalized_to_voxel_scale(shape)).to(like))
 
 
-def forward_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
-    """``phi`` at ``pts`` ``(1, N, 1, 1, 3)`` in fixed voxels, and det J by one-voxel forward
-    differences (4 evaluations per point)."""
+def forward_stencil_jacobian(transform: Transform, pts: Tensor, shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    """``phi`` at ``pts`` ``(1, N, 1, 1, 3)`` in fixed voxels, and its Jacobian ``(1, N, 1, 1, 3, 3)``
+    (fixed voxels) by one-voxel forward differences (4 evaluations per point)."""
     offsets = voxel_offsets(shape, pts)
     stencil = torch.cat([pts] + [pts + offsets[a] for a in range(3)], dim=0)
     out_vox = normalized_to_voxel(transform(stencil), shape)
-    jac = torch.stack([out_vox[a + 1] - out_vox[0] for a in range(3)], dim=-1)
-    return out_vox[:1], determinant(jac)
+    return out_vox[:1], torch.stack([out_vox[a + 1] - out_vox[0] for a in range(3)], dim=-1)
+
+
+def forward_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int, int]) -> tuple[Tensor, Tensor]:
+    """``phi`` at ``pts`` ``(1, N, 1, 1, 3)`` in fixed voxels, and det J by one-voxel forward
+    differences (4 evaluations per point)."""
+    phi_vox, jac = forward_stencil_jacobian(transform, pts, shape)
+    return phi_vox, determinant(jac)
 
 
 def analytic_det(transform_with_jacobian: JacobianTransform, pts: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """The training objective as a pure function of transform, images and sample.
 
-``loss = similarity(fixed(x), moving(phi(x))) + lam * folding(phi)`` over the sampled fixed
-points ``x``. The LightningModule's ``training_step`` and ``benchmarks/profile_step.py`` both
+``loss = similarity(fixed(x), moving(phi(x))) + lam * folding(phi) + alpha * smoothness(phi)``
+over the sampled fixed points ``x``. The LightningModule's ``training_step`` and ``benchmarks/profile_step.py`` both
 call :func:`registration_objective`, so what is profiled is what is trained.
 """
 
@@ -13,9 +13,11 @@ import torch
 from torch import Tensor
 
 from nir_lightning.coords import apply_matrix, normalized_to_voxel, voxel_to_normalized
+from nir_lightning.core.jacobian import determinant
 from nir_lightning.core.resample import sample_image
-from nir_lightning.losses.folding import FoldingPenalty, forward_stencil_det
+from nir_lightning.losses.folding import FoldingPenalty, forward_stencil_jacobian
 from nir_lightning.losses.similarity import Similarity
+from nir_lightning.losses.smoothness import SmoothnessPenalty
 from nir_lightning.sampling import CoordinateSample
 
 
@@ -28,6 +30,8 @@ def registration_objective(
     similarity: Similarity,
     folding: FoldingPenalty,
     lam: float,
+    smoothness: SmoothnessPenalty | None = None,
+    alpha: float = 0.0,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
     fixed_mask: Tensor | None = None,
@@ -43,7 +47,9 @@ def registration_objective(
         fixed, moving: images ``(1, 1, D0, D1, D2)`` on the fixed grid (scaled intensities);
             ``moving`` may be on its own grid, with ``moving_chain``.
         sample: the sampled fixed points (a lattice, or unstructured points).
-        similarity, folding, lam: the two terms and the folding weight.
+        similarity, folding, lam: the similarity, the folding barrier and its weight.
+        smoothness, alpha: the smoothness prior (:mod:`~nir_lightning.losses.smoothness`) and its
+            weight, on the sample's own Jacobian (``None`` or ``alpha=0``: none).
         mask: fixed foreground ``(D0, D1, D2)`` (bool), where extra folding points are drawn.
         generator: draws the extra folding points; ``None`` skips them.
         fixed_mask, moving_mask: the user's masks as images ``(1, 1, D0, D1, D2)`` (1 inside,
@@ -59,26 +65,36 @@ def registration_objective(
             same values as ``transform`` on its points, faster); used when the sample is one.
 
     Returns:
-        ``{"loss", "sim", "jedt"}`` scalars (``jedt``: the whole folding term before ``lam``).
+        ``{"loss", "sim", "jedt", "smooth"}`` scalars (``jedt``: the whole folding term before
+        ``lam``; ``smooth``: the smoothness prior before ``alpha``).
 
     >>> from nir_lightning.sampling import DownsizeSampler
     >>> img = torch.rand(1, 1, 8, 8, 8)
     >>> s = DownsizeSampler(stride=1).sample((8, 8, 8), generator=torch.Generator().manual_seed(0))
     >>> out = registration_objective(lambda x: x, img, img, s, similarity=Similarity("lncc", window=3),
     ...                              folding=FoldingPenalty(), lam=10.0)
-    >>> round(float(out["sim"]), 4), float(out["jedt"])
-    (-1.0, 0.0)
+    >>> round(float(out["sim"]), 4), float(out["jedt"]), float(out["smooth"])
+    (-1.0, 0.0, 0.0)
     """
     shape = (int(fixed.shape[-3]), int(fixed.shape[-2]), int(fixed.shape[-1]))
     pts = sample.points
+    smooth_on = smoothness is not None and smoothness.active and alpha > 0
+    smooth = pts.new_zeros(())
     if sample.is_grid:
         axes = sample.axes
         phi = transform_lattice(axes) if transform_lattice is not None and axes is not None else transform(pts)
-        reg = folding.lattice(sample, normalized_to_voxel(phi, shape))
+        phi_vox = normalized_to_voxel(phi, shape)
+        reg = folding.lattice(sample, phi_vox)
+        if smooth_on:
+            assert smoothness is not None and sample.spacing is not None
+            smooth = smoothness.lattice(phi_vox, sample.spacing)
     else:
-        phi_vox, det = forward_stencil_det(transform, pts, shape)
+        phi_vox, jac = forward_stencil_jacobian(transform, pts, shape)
         phi = voxel_to_normalized(phi_vox, shape)
-        reg = folding(det)
+        reg = folding(determinant(jac))
+        if smooth_on:
+            assert smoothness is not None
+            smooth = smoothness.points(jac)
     if generator is not None and folding.needs_extra_points(sample):
         reg = reg + folding.extra(transform, shape, mask, generator, transform_with_jacobian)
     warped = sample_image(moving, phi if moving_chain is None else apply_matrix(phi, moving_chain))
@@ -90,4 +106,7 @@ def registration_objective(
         w_m = sample_image(moving_mask, phi.detach(), mode="nearest")
         weight = w_m if weight is None else weight * w_m
     sim = similarity(fixed_s, warped, is_grid=sample.is_grid, weight=weight)
-    return {"loss": sim + lam * reg, "sim": sim, "jedt": reg}
+    loss = sim + lam * reg
+    if smooth_on:
+        loss = loss + alpha * smooth
+    return {"loss": loss, "sim": sim, "jedt": reg, "smooth": smooth}

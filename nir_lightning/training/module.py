@@ -27,7 +27,7 @@ from nir_lightning.errors import InputError
 from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
 from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, GridVelocityField, NeuralField
-from nir_lightning.losses import FoldingPenalty, Similarity, local_ncc, registration_objective
+from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, local_ncc, registration_objective
 from nir_lightning.sampling import (
     CoordinateSample,
     CoordinateSampler,
@@ -48,8 +48,17 @@ and normalised MI moves far less than local NCC over a fit: at 5 the folding ter
 pair back (Dice 0.690 against 0.703 at 1, 0 folds either way; benchmarks/README.md, 0.2.2)."""
 
 
-_DEFAULT_FIELD = lazy_instance(GridDisplacementField)
-_DEFAULT_SAMPLER = lazy_instance(PyramidSampler)
+def _lazy_default(cls: type[Any]) -> Any:
+    """``lazy_instance(cls)`` of jsonargparse (the CLI prints it as the default) built without
+    its ``inspect.stack()``, which reads the source of every frame on the stack (~0.5 s at import)."""
+    base = lazy_instance.__globals__["_LazyInitBaseClass"]  # the class lazy_instance derives from
+    lazy = type(f"LazyInstance_{cls.__name__}", (base, cls), {"__doc__": f"Class for lazy instances of {cls}", "__module__": __name__})
+    globals()[lazy.__name__] = lazy
+    return lazy(cls, {})
+
+
+_DEFAULT_FIELD = _lazy_default(GridDisplacementField)
+_DEFAULT_SAMPLER = _lazy_default(PyramidSampler)
 
 
 class RegistrationModule(pl.LightningModule):
@@ -78,7 +87,12 @@ class RegistrationModule(pl.LightningModule):
             (mutual information, for pairs of different contrasts).
         window: local NCC window in lattice samples.
         regularizer: ``"jedt"`` (penalise det <= 0 only) or ``"unit"`` (|det - 1|).
-        lam: weight of the regulariser; ``None``: :data:`DEFAULT_LAM` of ``similarity``.
+        lam: weight of the folding barrier; ``None``: :data:`DEFAULT_LAM` of ``similarity``.
+        smoothness: the smoothness prior on the sample's Jacobian
+            (:mod:`~nir_lightning.losses.smoothness`): ``"bending"`` (change of J between
+            neighbouring points: zero for affine maps), ``"diffusion"`` (``||J - I||^2``),
+            ``"logdet"`` (``(log det J)^2``) or ``"none"``.
+        alpha: weight of the smoothness prior (0: off).
         margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR).
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
@@ -126,6 +140,8 @@ class RegistrationModule(pl.LightningModule):
         window: int = 5,
         regularizer: Literal["jedt", "unit"] = "jedt",
         lam: float | None = None,
+        smoothness: Literal["none", "bending", "diffusion", "logdet"] = "bending",
+        alpha: float = 0.0,
         margin: float = 0.3,
         lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
@@ -145,6 +161,8 @@ class RegistrationModule(pl.LightningModule):
             lam = DEFAULT_LAM.get(similarity, 5.0)
         if not (math.isfinite(lam) and lam >= 0):
             raise InputError(f"model.lam (weight of the folding penalty) must be a finite number >= 0, got {lam}; use e.g. lam=10, or 0 to switch the penalty off.")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise InputError(f"model.alpha (weight of the smoothness prior) must be a finite number >= 0, got {alpha}; use e.g. alpha=1, or 0 to switch it off.")
         if not (math.isfinite(lr) and lr > 0):
             raise InputError(f"model.lr must be a finite number > 0, got {lr}; use e.g. lr=1e-4.")
         if not 0 < lr_final_ratio <= 1:
@@ -160,6 +178,7 @@ class RegistrationModule(pl.LightningModule):
             )
         try:
             folding = FoldingPenalty(kind=regularizer, margin=margin, jacobian_points=jacobian_points, stencil=jacobian_stencil)
+            smooth = SmoothnessPenalty(kind=smoothness)
         except InputError as exc:
             raise InputError(f"model.{exc}") from None
         if jacobian_stencil == "analytic":
@@ -185,6 +204,8 @@ class RegistrationModule(pl.LightningModule):
         self.folding = folding
         self.regularizer = regularizer
         self.lam = lam
+        self.smoothness = smooth
+        self.alpha = alpha
         self.lr = lr
         self.lr_final_ratio = lr_final_ratio
         self.seed = seed
@@ -318,7 +339,8 @@ class RegistrationModule(pl.LightningModule):
         self.set_grid_levels(sample.levels)
         return registration_objective(
             self.transform, fixed, moving, sample,
-            similarity=self.similarity, folding=self.folding, lam=self.lam, mask=self.mask, generator=generator,
+            similarity=self.similarity, folding=self.folding, lam=self.lam, smoothness=self.smoothness, alpha=self.alpha,
+            mask=self.mask, generator=generator,
             fixed_mask=self.fixed_mask, moving_mask=self.moving_mask, moving_chain=self.moving_chain,
             transform_with_jacobian=self.transform_with_jacobian if self.folding.stencil == "analytic" else None,
             transform_lattice=self.transform_lattice(),
@@ -385,6 +407,8 @@ class RegistrationModule(pl.LightningModule):
         if logging_step(self.trainer):  # self.log costs ~1 ms a call: only where the logger writes
             self.log(f"train/{self.similarity.kind}", out["sim"], prog_bar=False)
             self.log(f"train/{self.regularizer}", out["jedt"])
+            if self.smoothness.active and self.alpha > 0:
+                self.log(f"train/{self.smoothness.kind}", out["smooth"])
             self.log("train/loss", out["loss"], prog_bar=True)
         return out["loss"]
 
