@@ -59,9 +59,11 @@ def _fsync(path: str | os.PathLike[str], *, directory: bool = False) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success flush it to disk and rename it onto ``path``.
+    """Yield a temporary path beside ``path``; on success flush it to disk, rename it onto ``path``
+    and flush the folder (so the new entry is on disk too before the next file is written).
 
-    A crash or a kill while writing leaves the old file (or none), never a truncated one; the
+    A crash, a kill or a power loss while writing leaves the old file (or none), never a truncated
+    one; files written one after another reach the disk in that order (``metrics.json`` last). The
     temporary is removed on any error. Disk full, quota, read-only and permission errors are
     raised as :class:`~nir_lightning.errors.OutputError` naming ``path``.
     """

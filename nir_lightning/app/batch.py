@@ -8,7 +8,7 @@ sync); torch.distributed only agrees on who does which pair and collects the sum
 A pair is *complete* when ``DIR/<id>/metrics.json`` is valid JSON naming this pair's fixed and
 moving images and the core NIfTI outputs exist. That is sound because
 :func:`nir_lightning.evaluation.evaluate.write_outputs` writes every file atomically and ``metrics.json``
-last; before a pair is (re)done its old ``metrics.json`` is removed first, so a crash at any point
+last, each flushed to disk with its folder entry before the next (also true after a power loss); before a pair is (re)done its old ``metrics.json`` is removed first, so a crash at any point
 leaves it incomplete, never complete with mixed outputs.
 
 One writer per pair: a pair is registered while holding its folder's lock
@@ -50,7 +50,7 @@ from nir_lightning.app.distributed import (
     setup_distributed,
     single_process_lightning,
 )
-from nir_lightning.app.lock import LockedError, folder_lock_path, lock_file, lock_folder, read_lock
+from nir_lightning.app.lock import LockedError, folder_lock_path, holder_alive, lock_file, lock_folder, read_lock
 from nir_lightning.app.register import register_pair
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.errors import InputError
@@ -222,7 +222,7 @@ def disk_row(spec: PairSpec, output: Path) -> dict[str, Any]:
     if metrics is not None:
         return _row(spec, "completed", metrics)
     holder = read_lock(folder_lock_path(pair_dir))
-    if holder is not None:
+    if holder is not None and holder_alive(holder):  # a dead holder's pair is incomplete: pending
         return _row(spec, "running", seconds=None, error=f"being registered by {holder.describe()}")
     if (pair_dir / ERROR_FILE).is_file():
         return _row(spec, "failed", seconds=None, error=_error_message(pair_dir))
@@ -333,7 +333,10 @@ def aggregate_line(rows: Sequence[dict[str, Any]], skipped: int, summary: Path) 
     done = [r for r in rows if r["status"] == "completed"]
     failed = [r for r in rows if r["status"] == "failed"]
     running = [r for r in rows if r["status"] == "running"]
+    others = sum(bool(r.get("by_other")) for r in rows)
     parts = [f"{len(done)}/{len(rows)} pairs completed ({skipped} already complete, skipped), {len(failed)} failed"]
+    if others:
+        parts[0] += f", {others} of them done by another job meanwhile"
     if running:
         parts[0] += f", {len(running)} still running in another process"
     for key in ("dice_after", "dice_before"):
@@ -407,8 +410,12 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
 
         # Rank 0 decides what is left to do; everyone shards that list the same way.
         done: dict[int, dict[str, Any]] = {}
+        seen: dict[int, Any] = {}
         if d.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            # what each pair's folder holds, taken before the look for complete pairs: a pair that
+            # changes after it was done by another job meanwhile (see run_pair)
+            seen = {i: snapshot(out / spec.id) for i, spec in enumerate(specs)}
             for i, spec in enumerate(specs):
                 metrics = None if args.overwrite or spec.problem else complete_metrics(out / spec.id, spec)
                 if metrics is not None:
@@ -417,9 +424,9 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
         if d.world > 1:
             import torch.distributed as dist
 
-            box = [pending]
+            box: list[Any] = [pending, {i: seen[i] for i in pending}] if d.rank == 0 else [None, None]
             dist.broadcast_object_list(box, src=0)
-            pending = box[0]
+            pending, seen = box
         mine = pending[d.rank :: d.world]
         tag = f"[rank {d.rank}/{d.world}] " if d.world > 1 else ""
         if d.rank == 0:
@@ -427,7 +434,6 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
 
         partial = out / f".summary.rank{d.rank}-of-{d.world}.csv"
         results: dict[int, dict[str, Any]] = {}
-        seen = {i: snapshot(out / specs[i].id) for i in mine}  # to tell pairs another job does meanwhile
         for n, i in enumerate(mine, 1):
             spec = specs[i]
             print(f"nir register-many: {tag}pair {n}/{len(mine)} '{spec.id}' ...", flush=True)
@@ -435,7 +441,7 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
             results[i] = row
             if row["status"] == "running":
                 status = f"skipped: {row['error']}"
-            elif row.pop("by_other", False):
+            elif row.get("by_other"):
                 status = f"skipped: {row['status']} by another process meanwhile"
             else:
                 status = f"completed in {row['seconds']:.1f} s" if row["status"] == "completed" else f"FAILED: {row['error']}"
@@ -488,6 +494,7 @@ def _merged(specs: Sequence[PairSpec], done: dict[int, dict[str, Any]], results:
         row = done.get(i) or results.get(i)
         if row is None or row["status"] not in ("completed", "failed"):
             row = disk_row(spec, output)
+            row["by_other"] = row["status"] in ("completed", "failed")
         rows.append(row)
     return rows
 

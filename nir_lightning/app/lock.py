@@ -11,7 +11,9 @@ A second process that finds the lock raises :class:`LockedError` (an :class:`Inp
 alive but started later: a reused PID) is taken over with a warning; a lock of another host is
 never taken over unless asked (``force=True``, ``--force-unlock``), since its PID means nothing here.
 Breaking a lock is serialised by a second file (``<lock>.break``), so two processes taking over
-one stale lock cannot both win.
+one stale lock cannot both win. While a lock is held, SIGTERM (``kill``, a batch system's time
+limit) ends the process through ``SystemExit`` rather than at once, so the lock is released on
+the way out and a job resubmitted to another host does not find it; only SIGKILL leaves one behind.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -209,6 +213,29 @@ class _Held:
 _HELD: dict[Path, _Held] = {}  # locks this process holds (re-entrant: register-many, then register_pair)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the `finally` that releases the lock
+
+
+def _hold(path: Path, held: _Held) -> None:
+    # SIGTERM's default kills without clean-up; only that default is replaced, and only while locks are held
+    if not _HELD and threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    _HELD[path] = held
+
+
+def _unhold(path: Path) -> None:
+    del _HELD[path]
+    if not _HELD and threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def holder_alive(info: LockInfo) -> bool:
+    """Whether the holder of a lock may still be running (``True`` when this host cannot tell:
+    another host, an unreadable lock); ``False`` for a process of this host that is gone."""
+    return _alive(info)
+
+
 def _missing_parents(folder: Path) -> list[Path]:
     missing: list[Path] = []
     p = folder
@@ -236,7 +263,7 @@ class OutputLock:
         held.count -= 1
         if held.count > 0:
             return
-        del _HELD[self.path]
+        _unhold(self.path)
         now = read_lock(self.path)
         if now is not None and now.token == held.info.token:
             self.path.unlink(missing_ok=True)
@@ -293,7 +320,7 @@ def acquire(
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if _create(path, info):
-                _HELD[path] = _Held(info, 1, created)
+                _hold(path, _Held(info, 1, created))
                 return OutputLock(path)
         except FileNotFoundError:
             continue  # the folder was removed meanwhile (an empty folder released by another process)

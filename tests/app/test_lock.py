@@ -149,3 +149,28 @@ def test_two_registrations_racing_on_one_folder(tmp_path: Path, tiny_pair: dict[
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seed"] == (1, 2)[win] and metrics["steps"] == 20
     assert not (out / LOCK_NAME).exists()
+
+
+def test_sigterm_releases_the_lock(tmp_path: Path) -> None:
+    """A batch system's time limit (SIGTERM) must not leave a lock that another host would find."""
+    code = ("import sys, time; from nir_lightning.app.lock import lock_folder\n"
+            f"with lock_folder({str(tmp_path)!r}, what='out'):\n    print('locked', flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    assert read_lock(folder_lock_path(tmp_path)).pid == proc.pid  # type: ignore[union-attr]
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15
+    assert not folder_lock_path(tmp_path).exists()
+
+
+def test_register_takes_over_the_lock_of_a_killed_run(tmp_path: Path, tiny_pair: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    from nir_lightning import register_pair
+
+    out = tmp_path / "out"
+    pid = _dead_pid()
+    _plant(folder_lock_path(out), pid=pid)  # e.g. a run killed with SIGKILL
+    with caplog.at_level(logging.WARNING, logger="nir_lightning"):
+        result = register_pair(tiny_pair["fixed"], tiny_pair["moving"], output=out, affine="none", checkpoint_every=0, quiet=True,
+                               overrides={"trainer.max_steps": 2})
+    assert result.metrics["steps"] == 2 and f"taking over the lock of PID {pid}" in caplog.text
+    assert not folder_lock_path(out).exists()
