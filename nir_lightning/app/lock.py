@@ -302,8 +302,8 @@ def acquire(
     >>> with acquire(folder_lock_path(folder), what="demo"):
     ...     (folder / LOCK_NAME).is_file()
     True
-    >>> (folder / LOCK_NAME).exists()
-    False
+    >>> (folder / LOCK_NAME).exists(), folder.rmdir()
+    (False, None)
     """
     path = Path(os.path.abspath(lock_path))
     held = _HELD.get(path)
