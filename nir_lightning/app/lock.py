@@ -208,6 +208,7 @@ class _Held:
     info: LockInfo
     count: int
     created: list[Path]  # folders this process created for the lock, deepest first
+    thread: int = 0  # re-entrant for the thread that holds it only
 
 
 _HELD: dict[Path, _Held] = {}  # locks this process holds (re-entrant: register-many, then register_pair)
@@ -308,6 +309,9 @@ def acquire(
     path = Path(os.path.abspath(lock_path))
     held = _HELD.get(path)
     if held is not None:
+        if held.thread != threading.get_ident():
+            raise LockedError(f"{what} is being written by another thread of this process ({held.info.describe()}); wait for it.",
+                              holder=held.info, lock_path=path)
         held.count += 1
         return OutputLock(path)
     created = _missing_parents(path.parent)
@@ -320,7 +324,7 @@ def acquire(
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if _create(path, info):
-                _hold(path, _Held(info, 1, created))
+                _hold(path, _Held(info, 1, created, threading.get_ident()))
                 return OutputLock(path)
         except FileNotFoundError:
             continue  # the folder was removed meanwhile (an empty folder released by another process)

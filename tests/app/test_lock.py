@@ -54,6 +54,24 @@ def test_lock_file_names_its_holder_and_goes_away(tmp_path: Path) -> None:
     assert not out.exists() and not (tmp_path / "new").exists()  # folders made only for the lock are removed when empty
 
 
+def test_another_thread_of_the_process_is_refused(tmp_path: Path) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def second() -> None:
+        try:
+            lock_folder(tmp_path, what="out").release()
+        except LockedError as exc:
+            errors.append(exc)
+
+    with lock_folder(tmp_path, what="out"):
+        t = threading.Thread(target=second)
+        t.start()
+        t.join()
+    assert len(errors) == 1 and "another thread of this process" in str(errors[0])
+
+
 def test_live_holder_stops_a_second_process_with_its_pid(tmp_path: Path) -> None:
     other = _plant(folder_lock_path(tmp_path), pid=os.getppid())  # a live process of this host
     with pytest.raises(LockedError) as err:
