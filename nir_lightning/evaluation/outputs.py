@@ -12,6 +12,7 @@ folder without it is incomplete (``--resume`` and ``register-many`` rely on that
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,31 @@ def write_outputs(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").unlink(missing_ok=True)
-    if qc_title is not None:
+    # The QC figure renders (matplotlib, mostly Python) on a thread while this one compresses the
+    # NIfTI files (zlib releases the GIL): on the shared 2 mm pair they cost about as much.
+    pool = ThreadPoolExecutor(max_workers=1) if qc_title is not None else None
+    qc = None
+    if pool is not None:
         from nir_lightning.evaluation.qc_figure import save_qc_figure  # matplotlib only when asked
 
-        save_qc_figure(pair, out / "qc.png", phi=reg.phi, title=qc_title, metrics=reg.metrics)
+        qc = pool.submit(save_qc_figure, pair, out / "qc.png", phi=reg.phi, title=qc_title, metrics=reg.metrics)
+        pool.shutdown(wait=False)
+    try:
+        _write_transform_files(reg, pair, out, composed=composed)
+    finally:
+        if qc is not None:
+            qc.result()  # its error, if any, after the files (never a half-written folder without the cause)
+    metrics = dict(reg.metrics)
+    if pair.notes:
+        metrics["notes"] = list(pair.notes)
+    metrics.update(extra or {})
+    metrics["seconds_outputs"] = time.perf_counter() - t_start  # every file but metrics.json itself
+    write_json_atomic(out / "metrics.json", metrics)
+    return metrics
+
+
+def _write_transform_files(reg: RegistrationResult, pair: ImagePair, out: Path, *, composed: bool) -> None:
+    """The NIfTI and ITK files of :func:`write_outputs` (everything but ``qc.png`` and ``metrics.json``)."""
     aff = pair.fixed_affine
     save_nifti(reg.warped.numpy().astype(np.float32), aff, out / "warped.nii.gz")
     if reg.warped_labels is not None:
@@ -86,10 +108,3 @@ def write_outputs(
         save_displacement_itk(inv_mm, aff, out / "inverse_displacement.nii.gz")
     else:  # an --overwrite run must not leave a stale inverse from an earlier diffeomorphic run
         (out / "inverse_displacement.nii.gz").unlink(missing_ok=True)
-    metrics = dict(reg.metrics)
-    if pair.notes:
-        metrics["notes"] = list(pair.notes)
-    metrics.update(extra or {})
-    metrics["seconds_outputs"] = time.perf_counter() - t_start  # every file but metrics.json itself
-    write_json_atomic(out / "metrics.json", metrics)
-    return metrics
