@@ -53,7 +53,7 @@ from nir_lightning.app.distributed import (
 from nir_lightning.app.lock import LockedError, folder_lock_path, holder_alive, lock_file, lock_folder, read_lock
 from nir_lightning.app.register import register_pair
 from nir_lightning.app.threads import resolve_threads
-from nir_lightning.errors import InputError
+from nir_lightning.errors import InputError, NIRError
 from nir_lightning.evaluation.output_files import CORE_FILES, OUTPUT_FILES
 from nir_lightning.io import finite_or_none, remove_stale_temporaries, write_text_atomic
 
@@ -482,8 +482,56 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
                 stale.unlink()
     failed = sum(r["status"] == "failed" for r in rows)
     print(aggregate_line(rows, len(done), summary), flush=True)
-    # summary.csv is final here: `rows` is what it holds (steps that read it, e.g. a report, go here)
+    # summary.csv is final here: `rows` is what it holds; the report reads it (rewritten on resume)
+    cohort_report(out, labels=args.labels, wandb_project=wandb_project(args.config, extra))
     return {"rows": rows, "failed": failed, "skipped": len(done), "rank": d.rank, "world": d.world}
+
+
+def wandb_project(configs: Sequence[str], extra: Sequence[str]) -> str | None:
+    """The W&B project when the configs or overrides ask for Lightning's ``WandbLogger``, else ``None``."""
+    import yaml
+
+    project: str | None = None
+    for cfg in configs:
+        try:
+            data = yaml.safe_load(Path(cfg).read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        trainer = data.get("trainer") if isinstance(data, dict) else None
+        if not isinstance(trainer, dict) or "logger" not in trainer:
+            continue  # a later file's logger replaces an earlier one's; no logger key changes nothing
+        logger = trainer["logger"]
+        wandb = isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")
+        project = str((logger.get("init_args") or {}).get("project") or "nir_lightning") if wandb else None
+    for arg in extra:
+        if arg.startswith("--trainer.logger.init_args.project=") and project is not None:
+            project = arg.split("=", 1)[1]
+    return project
+
+
+def cohort_report(out: Path, *, labels: str | None, wandb_project: str | None) -> None:
+    """``out/report.html`` (:func:`nir_lightning.app.report.write_report`) and, with a W&B
+    logger configured, the same rows as one W&B Table. A report that cannot be written is a
+    warning: the registrations are done and ``summary.csv`` holds them."""
+    from nir_lightning.app.report import log_cohort_table, write_report
+
+    tsv = labels if labels and Path(labels).is_file() else None
+    try:
+        page = write_report(out, labels_tsv=tsv)
+        print(f"nir register-many: cohort report {page}", flush=True)
+    except (NIRError, OSError, ValueError) as exc:
+        print(f"nir register-many: warning: no cohort report ({exc}); run `nir report {out}` later", file=sys.stderr, flush=True)
+        return
+    if wandb_project is None or os.environ.get("WANDB_MODE") == "disabled":
+        return
+    import wandb
+
+    run = wandb.init(project=wandb_project, job_type="register-many", dir=str(out), name=f"cohort-{out.name}")
+    try:
+        n = log_cohort_table(out, run)
+        print(f"nir register-many: W&B table of {n} pairs in run {run.name}", flush=True)
+    finally:
+        run.finish()
 
 
 def _merged(specs: Sequence[PairSpec], done: dict[int, dict[str, Any]], results: dict[int, dict[str, Any]], output: Path) -> list[dict[str, Any]]:

@@ -122,6 +122,19 @@ def test_many_pairs_failure_isolated(first_run: Path) -> None:
     assert float(rows[0]["dice_after"]) > 0 and rows[2]["dice_after"] == ""  # pair c has no labels
     assert (first_run / "a" / "warped_labels.nii.gz").is_file() and not (first_run / "c" / "warped_labels.nii.gz").exists()
     assert (first_run / "broken" / "error.txt").is_file()
+    # the cohort report: written at the end, the failed pair flagged first with its error
+    page = (first_run / "report.html").read_text()
+    assert "moving image not found" in page and page.index("broken") < page.index("fixed__moving")
+
+
+def test_wandb_project_from_configs(tmp_path: Path) -> None:
+    from nir_lightning.app.batch import wandb_project
+
+    repo = Path(__file__).resolve().parents[2] / "configs" / "logger"
+    assert wandb_project([str(repo / "wandb.yaml")], []) == "nir_lightning"
+    assert wandb_project([str(repo / "wandb.yaml")], ["--trainer.logger.init_args.project=cohortA"]) == "cohortA"
+    assert wandb_project([str(repo / "wandb.yaml"), str(repo / "csv.yaml")], []) is None  # the later logger wins
+    assert wandb_project([], []) is None
 
 
 def test_rerun_skips_complete_and_redoes_the_rest(pairs: Path, first_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,6 +151,7 @@ def test_rerun_skips_complete_and_redoes_the_rest(pairs: Path, first_run: Path, 
     printed = capsys.readouterr().out
     assert status == 0
     assert "4 pairs, 2 already complete, 2 to do" in printed
+    assert "cohort report" in printed and "moving image not found" not in (out / "report.html").read_text()  # rewritten on resume
     assert "4/4 pairs completed (2 already complete, skipped), 0 failed" in printed
     rows = _summary(out)
     assert [r["id"] for r in rows] == ["a", "fixed__moving", "c", "broken"]  # no duplicated rows
