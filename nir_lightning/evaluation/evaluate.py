@@ -149,7 +149,10 @@ def evaluate(
             return resample(labels, image_affine, shape, pair.fixed_affine, steps, mode=mode, max_points=max_points)[0].round().to(torch.int32)
 
         nearest = through(chain, "nearest")
-        unregistered = through([], "nearest") if pair.native is not None else None
+        unregistered = None
+        if pair.native is not None:  # the moving labels as the headers place them; on the fixed grid already: as they are
+            same_grid = pair.native.shape == shape and np.allclose(image_affine, pair.fixed_affine, atol=1e-6)
+            unregistered = labels[0].round().to(torch.int32) if same_grid else through([], "nearest")
         metrics.update(score_labels(nearest, pair, hd95=hd95, before=unregistered))
         warped_labels = through(chain, "label")
         assert pair.fixed_labels is not None
