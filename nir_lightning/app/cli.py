@@ -54,7 +54,7 @@ def register_parser() -> argparse.ArgumentParser:
                    help="also write the whole transform (affine and deformable) as one field, composed_displacement.nii.gz")
     p.add_argument("-c", "--config", action="append", default=[], help="config YAML (repeatable; later files override earlier ones)")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--demo", action="store_true", help="register the built-in synthetic phantom pair (no data needed)")
+    p.add_argument("--demo", action="store_true", help="register the built-in synthetic phantom pair (no data needed; no affine stage unless --affine is given: the pair differs by a deformation only)")
     p.add_argument("--overwrite", action="store_true", help="replace results (and logs) of an earlier run in --output")
     p.add_argument("--force-unlock", action="store_true",
                    help="take over --output's lock (<output>/.nir.lock) even from another host; only when that process is known to be gone")

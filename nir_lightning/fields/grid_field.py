@@ -79,7 +79,7 @@ class GridDisplacementField(NeuralField):
     def __init__(
         self,
         *,
-        levels: int = 5,
+        levels: int = 6,
         coarsest: int = 4,
         features: int = 4,
         width: int = 32,

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse import lazy_instance
 from torch import Tensor
 
 from nir_lightning.coords import normalized_to_voxel, voxel_spacing
@@ -36,6 +35,7 @@ from nir_lightning.sampling import (
     PyramidSampler,
     foreground_domain,
 )
+from nir_lightning.training.lazy_default import lazy_default
 from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, linear_decay
 from nir_lightning.training.tracking import logging_step
 
@@ -48,17 +48,8 @@ and normalised MI moves far less than local NCC over a fit: at 5 the folding ter
 pair back (Dice 0.690 against 0.703 at 1, 0 folds either way; benchmarks/README.md, 0.2.2)."""
 
 
-def _lazy_default(cls: type[Any]) -> Any:
-    """``lazy_instance(cls)`` of jsonargparse (the CLI prints it as the default) built without
-    its ``inspect.stack()``, which reads the source of every frame on the stack (~0.5 s at import)."""
-    base = lazy_instance.__globals__["_LazyInitBaseClass"]  # the class lazy_instance derives from
-    lazy = type(f"LazyInstance_{cls.__name__}", (base, cls), {"__doc__": f"Class for lazy instances of {cls}", "__module__": __name__})
-    globals()[lazy.__name__] = lazy
-    return lazy(cls, {})
-
-
-_DEFAULT_FIELD = _lazy_default(GridDisplacementField)
-_DEFAULT_SAMPLER = _lazy_default(PyramidSampler)
+_DEFAULT_FIELD = lazy_default(GridDisplacementField)
+_DEFAULT_SAMPLER = lazy_default(PyramidSampler)
 
 
 class RegistrationModule(pl.LightningModule):
@@ -141,11 +132,11 @@ class RegistrationModule(pl.LightningModule):
         regularizer: Literal["jedt", "unit"] = "jedt",
         lam: float | None = None,
         smoothness: Literal["none", "bending", "diffusion", "logdet"] = "bending",
-        alpha: float = 0.0,
+        alpha: float = 0.5,
         margin: float = 0.3,
         lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
-        jacobian_points: int = 4096,
+        jacobian_points: int = 8192,
         jacobian_stencil: Literal["forward", "central", "analytic"] = "analytic",
         seed: int = 0,
         val_stride: int = 2,

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from jsonargparse import lazy_instance
-
 from nir_lightning.errors import InputError
 from nir_lightning.sampling import CoordinateSampler, MinipatchSampler
+from nir_lightning.training.lazy_default import lazy_default
 
 PHASE_1 = 1
 PHASE_2 = 2
@@ -65,7 +64,7 @@ def two_phase_lr_lambdas(total_steps: int, switch_step: int, final_ratio: float)
     return [nf1, nf2]
 
 
-_DEFAULT_PHASE2_SAMPLER = lazy_instance(MinipatchSampler)
+_DEFAULT_PHASE2_SAMPLER = lazy_default(MinipatchSampler)
 
 
 class HybridSchedule:
