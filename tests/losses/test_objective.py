@@ -8,7 +8,7 @@ import torch
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.data.phantom import make_phantom
 from nir_lightning.fields import DisplacementField
-from nir_lightning.losses import FoldingPenalty, Similarity, registration_objective
+from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, registration_objective
 from nir_lightning.sampling import DownsizeSampler, MinipatchSampler, RandomSampler
 from nir_lightning.training.module import RegistrationModule
 
@@ -33,9 +33,10 @@ def test_module_step_is_the_pure_objective(sampler, stencil: str) -> None:
     want = registration_objective(
         module.field, fixed, moving, sample, similarity=Similarity("lncc", window=3),
         folding=FoldingPenalty(margin=0.3, jacobian_points=64, stencil=stencil), lam=10.0,  # type: ignore[arg-type]
+        smoothness=SmoothnessPenalty("bending"), alpha=0.5,  # the module's defaults
         mask=pair.foreground_mask(), generator=gen_b,
     )
-    for key in ("loss", "sim", "jedt"):
+    for key in ("loss", "sim", "jedt", "smooth"):
         assert torch.equal(got[key], want[key]), key
     assert float(want["jedt"].detach()) >= 0 and -1 <= float(want["sim"].detach()) <= 0
 
