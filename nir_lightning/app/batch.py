@@ -49,6 +49,7 @@ from nir_lightning.app.distributed import (
     dist_env,
     setup_distributed,
     single_process_lightning,
+    trainer_sections,
 )
 from nir_lightning.app.lock import LockedError, folder_lock_path, holder_alive, lock_file, lock_folder, read_lock
 from nir_lightning.app.register import register_pair
@@ -489,16 +490,9 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
 
 def wandb_project(configs: Sequence[str], extra: Sequence[str]) -> str | None:
     """The W&B project when the configs or overrides ask for Lightning's ``WandbLogger``, else ``None``."""
-    import yaml
-
     project: str | None = None
-    for cfg in configs:
-        try:
-            data = yaml.safe_load(Path(cfg).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        trainer = data.get("trainer") if isinstance(data, dict) else None
-        if not isinstance(trainer, dict) or "logger" not in trainer:
+    for trainer in trainer_sections(configs):
+        if "logger" not in trainer:
             continue  # a later file's logger replaces an earlier one's; no logger key changes nothing
         logger = trainer["logger"]
         wandb = isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger")

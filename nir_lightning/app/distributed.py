@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,18 +80,28 @@ def dist_env() -> Dist:
     return d
 
 
-def accelerator_requested(configs: Sequence[str], extra: Sequence[str]) -> str | None:
-    """The ``trainer.accelerator`` the configs and overrides ask for (last one wins), if any."""
+def trainer_sections(configs: Sequence[str]) -> list[dict[str, Any]]:
+    """The ``trainer`` mapping of each config file that has one, in order (unreadable files are
+    skipped: LightningCLI reports them with its own message)."""
     import yaml
 
-    found: str | None = None
+    out: list[dict[str, Any]] = []
     for cfg in configs:
         try:
             data = yaml.safe_load(Path(cfg).read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue
         trainer = data.get("trainer") if isinstance(data, dict) else None
-        if isinstance(trainer, dict) and trainer.get("accelerator") is not None:
+        if isinstance(trainer, dict):
+            out.append(trainer)
+    return out
+
+
+def accelerator_requested(configs: Sequence[str], extra: Sequence[str]) -> str | None:
+    """The ``trainer.accelerator`` the configs and overrides ask for (last one wins), if any."""
+    found: str | None = None
+    for trainer in trainer_sections(configs):
+        if trainer.get("accelerator") is not None:
             found = str(trainer["accelerator"])
     for i, arg in enumerate(extra):
         if arg.startswith("--trainer.accelerator="):
