@@ -39,6 +39,7 @@ def registration_objective(
     moving_chain: Tensor | None = None,
     transform_with_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     transform_lattice: Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None = None,
+    voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
 ) -> dict[str, Tensor]:
     """Similarity and folding penalty of ``transform`` on one coordinate sample.
 
@@ -63,6 +64,8 @@ def registration_objective(
         transform_with_jacobian: ``phi`` and its exact Jacobian, for ``folding.stencil == "analytic"``.
         transform_lattice: ``phi`` on a separable lattice from its per-axis coordinates (the
             same values as ``transform`` on its points, faster); used when the sample is one.
+        voxel_size: the fixed image's voxel size in mm along each array axis: the smoothness
+            prior is taken per millimetre (``(1, 1, 1)``: per voxel).
 
     Returns:
         ``{"loss", "sim", "jedt", "smooth"}`` scalars (``jedt``: the whole folding term before
@@ -87,7 +90,7 @@ def registration_objective(
         reg = folding.lattice(sample, phi_vox)
         if smooth_on:
             assert smoothness is not None and sample.spacing is not None
-            smooth = smoothness.lattice(phi_vox, sample.spacing)
+            smooth = smoothness.lattice(phi_vox, sample.spacing, voxel_size)
     else:
         phi_vox, jac = forward_stencil_jacobian(transform, pts, shape)
         phi = voxel_to_normalized(phi_vox, shape)

@@ -3,11 +3,15 @@
 The folding penalty (:mod:`nir_lightning.losses.folding`) is a barrier: it says nothing to a
 field whose det J is spread wide above it, and that spread is what SDlogJ (the std of log det J
 that Learn2Reg ranks beside Dice) reads. These priors act on the Jacobian ``J = d phi / d x`` in
-fixed voxels (``J[..., i, a] = d phi_i / d x_a``, array-axis order, :mod:`nir_lightning.coords`):
+millimetres along the fixed image's array axes (``J[..., i, a] = d phi_i / d x_a``, array-axis
+order, :mod:`nir_lightning.coords`; dimensionless, so the same as in voxels where voxels are
+isotropic):
 
-* ``"bending"``: squared change of ``J`` between neighbouring lattice points, per voxel of
-  distance (a bending energy: zero for every affine map, so the prior costs no accuracy where
-  the anatomy asks for a large, smooth deformation);
+* ``"bending"``: squared change of ``J`` between neighbouring lattice points, per millimetre of
+  distance (a bending energy, in mm^-2: zero for every affine map, so the prior costs no accuracy
+  where the anatomy asks for a large, smooth deformation). Per millimetre, not per voxel, so that
+  one ``alpha`` asks for the same smoothness of the same anatomy at 1 mm as at 2 mm (per voxel,
+  a 1 mm image would get a prior 4 times weaker);
 * ``"diffusion"``: ``||J - I||^2`` (the classic diffusion regulariser; zero only for translations);
 * ``"logdet"``: ``(log det J)^2`` (zero for volume-preserving maps; acts on the volume change
   that SDlogJ measures, nothing else).
@@ -59,9 +63,9 @@ def log_det_energy(jac: Tensor) -> Tensor:
 
 
 def bending_energy_lattice(jac: Tensor, spacing: tuple[float, float, float]) -> Tensor:
-    """Mean squared change of the Jacobian between lattice neighbours, per voxel of distance.
+    """Mean squared change of the Jacobian between lattice neighbours, per unit of distance.
 
-    ``jac`` ``(B, d0, d1, d2, 3, 3)`` on a lattice of step ``spacing`` (fixed voxels): the sum over
+    ``jac`` ``(B, d0, d1, d2, 3, 3)`` on a lattice of step ``spacing`` (the unit of distance): the sum over
     the three axes of ``||(J(x + h_a) - J(x)) / h_a||_F^2``, each axis its own mean. Zero for
     affine maps; for ``phi(x) = x + A sin(w x_0) e_0`` it is ``A^2 w^4 / 2`` on average.
 
@@ -102,11 +106,17 @@ class SmoothnessPenalty:
     def active(self) -> bool:
         return self.kind != "none"
 
-    def lattice(self, phi_vox: Tensor, spacing: tuple[float, float, float]) -> Tensor:
+    def lattice(
+        self, phi_vox: Tensor, spacing: tuple[float, float, float], voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    ) -> Tensor:
         """The prior on a lattice sample, from its transformed points ``phi_vox`` ``(B, d0, d1, d2, 3)``
-        (fixed voxels) and its step ``spacing`` (fixed voxels)."""
+        (fixed voxels), its step ``spacing`` (fixed voxels) and the fixed image's ``voxel_size``
+        (mm along each array axis: the prior is taken in millimetres; ``(1, 1, 1)``: in voxels)."""
         if not self.active or min(phi_vox.shape[1:4]) < 2:
             return phi_vox.new_zeros(())
+        if voxel_size != (1.0, 1.0, 1.0):
+            phi_vox = phi_vox * phi_vox.new_tensor(voxel_size)
+            spacing = (spacing[0] * voxel_size[0], spacing[1] * voxel_size[1], spacing[2] * voxel_size[2])
         jac = jacobian_forward(phi_vox, spacing)
         if self.kind == "bending":
             return bending_energy_lattice(jac, spacing)

@@ -83,7 +83,9 @@ class RegistrationModule(pl.LightningModule):
             (:mod:`~nir_lightning.losses.smoothness`): ``"bending"`` (change of J between
             neighbouring points: zero for affine maps), ``"diffusion"`` (``||J - I||^2``),
             ``"logdet"`` (``(log det J)^2``) or ``"none"``.
-        alpha: weight of the smoothness prior (0: off).
+        alpha: weight of the smoothness prior (0: off). The prior is per millimetre
+            (``"bending"``: mm^-2), so one ``alpha`` means the same at every voxel size; 2.0 is
+            what 0.5 per voxel was on 2 mm images before 0.2.5.
         margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR).
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
@@ -132,7 +134,7 @@ class RegistrationModule(pl.LightningModule):
         regularizer: Literal["jedt", "unit"] = "jedt",
         lam: float | None = None,
         smoothness: Literal["none", "bending", "diffusion", "logdet"] = "bending",
-        alpha: float = 0.5,
+        alpha: float = 2.0,
         margin: float = 0.3,
         lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
@@ -207,6 +209,7 @@ class RegistrationModule(pl.LightningModule):
         self._smoothed: dict[float, tuple[Tensor, Tensor]] = {}
         self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
         self._source_sigma_scale = (1.0, 1.0, 1.0)
+        self._voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     # -- data ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -242,6 +245,7 @@ class RegistrationModule(pl.LightningModule):
         self.register_buffer("moving_source", source.float(), persistent=False)
         self.register_buffer("moving_chain", None if chain is None else torch.as_tensor(chain, dtype=torch.float32), persistent=False)
         self._source_sigma_scale = (1.0, 1.0, 1.0)
+        self._voxel_size = voxel_spacing(pair.fixed_affine)  # the smoothness prior is per millimetre
         if chain is not None and pair.native is not None:
             # smooth the native image by the same millimetres as the fixed one
             fs, ns = voxel_spacing(pair.fixed_affine), voxel_spacing(pair.native.affine)
@@ -335,6 +339,7 @@ class RegistrationModule(pl.LightningModule):
             fixed_mask=self.fixed_mask, moving_mask=self.moving_mask, moving_chain=self.moving_chain,
             transform_with_jacobian=self.transform_with_jacobian if self.folding.stencil == "analytic" else None,
             transform_lattice=self.transform_lattice(),
+            voxel_size=self._voxel_size,
         )
 
     def transform_lattice(self) -> Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nir_lightning.coords import voxel_spacing
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.data.phantom import make_phantom
 from nir_lightning.fields import DisplacementField
@@ -33,8 +34,8 @@ def test_module_step_is_the_pure_objective(sampler, stencil: str) -> None:
     want = registration_objective(
         module.field, fixed, moving, sample, similarity=Similarity("lncc", window=3),
         folding=FoldingPenalty(margin=0.3, jacobian_points=64, stencil=stencil), lam=10.0,  # type: ignore[arg-type]
-        smoothness=SmoothnessPenalty("bending"), alpha=0.5,  # the module's defaults
-        mask=pair.foreground_mask(), generator=gen_b,
+        smoothness=SmoothnessPenalty("bending"), alpha=2.0,  # the module's defaults
+        mask=pair.foreground_mask(), generator=gen_b, voxel_size=voxel_spacing(p.affine),  # the prior is per mm
     )
     for key in ("loss", "sim", "jedt", "smooth"):
         assert torch.equal(got[key], want[key]), key

@@ -92,6 +92,40 @@ def test_lattice_prior_matches_voxel_units() -> None:
     assert float(SmoothnessPenalty("diffusion").lattice(phi, sample.spacing)) == pytest.approx(3 * 0.1**2, rel=1e-5)
 
 
+def _sine_warp_vox(n: int, size_mm: float, amp_mm: float, w_per_mm: float) -> torch.Tensor:
+    """``phi(x) = x + amp sin(w x_0) e_0`` (x in mm) on an ``n^3`` lattice of voxels of ``size_mm``, in voxels."""
+    idx = torch.arange(n, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(idx, idx, idx, indexing="ij"), -1)[None]
+    disp = torch.zeros_like(grid)
+    disp[..., 0] = amp_mm * torch.sin(w_per_mm * grid[..., 0] * size_mm) / size_mm
+    return grid + disp
+
+
+def test_bending_is_per_millimetre_so_one_alpha_fits_every_voxel_size() -> None:
+    """The same anatomy's warp sampled at 1 mm and at 2 mm has the same bending energy, A^2 w^4 / 2 per mm^4
+    (to the finite differences' error); taken per voxel, the 2 mm one would read 4 times larger."""
+    amp, w = 0.5, 2 * math.pi / 24  # a 24 mm wave of 0.5 mm
+    want = amp**2 * w**4 / 2
+    prior = SmoothnessPenalty("bending")
+    one = float(prior.lattice(_sine_warp_vox(48, 1.0, amp, w), (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)))
+    two = float(prior.lattice(_sine_warp_vox(24, 2.0, amp, w), (1.0, 1.0, 1.0), (2.0, 2.0, 2.0)))
+    assert one == pytest.approx(want, rel=0.05)
+    assert two == pytest.approx(want, rel=0.1)
+    assert two == pytest.approx(one, rel=0.1)
+    per_voxel = float(prior.lattice(_sine_warp_vox(24, 2.0, amp, w), (1.0, 1.0, 1.0)))
+    assert per_voxel == pytest.approx(4 * two, rel=1e-6)
+
+
+def test_dimensionless_priors_do_not_depend_on_the_voxel_size() -> None:
+    shape = (16, 16, 16)
+    sample = DownsizeSampler(stride=2).sample(shape, generator=torch.Generator().manual_seed(0))
+    phi = normalized_to_voxel(sample.points * 1.1, shape)
+    assert sample.spacing is not None
+    for kind in ("diffusion", "logdet"):
+        prior = SmoothnessPenalty(kind)  # type: ignore[arg-type]
+        assert float(prior.lattice(phi, sample.spacing, (2.0, 2.0, 2.0))) == pytest.approx(float(prior.lattice(phi, sample.spacing)), rel=1e-5)
+
+
 def test_unknown_kind_names_the_options() -> None:
     with pytest.raises(InputError, match="smoothness must be one of 'none', 'bending'"):
         SmoothnessPenalty("tv")  # type: ignore[arg-type]
