@@ -6,20 +6,24 @@ normalized cube ``[-1, 1]^3`` (array-axis order; vertex ``0`` at ``-1`` and the 
 as ``align_corners=True``; see :mod:`nir_lightning.coords`). A point's encoding is the sum over
 levels of each level's trilinear interpolation: ``(M, 3) -> (M, features)``.
 
-Because the grids nest, that sum is itself one trilinear interpolant on the finest grid (a
-coarse cell's trilinear function, sampled at the finer vertices, is re-interpolated exactly), so
-a step composes the levels once (:meth:`FeatureGrid.composed`: upsample and add, a few dense
-ops) and reads each point from a single grid. The read is written out (one gather of the
-eight corners) instead of calling ``grid_sample``, because the same corners give the exact
-derivative with respect to the point (``grid_sample`` has no forward-mode derivative):
-:meth:`FeatureGrid.forward_with_jacobian` returns the features and their Jacobian in one pass.
-That is what makes the folding penalty cost one field evaluation per point instead of four
-to six.
+Because the grids nest, the sum of the coarser levels is itself one trilinear interpolant on
+the second-finest active grid (a coarse cell's trilinear function, sampled at the finer
+vertices, is re-interpolated exactly), so a step composes those once (upsample and add on small
+grids) and reads two grids: that composition and the finest active level
+(:meth:`FeatureGrid.reading_grids`). Composing the finest level too would upsample everything
+to its size, and back-propagate through that, every step: on the default six levels (97^3
+vertices) that cost more than the second read. Lattices are read axis by axis with one gather
+of the two neighbouring slices per coordinate (:func:`level_lattice_read`). Points are read
+with a written-out gather of the eight corners instead of ``grid_sample`` where the Jacobian
+is wanted, because the same corners give the exact derivative with respect to the point
+(``grid_sample`` has no forward-mode derivative): :meth:`FeatureGrid.forward_with_jacobian`
+returns the features and their Jacobian in one pass. That is what makes the folding penalty
+cost one field evaluation per point instead of four to six.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,28 +44,36 @@ def level_resolutions(levels: int, coarsest: int) -> list[int]:
     return [(coarsest - 1) * 2**level + 1 for level in range(levels)]
 
 
-def trilinear_with_jacobian(grid: Tensor, x: Tensor, *, jacobian: bool) -> tuple[Tensor, Tensor | None]:
+def trilinear_with_jacobian(
+    grid: Tensor, x: Tensor, *, jacobian: bool, channels_first: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """Trilinear interpolation of ``grid`` ``(R0, R1, R2, C)`` at normalized points ``x`` ``(M, 3)``.
 
     Returns the values ``(M, C)`` and, with ``jacobian``, their derivative with respect to
     ``x``, ``(M, 3, C)`` (tangent-major: row ``a`` is ``d/dx_a``; normalized units). Outside ``[-1, 1]`` the edge cell is extended
-    linearly. Same values as ``grid_sample(..., align_corners=True)`` inside.
+    linearly. Same values as ``grid_sample(..., align_corners=True)`` inside. ``channels_first``:
+    ``grid`` is ``(C, R0, R1, R2)`` instead (a level's own layout: no transposed copy of it).
 
     >>> g = torch.arange(8.0).reshape(2, 2, 2, 1)  # value = 4 i0 + 2 i1 + i2 at the vertices
     >>> v, j = trilinear_with_jacobian(g, torch.zeros(1, 3), jacobian=True)
     >>> v.tolist(), j[0, :, 0].tolist()  # the centre; d/dx = (4, 2, 1) per vertex step / 2
     ([[3.5]], [2.0, 1.0, 0.5])
     """
-    res = torch.tensor(grid.shape[:3], device=x.device)
+    dims = grid.shape[1:4] if channels_first else grid.shape[:3]
+    res = torch.tensor(dims, device=x.device)
     scale = (res - 1).to(x.dtype) / 2  # vertices per normalized unit
     p = (x + 1) * scale
     cell = torch.minimum(torch.floor(p).clamp(min=0), (res - 2).clamp(min=0).to(x.dtype))
     t = p - cell
-    strides = torch.tensor([grid.shape[1] * grid.shape[2], grid.shape[2], 1], device=x.device)
+    strides = torch.tensor([dims[1] * dims[2], dims[2], 1], device=x.device)
     base = (cell.long() * strides).sum(-1)  # (M,)
     corners = _CORNERS.to(x.device)
     rows = base[:, None] + (corners * strides).sum(-1)[None]  # (M, 8)
-    values = grid.reshape(-1, grid.shape[-1]).index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1)  # (M, 8, C)
+    if channels_first:
+        c = grid.shape[0]
+        values = grid.reshape(c, -1).index_select(1, rows.reshape(-1)).reshape(c, *rows.shape).permute(1, 2, 0)  # (M, 8, C)
+    else:
+        values = grid.reshape(-1, grid.shape[-1]).index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1)  # (M, 8, C)
     lo, hi = 1 - t, t
     w = [torch.where(corners[:, a].bool()[None], hi[:, a : a + 1], lo[:, a : a + 1]) for a in range(3)]  # 3 x (M, 8)
     out = ((w[0] * w[1] * w[2])[..., None] * values).sum(1)
@@ -130,6 +142,61 @@ def lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, derivativ
     return torch.einsum("nia,najkf->nijkf", w[0], out)
 
 
+def axis_read(x: Tensor, coords: Tensor, dim: int, *, derivative: bool = False) -> Tensor:
+    """Linear interpolation of ``x`` along ``dim`` (``R`` vertices spanning ``[-1, 1]``) at the
+    normalized ``coords`` ``(d,)``: ``x`` with that axis replaced by ``d`` values (or by the
+    derivative along it, ``derivative``). One gather of the two neighbouring slices per
+    coordinate; outside ``[-1, 1]`` the edge cell is extended linearly, as :func:`linear_weights`.
+
+    >>> axis_read(torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([-1.0, 0.25, 1.0]), 1).tolist()
+    [[0.0, 2.5, 4.0]]
+    >>> axis_read(torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([0.25]), 1, derivative=True).tolist()
+    [[2.0]]
+    """
+    vertices = x.shape[dim]
+    scale = (vertices - 1) / 2
+    p = (coords + 1) * scale
+    cell = torch.floor(p).clamp(0, max(vertices - 2, 0))
+    i0 = cell.long()
+    both = x.index_select(dim, torch.cat([i0, (i0 + 1).clamp(max=vertices - 1)]))
+    lo, hi = both.split(coords.shape[0], dim)
+    if derivative:
+        return (hi - lo) * scale
+    shape = [1] * x.dim()
+    shape[dim] = -1
+    return torch.lerp(lo, hi, (p - cell).to(x.dtype).reshape(shape))
+
+
+def level_lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, derivative: int | None = None) -> Tensor:
+    """:func:`lattice_read` of one level in its own layout, ``grid`` ``(C, R0, R1, R2)``:
+    ``(B, C, d0, d1, d2)``. Gathers the two neighbouring slices per lattice coordinate, axis by
+    axis (first axis first: its slices are contiguous blocks), instead of multiplying by
+    mostly-zero interpolation matrices: about ``2 d0 R1 R2 C`` reads rather than
+    ``R0 R1 R2 d2 C`` products on the largest level.
+
+    >>> g = torch.rand(2, 4, 5, 6)
+    >>> ax = tuple(torch.rand(2, n) * 2 - 1 for n in (3, 2, 4))
+    >>> ref = lattice_read(g.permute(1, 2, 3, 0), ax, derivative=1).permute(0, 4, 1, 2, 3)
+    >>> bool(torch.allclose(level_lattice_read(g, ax, derivative=1), ref, atol=1e-5))
+    True
+    """
+    out = []
+    for b in range(axes[0].shape[0]):  # lattices of one batch differ in their coordinates only
+        v = grid
+        for a in range(3):
+            v = axis_read(v, axes[a][b], a + 1, derivative=derivative == a)
+        out.append(v)
+    return torch.stack(out)
+
+
+def _sum(tensors: Iterable[Tensor]) -> Tensor:
+    it = iter(tensors)
+    total = next(it)
+    for t in it:
+        total = total + t
+    return total
+
+
 class FeatureGrid(nn.Module):
     """Dense multiresolution feature grids, summed and trilinearly interpolated.
 
@@ -187,7 +254,7 @@ class FeatureGrid(nn.Module):
         )
         self.active_levels = levels
         self.out_features = features
-        self._cache: tuple[tuple, Tensor] | None = None
+        self._cache: tuple[tuple, list[Tensor]] | None = None
         # The box of normalized coordinates the grids span (rows: low, high corner); the whole
         # image by default. Persistent, so a saved field reads its points as it was fitted.
         self.register_buffer("domain", torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
@@ -238,33 +305,54 @@ class FeatureGrid(nn.Module):
         return t.clamp(-1, 1), inside.to(x.dtype) / half
 
     def composed(self) -> Tensor:
-        """The active levels summed on the finest active grid, ``(R0, R1, R2, features)``.
+        """The active levels summed on the finest active grid, ``(R0, R1, R2, features)`` (what
+        :meth:`forward` reads).
 
         Cached while the grids are unchanged (their version counters: an optimiser step bumps
-        them), so the points and the det J points of one step share one composition and one
-        graph."""
-        key = (
+        them)."""
+        key = self._key("composed")
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1][0]
+        grid = self._compose(min(self.active_levels, self.levels))[0].permute(1, 2, 3, 0)
+        self._cache = (key, [grid])
+        return grid
+
+    def reading_grids(self) -> list[Tensor]:
+        """The active levels as at most two grids ``(features, R, R, R)`` whose reads sum to the
+        encoding: the coarser levels composed on the second-finest active grid, and the finest
+        active level on its own. Composing every level on the finest grid (an upsampling of all
+        of them to its size, and its backward, every step) costs more than a second read.
+
+        Cached like :meth:`composed`, so the lattice and the det J points of one step share one
+        composition and one graph."""
+        key = self._key("reading")
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        active = min(self.active_levels, self.levels)
+        grids = [self.grids[0][0]] if active == 1 else [self._compose(active - 1)[0], self.grids[active - 1][0]]
+        self._cache = (key, grids)
+        return grids
+
+    def _key(self, what: str) -> tuple:
+        return (
+            what,
             self.active_levels,
             torch.is_grad_enabled(),
             *((g._version, g.data_ptr(), g.requires_grad) for g in self.grids),
         )
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
-        grid = self._compose()
-        self._cache = (key, grid)
-        return grid
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_cache"] = None  # a graph is neither copied nor pickled
         return state
 
-    def _compose(self) -> Tensor:
+    def _compose(self, levels: int) -> Tensor:
+        """The first ``levels`` levels summed on the grid of the last of them, ``(1, features, R, R, R)``."""
         grid = self.grids[0]
-        for level in range(1, min(self.active_levels, self.levels)):
+        for level in range(1, levels):
             r = self.resolutions[level]
             grid = F.interpolate(grid, size=(r, r, r), mode="trilinear", align_corners=True) + self.grids[level]
-        return grid[0].permute(1, 2, 3, 0)
+        return grid
 
     def forward(self, x: Tensor) -> Tensor:
         """``(M, 3)`` normalized points -> ``(M, features)``.
@@ -272,25 +360,26 @@ class FeatureGrid(nn.Module):
         Without the Jacobian, ``grid_sample`` reads the points (the same trilinear values,
         faster on lattices of many points; ``border`` padding differs from the linear
         extension only outside ``[-1, 1]``)."""
-        grid = self.composed().permute(3, 0, 1, 2)[None]
+        grids = self.reading_grids()
         x, _ = self._into_domain(x)
-        pts = x.flip(-1).reshape(1, -1, 1, 1, 3).to(grid.dtype)  # grid_sample wants (x, y, z) = reversed axes
-        out = F.grid_sample(grid, pts, mode="bilinear", padding_mode="border", align_corners=True)
+        pts = x.flip(-1).reshape(1, -1, 1, 1, 3).to(grids[0].dtype)  # grid_sample wants (x, y, z) = reversed axes
+        out = _sum(F.grid_sample(g[None], pts, mode="bilinear", padding_mode="border", align_corners=True) for g in grids)
         return out.reshape(self.features, -1).T
 
     def on_lattice(self, axes: tuple[Tensor, Tensor, Tensor], *, jacobian: bool = False) -> tuple[Tensor, Tensor | None]:
         """Features of separable lattices (per-axis coordinates ``(B, d_a)``): ``(B, d0, d1, d2, features)``
         and, with ``jacobian``, their derivative ``(B, d0, d1, d2, features, 3)``; the values of
-        :meth:`forward` at the lattice's points, read axis by axis (:func:`lattice_read`)."""
-        grid = self.composed()
+        :meth:`forward` at the lattice's points, read axis by axis from each of
+        :meth:`reading_grids` (:func:`level_lattice_read`)."""
         mapped = [self._into_domain(axes[a], a) for a in range(3)]
         inner = (mapped[0][0], mapped[1][0], mapped[2][0])
-        feats = lattice_read(grid, inner)
+        grids = self.reading_grids()
+        feats = _sum(level_lattice_read(g, inner) for g in grids).permute(0, 2, 3, 4, 1)
         if not jacobian:
             return feats, None
         derivs = []
         for a in range(3):
-            d = lattice_read(grid, inner, derivative=a)
+            d = _sum(level_lattice_read(g, inner, derivative=a) for g in grids).permute(0, 2, 3, 4, 1)
             scale = mapped[a][1]
             if scale is not None:  # (B, d_a) -> broadcast along lattice axis a
                 d = d * scale.reshape(scale.shape[0], *[-1 if b == a else 1 for b in range(3)], 1)
@@ -300,10 +389,12 @@ class FeatureGrid(nn.Module):
     def forward_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Features ``(M, features)`` and their exact derivative with respect to the point,
         ``(M, 3, features)`` (tangent-major, as :meth:`CoordinateMLP.forward_with_jacobian` takes
-        it; normalized units; piecewise trilinear)."""
+        it; normalized units; piecewise trilinear), one gather of eight corners from each of
+        :meth:`reading_grids`."""
         t, scale = self._into_domain(x)
-        feats, jac = trilinear_with_jacobian(self.composed(), t, jacobian=True)
-        assert jac is not None
+        reads = [trilinear_with_jacobian(g, t, jacobian=True, channels_first=True) for g in self.reading_grids()]
+        feats = _sum(r[0] for r in reads)
+        jac = _sum(r[1] for r in reads if r[1] is not None)
         if scale is not None:  # chain rule through the box map: row a times d t_a / d x_a
             jac = jac * scale[:, :, None]
         return feats, jac

@@ -210,3 +210,36 @@ def test_a_domain_is_saved_with_the_field_and_old_fields_load_as_whole_image():
 def test_a_bad_domain_is_an_input_error(low, high):
     with pytest.raises(InputError, match="low < high"):
         FeatureGrid(levels=1, features=1, coarsest=2).set_domain(low, high)
+
+
+@pytest.mark.parametrize("active", [1, 2, 4])
+def test_every_read_is_the_sum_of_the_active_levels_with_its_gradient(active: int) -> None:
+    """Points (with and without the Jacobian) and lattices read two grids (the coarser levels composed,
+    and the finest active level): the same values and grid gradients as summing each level's own read."""
+    enc = FeatureGrid(levels=4, features=2, coarsest=3, init_scale=0.5).double()
+    enc.set_domain((-0.9, -0.8, -1.0), (0.9, 0.7, 0.95))
+    enc.active_levels = active
+    x = _points(40) * 0.8
+    axes = tuple(torch.rand(1, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) * 1.6 - 0.8 for n in (3, 4, 5))
+    pts = torch.stack(torch.meshgrid(axes[0][0], axes[1][0], axes[2][0], indexing="ij"), -1).reshape(-1, 3)
+
+    def reference(p: torch.Tensor) -> torch.Tensor:
+        t, _ = enc._into_domain(p)
+        return sum(
+            F.grid_sample(g, t.flip(-1).reshape(1, -1, 1, 1, 3), align_corners=True).reshape(2, -1).T for g in list(enc.grids)[:active]
+        )
+
+    reads = {
+        "forward": lambda: enc(x),
+        "forward_with_jacobian": lambda: enc.forward_with_jacobian(x)[0],
+        "on_lattice": lambda: enc.on_lattice(axes)[0].reshape(-1, 2),
+    }
+    for name, read in reads.items():
+        want_points = pts if name == "on_lattice" else x
+        got, want = read(), reference(want_points)
+        assert torch.allclose(got, want, atol=1e-12), name
+        w = torch.rand(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        g_got = torch.autograd.grad((got * w).sum(), list(enc.grids)[:active])
+        g_want = torch.autograd.grad((reference(want_points) * w).sum(), list(enc.grids)[:active])
+        for level, (a, b) in enumerate(zip(g_got, g_want, strict=True)):
+            assert torch.allclose(a, b, atol=1e-12), f"{name}, level {level}"
