@@ -7,6 +7,7 @@ objective in :mod:`nir_lightning.losses.objective`, dense evaluation in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -40,6 +41,20 @@ from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, li
 from nir_lightning.training.tracking import logging_step
 
 log = logging.getLogger(__name__)
+
+
+def scaled_jacobian_points(points: int, voxel_size: tuple[float, float, float]) -> int:
+    """Det J points per step for an image of ``voxel_size`` mm, from ``points`` at 2 mm:
+    ``(2 / mean voxel size)^2`` times as many, the factor kept within ``[1/4, 4]``.
+
+    >>> scaled_jacobian_points(16384, (2.0, 2.0, 2.0)), scaled_jacobian_points(16384, (1.0, 1.0, 1.0))
+    (16384, 65536)
+    >>> scaled_jacobian_points(16384, (0.5, 0.5, 0.5)), scaled_jacobian_points(0, (1.0, 1.0, 1.0))
+    (65536, 0)
+    """
+    mean = (voxel_size[0] * voxel_size[1] * voxel_size[2]) ** (1 / 3)
+    factor = min(4.0, max(0.25, (2.0 / mean) ** 2))
+    return round(points * factor)
 
 
 DEFAULT_LAM = {"lncc": 5.0, "ncc": 5.0, "mse": 5.0, "mi": 1.0}
@@ -84,13 +99,17 @@ class RegistrationModule(pl.LightningModule):
             neighbouring points: zero for affine maps), ``"diffusion"`` (``||J - I||^2``),
             ``"logdet"`` (``(log det J)^2``) or ``"none"``.
         alpha: weight of the smoothness prior (0: off). The prior is per millimetre
-            (``"bending"``: mm^-2), so one ``alpha`` means the same at every voxel size; 2.0 is
-            what 0.5 per voxel was on 2 mm images before 0.2.5.
+            (``"bending"``: mm^-2), so one ``alpha`` means the same at every voxel size (1.0 per
+            mm is 0.25 per voxel on 2 mm images; the 0.2.4 default was 0.5 per voxel).
         margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR).
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
         jacobian_points: random foreground points per step whose det J is taken with a
-            one-voxel stencil (coarse lattices miss folds between their points).
+            one-voxel stencil (coarse lattices miss folds between their points), on an image
+            of 2 mm voxels; a finer image gets ``(2 mm / voxel size)^2`` times as many (at most
+            4 times: 1 mm), a coarser one fewer (at least a quarter), because a fold is a few
+            voxels wide whatever the voxel size (s9->s10 of mindboggle-dev at 1 mm: 176 folded
+            voxels with 8192 points, 6 with 65536; :func:`scaled_jacobian_points`).
         jacobian_stencil: how those points get their det J: ``"analytic"`` (default: the
             field's exact Jacobian, ``forward_with_jacobian``, one evaluation per point, at
             points jittered inside their voxel), ``"forward"`` (x, x+h; 4
@@ -134,11 +153,11 @@ class RegistrationModule(pl.LightningModule):
         regularizer: Literal["jedt", "unit"] = "jedt",
         lam: float | None = None,
         smoothness: Literal["none", "bending", "diffusion", "logdet"] = "bending",
-        alpha: float = 2.0,
+        alpha: float = 1.0,
         margin: float = 0.3,
         lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
-        jacobian_points: int = 8192,
+        jacobian_points: int = 16384,
         jacobian_stencil: Literal["forward", "central", "analytic"] = "analytic",
         seed: int = 0,
         val_stride: int = 2,
@@ -195,6 +214,7 @@ class RegistrationModule(pl.LightningModule):
         self.sampler = sampler
         self.similarity = Similarity(similarity, window=window)
         self.folding = folding
+        self._jacobian_points = jacobian_points  # per step at 2 mm: attach_pair scales it to the image
         self.regularizer = regularizer
         self.lam = lam
         self.smoothness = smooth
@@ -246,6 +266,7 @@ class RegistrationModule(pl.LightningModule):
         self.register_buffer("moving_chain", None if chain is None else torch.as_tensor(chain, dtype=torch.float32), persistent=False)
         self._source_sigma_scale = (1.0, 1.0, 1.0)
         self._voxel_size = voxel_spacing(pair.fixed_affine)  # the smoothness prior is per millimetre
+        self.folding = dataclasses.replace(self.folding, jacobian_points=scaled_jacobian_points(self._jacobian_points, self._voxel_size))
         if chain is not None and pair.native is not None:
             # smooth the native image by the same millimetres as the fixed one
             fs, ns = voxel_spacing(pair.fixed_affine), voxel_spacing(pair.native.affine)
@@ -271,7 +292,8 @@ class RegistrationModule(pl.LightningModule):
 
     @property
     def jacobian_points(self) -> int:
-        return self.folding.jacobian_points
+        """The configured count (per step on a 2 mm image); ``folding.jacobian_points`` is the one in use."""
+        return self._jacobian_points
 
     @property
     def jacobian_stencil(self) -> str:

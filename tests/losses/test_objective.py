@@ -34,7 +34,7 @@ def test_module_step_is_the_pure_objective(sampler, stencil: str) -> None:
     want = registration_objective(
         module.field, fixed, moving, sample, similarity=Similarity("lncc", window=3),
         folding=FoldingPenalty(margin=0.3, jacobian_points=64, stencil=stencil), lam=10.0,  # type: ignore[arg-type]
-        smoothness=SmoothnessPenalty("bending"), alpha=2.0,  # the module's defaults
+        smoothness=SmoothnessPenalty("bending"), alpha=1.0,  # the module's defaults
         mask=pair.foreground_mask(), generator=gen_b, voxel_size=voxel_spacing(p.affine),  # the prior is per mm
     )
     for key in ("loss", "sim", "jedt", "smooth"):
