@@ -14,10 +14,12 @@
 #
 # Environment: OUT (if set, the tables are copied there, flat), GPU_CHECK_DIR (where the runs
 # write; default benchmarks/results/gpu_check), DATA_DIR (the brain pair; default
-# ../shared/data/brain-pair), WHEELS (a folder of wheels for an offline machine: installed with
-# --no-index, on top of the system site packages, which should hold a CUDA torch).
-# Without .venv it makes one that sees the system site packages, so that a CUDA torch already
-# there is used instead of a download.
+# ../shared/data/brain-pair), WHEELS (a folder of wheels for an offline machine whose python3
+# already holds a CUDA torch), SITE_DIR (where WHEELS go; default /tmp/gpu_check_site).
+# With .venv it uses that. Without: given WHEELS, no venv (python3 may itself be a venv's, whose
+# packages a new venv would not see): the wheels go into SITE_DIR with --no-index --no-deps, and
+# SITE_DIR and the repository go on PYTHONPATH; else it makes a .venv that sees the system site
+# packages (so that a CUDA torch already there is used instead of a download) and pip-installs.
 set -euo pipefail
 
 dry=0
@@ -37,23 +39,32 @@ for f in "$pairs" "$cpu_csv"; do
 done
 [[ -n "$pairs" ]] && pairs="$(realpath "$pairs")"
 [[ -n "$cpu_csv" ]] && cpu_csv="$(realpath "$cpu_csv")"
+if [[ -n "${WHEELS:-}" ]]; then
+    if [[ ! -d "$WHEELS" ]]; then echo "gpu_check: WHEELS is no folder: $WHEELS" >&2; exit 2; fi
+    WHEELS="$(realpath "$WHEELS")"
+fi
 cd "$(dirname "$0")/.."
 
 echo "== venv"
 if [[ -d .venv ]]; then
     echo "using .venv"
     . .venv/bin/activate
+elif [[ -n "${WHEELS:-}" ]]; then
+    site="${SITE_DIR:-/tmp/gpu_check_site}"
+    echo "no .venv: $(command -v python3) with $WHEELS/*.whl in $site and the repository on PYTHONPATH"
+    if python3 -m pip --version >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
+    else  # no pip there: a wheel is a zip of what goes into site-packages
+        python3 -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$site" "$WHEELS"/*.whl
+    fi
+    export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    python() { python3 "$@"; }  # the python3 whose packages were seen, whatever 'python' is on PATH
 else
     echo "creating .venv (with the system site packages)"
     python3 -m venv --system-site-packages .venv
     . .venv/bin/activate
-    if [[ -n "${WHEELS:-}" ]]; then
-        pip install --no-index --no-deps "$WHEELS"/*.whl
-        pip install --no-index --no-deps --no-build-isolation -e .
-    else
-        python -c 'import torch' 2>/dev/null || pip install torch  # the default wheel: CUDA on Linux
-        pip install -e ".[test]" fireants
-    fi
+    python -c 'import torch' 2>/dev/null || pip install torch  # the default wheel: CUDA on Linux
+    pip install -e ".[test]" fireants
 fi
 
 echo "== GPU"
