@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from monai.networks.layers import GaussianFilter
 from torch import Tensor
 
 
@@ -26,4 +25,6 @@ def gaussian_smooth(image: Tensor, sigma: float | Sequence[float]) -> Tensor:
     sigmas = [float(sigma)] * 3 if isinstance(sigma, (int, float)) else [float(v) for v in sigma]
     if max(sigmas) <= 0:
         return image
+    from monai.networks.layers import GaussianFilter  # MONAI (seconds to import) only when a pyramid stage smooths
+
     return GaussianFilter(spatial_dims=3, sigma=sigmas if len(set(sigmas)) > 1 else sigmas[0], truncated=4.0).to(image.device)(image)

@@ -7,19 +7,11 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import (
-    CopyItemsd,
-    EnsureChannelFirstd,
-    LoadImaged,
-    ResampleToMatchd,
-    ScaleIntensityRangePercentilesd,
-)
 from torch import Tensor
 
 from nir_lightning.coords import apply_matrix, identity_grid, normalized_chain_matrix, voxel_spacing
@@ -36,6 +28,9 @@ from nir_lightning.data.checks import (
 from nir_lightning.data.foreground import foreground
 from nir_lightning.data.label_checks import check_label_maps
 from nir_lightning.errors import InputError
+
+if TYPE_CHECKING:  # MONAI (seconds to import) only where the loading transforms run: load_pair
+    from monai.data import MetaTensor
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +268,14 @@ def load_pair(
         paths["fixed_mask"] = check_image_file(fixed_mask, "fixed mask")
     if moving_mask is not None:
         paths["moving_mask"] = check_image_file(moving_mask, "moving mask")
+    from monai.transforms import (  # MONAI (seconds to import) only here, where its transforms run
+        CopyItemsd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        ResampleToMatchd,
+        ScaleIntensityRangePercentilesd,
+    )
+
     keys = list(paths)
     loader = LoadImaged(keys=keys, image_only=True, dtype=None)
     try:

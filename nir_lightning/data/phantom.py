@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import DVF2DDF
 from torch import Tensor
 
 from nir_lightning.coords import identity_grid, normalized_to_voxel_scale
@@ -108,6 +107,8 @@ def make_phantom(
     gen = torch.Generator().manual_seed(seed)
     v = _smooth_noise(shape, smoothness, gen, 3)
     v = v / v.pow(2).sum(1).mean().sqrt() * magnitude  # RMS |v| in voxels; array-axis order
+    from monai.networks.blocks import DVF2DDF  # MONAI only when the phantom is made
+
     to_ddf = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border")
     fwd = to_ddf(v)[0].permute(1, 2, 3, 0)  # psi(x) - x, voxels
     inv = to_ddf(-v)[0].permute(1, 2, 3, 0)

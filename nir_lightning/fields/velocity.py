@@ -37,7 +37,6 @@ import math
 from typing import Literal
 
 import torch
-from monai.networks.blocks import DVF2DDF
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
@@ -348,6 +347,8 @@ def scaling_and_squaring(
         v = -v
     scale = normalized_to_voxel_scale(shape).to(v)
     dvf = (v * scale).permute(3, 0, 1, 2).unsqueeze(0)
+    from monai.networks.blocks import DVF2DDF  # MONAI only for this cross-check
+
     ddf = DVF2DDF(num_steps=num_steps, mode="bilinear", padding_mode="border")(dvf)
     disp = ddf[0].permute(1, 2, 3, 0) / scale.clamp(min=1e-12)
     return identity_grid(shape, device=v.device, dtype=v.dtype) + disp
