@@ -142,6 +142,20 @@ class _Grid:
         Like ITK's linear interpolator, indices are clamped to the border voxels (which is
         what a point in the half-voxel band outside them gets).
         """
+        axes = self._axes(vox)
+        return [
+            (i0 + i1 + i2, w0 * w1 * w2)
+            for i0, w0 in axes[0]
+            for i1, w1 in axes[1]
+            for i2, w2 in axes[2]
+        ]
+
+    def corner_indices(self, vox: Tensor) -> list[Tensor]:
+        """The 8 flat indices of :meth:`corners`, in its order, without the weights."""
+        axes = self._axes(vox)
+        return [i0 + i1 + i2 for i0, _ in axes[0] for i1, _ in axes[1] for i2, _ in axes[2]]
+
+    def _axes(self, vox: Tensor) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
         v = torch.minimum(vox.clamp(min=0.0), self.last)
         base = torch.minimum(v.floor().to(torch.long), (self.last_index - 1).clamp(min=0))
         frac = v - base.to(v.dtype)
@@ -151,12 +165,7 @@ class _Grid:
             lo = base[:, a]
             hi = torch.minimum(lo + 1, self.last_index[a])
             axes.append(((lo * self.strides[a], 1.0 - frac[:, a]), (hi * self.strides[a], frac[:, a])))
-        return [
-            (i0 + i1 + i2, w0 * w1 * w2)
-            for i0, w0 in axes[0]
-            for i1, w1 in axes[1]
-            for i2, w2 in axes[2]
-        ]
+        return axes
 
     def nearest(self, vox: Tensor) -> Tensor:
         """Flat index ``(P,)`` of the nearest voxel (halves round up, as ITK's ``RoundHalfIntegerUp``)."""
@@ -192,12 +201,27 @@ def _label(values: Tensor, grid: _Grid, vox: Tensor) -> Tensor:
     label. Only the (at most 8) labels at the corners of a point's cell can score above zero, and
     the trilinear indicator of a label is the sum of the weights of the corners carrying it, so
     the loop runs over the 8 corners keeping a running best: the result of a loop over all
-    labels, at a cost and memory independent of the number of labels.
+    labels, at a cost and memory independent of the number of labels. A point whose 8 corners
+    carry one label takes it (the loop's result there: every corner scores the same sum, and
+    the first one wins), so the loop runs only over the points of a cell that a label edge crosses.
     """
-    stencil = grid.corners(vox)
-    labels = [values[idx] for idx, _ in stencil]  # 8 x (P, C)
-    weights = [w[:, None] for _, w in stencil]  # 8 x (P, 1)
-    best_score = torch.full(labels[0].shape, -1.0, dtype=torch.float64, device=vox.device)
+    labels = [values[idx] for idx in grid.corner_indices(vox)]  # 8 x (P, C)
+    uniform = labels[0] == labels[1]
+    for j in range(2, 8):
+        uniform &= labels[0] == labels[j]
+    mixed = torch.nonzero(~uniform.all(dim=1)).squeeze(1)  # points with a label edge in their cell
+    if mixed.numel() == 0:
+        return labels[0]
+    out = labels[0].clone()
+    weights = [w for _, w in grid.corners(vox[mixed])]  # elementwise: the weights of the whole stencil at these points
+    out[mixed] = _label_argmax([lab[mixed] for lab in labels], weights)
+    return out
+
+
+def _label_argmax(labels: list[Tensor], corner_weights: list[Tensor]) -> Tensor:
+    """The arg-max of :func:`_label` for corner labels ``8 x (P, C)`` and weights ``8 x (P,)``."""
+    weights = [w[:, None] for w in corner_weights]  # 8 x (P, 1)
+    best_score = torch.full(labels[0].shape, -1.0, dtype=torch.float64, device=labels[0].device)
     best_label = torch.zeros_like(labels[0])
     for k in range(8):
         # corner k's label scores the summed weights of the corners carrying it; the sum runs in

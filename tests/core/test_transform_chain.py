@@ -206,6 +206,22 @@ def test_label_mode_equals_nearest_on_an_identity_chain() -> None:
     assert torch.equal(lab, near) and torch.equal(lab, labels)
 
 
+def test_label_mode_skips_only_cells_of_one_label_bit_for_bit() -> None:
+    """The arg-max loop runs only where a cell's 8 corners disagree; everywhere the result is the
+    loop's own, bit for bit (2 channels, half-voxel shifts: many ties)."""
+    from nir_lightning.core.transform_chain import _Grid, _label, _label_argmax
+
+    gen = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 3, (9 * 10 * 11, 2), generator=gen).float()
+    values[: 9 * 10 * 5] = 1.0  # a block of one label: cells whose corners agree
+    grid = _Grid((9, 10, 11), np.eye(4), torch.device("cpu"))
+    vox = torch.rand(4000, 3, generator=gen, dtype=torch.float64) * torch.tensor([8.0, 9.0, 10.0])
+    vox[:1000] = vox[:1000].floor() + 0.5  # exact ties between corners
+    stencil = grid.corners(vox)
+    everywhere = _label_argmax([values[idx] for idx, _ in stencil], [w for _, w in stencil])
+    assert torch.equal(_label(values, grid, vox), everywhere)
+
+
 def test_label_mode_follows_a_staircase_edge_better_than_nearest() -> None:
     """A tilted plane sampled on voxels is a staircase. Shifted by half a voxel on every axis,
     nearest moves it by a whole voxel (halves round up, as in ITK); the interpolated one-hot
