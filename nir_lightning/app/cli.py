@@ -102,6 +102,10 @@ def _config_message(exc: argparse.ArgumentError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``nir``; returns the exit status (0 done, 2 bad input, 1 failure)."""
+    if argv is None:  # the process's own command line (`nir`, `python -m nir_lightning.cli`): it ends after this call
+        from nir_lightning.app.startup import freeze_at_exit
+
+        freeze_at_exit()  # no collector passes over every object at exit (1.3 s after the imports of a registration)
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_SILENT", "true")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from nir_lightning._version import __version__
 from nir_lightning.app.lock import lock_folder
+from nir_lightning.app.startup import StartupCollector
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.data.checks import check_image_file, parse_labels
 from nir_lightning.errors import InputError
@@ -206,6 +207,7 @@ def register_pair(
         check_output_folder(out, resume=resume, overwrite=overwrite)  # the message for a file given as --output
     # one writer per result: taken before the look for earlier results, held to the end
     lock = lock_folder(out, what=f"--output '{out}'", force=force_unlock, fix=" (or pass --force-unlock)")
+    collector: StartupCollector | None = None
     try:
         check_output_folder(out, resume=resume, overwrite=overwrite)
         inputs: Path | None = None
@@ -238,7 +240,8 @@ def register_pair(
         if similarity is not None:
             cli_extra.append(f"--model.similarity={similarity}")
 
-        # -- now the heavy part
+        # -- now the heavy part, without cyclic garbage collection until the fit (app/startup.py)
+        collector = StartupCollector.begin()
         import torch
 
         torch.set_num_threads(n_threads)
@@ -246,9 +249,11 @@ def register_pair(
             out=out, configs=configs, overrides=cli_extra + _override_args(overrides), seed=seed, demo=demo, composed=composed,
             fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
             overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
-            progress=progress, quiet=quiet, t0=t0,
+            progress=progress, quiet=quiet, t0=t0, collector=collector,
         )
     finally:
+        if collector is not None:
+            collector.close()
         lock.release()
 
 
@@ -256,6 +261,7 @@ def _run(
     *, out: Path, configs: list[str], overrides: list[str], seed: int, demo: bool, fixed: Any, moving: Any,
     fixed_labels: Any, moving_labels: Any, labels: Any, overwrite: bool, resume: bool,
     checkpoint_every: int, progress: bool | None, quiet: bool, t0: float, composed: bool = False,
+    collector: StartupCollector | None = None,
 ) -> PairRegistration:
     import argparse
 
@@ -333,6 +339,10 @@ def _run(
     remove_stale_temporaries(out, OUTPUT_FILES)  # left by a run killed mid-write
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill mid-save leaves the previous last.ckpt
     ckpt_path, resumed_step = prepare_checkpoints(out, resume=resume, signature=run_signature(cli.config.as_dict()))
+    if demo:
+        dm.setup("fit")  # the phantom, into the output folder (trainer.fit would make it; setup runs once): part of the start-up
+    if collector is not None:
+        collector.end()  # the start-up's objects frozen, the collector on for the fit
     t_fit = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     seconds_fit = time.perf_counter() - t_fit

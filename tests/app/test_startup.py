@@ -1,10 +1,15 @@
-"""The start-up of ``nir register``: which modules importing it loads."""
+"""The start-up of ``nir register``: which modules importing it loads, and the garbage collector around it."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+
+import pytest
+
+from nir_lightning.app.startup import StartupCollector
 
 HEAVY = ("pytorch_lightning", "lightning_fabric", "monai", "matplotlib", "wandb")
 
@@ -19,7 +24,7 @@ def _loaded_after(modules: list[str]) -> list[str]:
 def test_the_register_entry_modules_import_nothing_heavy() -> None:
     """`nir`'s module and the register API load no torch, Lightning, MONAI, matplotlib or W&B:
     a bad option or a missing file is reported in a fraction of a second."""
-    assert _loaded_after(["nir_lightning.cli", "nir_lightning.app.cli", "nir_lightning.app.register"]) == []
+    assert _loaded_after(["nir_lightning.cli", "nir_lightning.app.cli", "nir_lightning.app.register", "nir_lightning.app.startup"]) == []
 
 
 def test_monai_matplotlib_and_wandb_load_only_where_they_run() -> None:
@@ -31,3 +36,47 @@ def test_monai_matplotlib_and_wandb_load_only_where_they_run() -> None:
     assert _loaded_after(pure) == ["torch"]
     loaded = _loaded_after(["nir_lightning.training.lightning_cli", "nir_lightning.training"])
     assert "pytorch_lightning" in loaded and "monai" not in loaded and "wandb" not in loaded, loaded
+
+
+def test_startup_collector_restores_the_collector() -> None:
+    if not gc.isenabled() or gc.get_freeze_count():
+        pytest.skip("the test process manages the collector itself")
+    c = StartupCollector.begin()
+    assert not gc.isenabled()
+    c.end()  # the start-up's objects frozen, collection on for the fit
+    assert gc.isenabled() and gc.get_freeze_count() > 0
+    c.close()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    c.close()  # twice is harmless
+    failed = StartupCollector.begin()
+    failed.close()  # a start-up that failed before end(): collection back on, nothing left frozen
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_startup_collector_leaves_a_managed_collector_alone() -> None:
+    gc.disable()
+    try:
+        c = StartupCollector.begin()
+        c.end()
+        c.close()
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+
+
+def test_the_command_line_process_freezes_its_objects_at_exit() -> None:
+    """`nir` (main() reading sys.argv) skips the collector's passes of the interpreter's teardown;
+    exit handlers registered before it still run after it."""
+    code = (
+        "import atexit, gc, sys\n"
+        "atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count() > 0))\n"
+        "from nir_lightning.cli import main\n"
+        "sys.argv = ['nir', '--help']\n"
+        "print('rc', main())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "rc 0" in proc.stdout and "frozen at exit: True" in proc.stdout, proc.stdout
+    in_process = subprocess.run(
+        [sys.executable, "-c", code.replace("main()", "main(['--help'])")], capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert "frozen at exit: False" in in_process.stdout, in_process.stdout  # an explicit argv: a caller's process, left alone
