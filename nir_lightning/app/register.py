@@ -377,9 +377,10 @@ def _run(
         extra["seconds_affine"] = res.seconds
     if resumed_step is not None:
         extra["resumed_from_step"] = resumed_step
-    extra["seconds_total"] = time.perf_counter() - t0
-    # metrics.json last: while it is absent the folder is not complete (--resume may redo it)
-    metrics = write_outputs(reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed)
+    # metrics.json last: while it is absent the folder is not complete (--resume may redo it); seconds_total up to it
+    metrics = write_outputs(
+        reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed, started=t0,
+    )
     finish_run(trainer, metrics, output_dir=out)  # W&B summary/artifact when a WandbLogger is configured
     finish_checkpoints(out)  # complete: the checkpoint is no longer needed
     if not quiet:

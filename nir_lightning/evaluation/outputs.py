@@ -54,13 +54,16 @@ def write_outputs(
     extra: dict[str, Any] | None = None,
     qc_title: str | None = None,
     composed: bool = False,
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Write the NIfTI outputs (fixed affine), ``affine.mat`` (the affine part, ITK), with
     ``composed`` the whole transform as ``composed_displacement.nii.gz``, ``qc.png`` when
     ``qc_title`` is given, and ``metrics.json``, each atomically; returns the metrics.
 
     ``metrics.json`` is removed first and written last: a folder without it is incomplete
-    (``--resume`` and ``register-many`` rely on that).
+    (``--resume`` and ``register-many`` rely on that). With ``started`` (a
+    :func:`time.perf_counter` reading when the registration began), ``seconds_total`` is the
+    time from then to ``metrics.json``, the outputs included.
     """
     t_start = time.perf_counter()
     out = Path(output_dir)
@@ -85,6 +88,8 @@ def write_outputs(
         metrics["notes"] = list(pair.notes)
     metrics.update(extra or {})
     metrics["seconds_outputs"] = time.perf_counter() - t_start  # every file but metrics.json itself
+    if started is not None:
+        metrics["seconds_total"] = time.perf_counter() - started
     write_json_atomic(out / "metrics.json", metrics)
     return metrics
 

@@ -100,6 +100,7 @@ def test_metrics_json(reg):
     assert m["steps"] == STEPS
     assert m["device"] == "cpu"
     assert 0 < m["seconds_fit"] <= m["seconds_total"]
+    assert m["seconds_fit"] + m["seconds_evaluate"] + m["seconds_outputs"] <= m["seconds_total"]  # the outputs included
     fixed_labels = nib.load(str(reg.files["fixed_labels"])).get_fdata()
     assert set(m["dice_per_label"]) == {str(int(v)) for v in np.unique(fixed_labels) if v != 0}
     vals = [v for v in m["dice_per_label"].values() if v is not None]

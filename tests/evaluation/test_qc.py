@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -260,7 +261,8 @@ def test_checkerboard_alternates() -> None:
 
 def test_outputs_with_the_figure_on_a_thread_and_the_timings(tiny_pair: dict[str, Path], tmp_path: Path) -> None:
     """write_outputs renders qc.png beside the NIfTI files (a thread), writes metrics.json last
-    with seconds_outputs, and evaluate's metrics carry seconds_evaluate >= seconds_scoring > 0."""
+    with seconds_outputs (and seconds_total from ``started``, the outputs included), and evaluate's
+    metrics carry seconds_evaluate >= seconds_scoring > 0."""
     import json
 
     from nir_lightning.evaluation.evaluate import evaluate
@@ -270,9 +272,11 @@ def test_outputs_with_the_figure_on_a_thread_and_the_timings(tiny_pair: dict[str
     p = load_pair(tiny_pair["fixed"], tiny_pair["moving"], fixed_labels=tiny_pair["fixed_labels"], moving_labels=tiny_pair["moving_labels"])
     reg = evaluate(GridDisplacementField(), p)
     assert reg.metrics["seconds_evaluate"] >= reg.metrics["seconds_scoring"] > 0
-    metrics = write_outputs(reg, p, tmp_path / "out", qc_title="tiny")
+    started = time.perf_counter() - 5.0
+    metrics = write_outputs(reg, p, tmp_path / "out", qc_title="tiny", started=started)
     written = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert written["seconds_outputs"] == pytest.approx(metrics["seconds_outputs"]) and metrics["seconds_outputs"] > 0
+    assert written["seconds_total"] >= 5.0 + written["seconds_outputs"]
     assert mpimg.imread(tmp_path / "out" / "qc.png").shape[0] > 100
     for name in ("warped.nii.gz", "warped_labels.nii.gz", "displacement.nii.gz", "jacobian_det.nii.gz", "affine.mat"):
         assert (tmp_path / "out" / name).stat().st_size > 0
