@@ -109,7 +109,8 @@ class RegistrationModule(pl.LightningModule):
             of 2 mm voxels; a finer image gets ``(2 mm / voxel size)^2`` times as many (at most
             4 times: 1 mm), a coarser one fewer (at least a quarter), because a fold is a few
             voxels wide whatever the voxel size (s9->s10 of mindboggle-dev at 1 mm: 176 folded
-            voxels with 8192 points, 6 with 65536; :func:`scaled_jacobian_points`).
+            voxels with 8192 points, 6 with 65536; :func:`scaled_jacobian_points`). The steps of
+            a coarse-to-fine fit that leave the finest feature-grid level out keep the 2 mm count.
         jacobian_stencil: how those points get their det J: ``"analytic"`` (default: the
             field's exact Jacobian, ``forward_with_jacobian``, one evaluation per point, at
             points jittered inside their voxel), ``"forward"`` (x, x+h; 4
@@ -215,6 +216,7 @@ class RegistrationModule(pl.LightningModule):
         self.similarity = Similarity(similarity, window=window)
         self.folding = folding
         self._jacobian_points = jacobian_points  # per step at 2 mm: attach_pair scales it to the image
+        self._folding_coarse = folding  # the steps with coarser grid levels only (attach_pair)
         self.regularizer = regularizer
         self.lam = lam
         self.smoothness = smooth
@@ -266,7 +268,11 @@ class RegistrationModule(pl.LightningModule):
         self.register_buffer("moving_chain", None if chain is None else torch.as_tensor(chain, dtype=torch.float32), persistent=False)
         self._source_sigma_scale = (1.0, 1.0, 1.0)
         self._voxel_size = voxel_spacing(pair.fixed_affine)  # the smoothness prior is per millimetre
-        self.folding = dataclasses.replace(self.folding, jacobian_points=scaled_jacobian_points(self._jacobian_points, self._voxel_size))
+        scaled = scaled_jacobian_points(self._jacobian_points, self._voxel_size)
+        self.folding = dataclasses.replace(self.folding, jacobian_points=scaled)
+        # Steps that fit only the coarser grid levels cannot fold at the finest voxels' scale: they
+        # keep the 2 mm count (the points cost ~1.5 us each per step; 1 mm fits took twice as long).
+        self._folding_coarse = dataclasses.replace(self.folding, jacobian_points=min(scaled, self._jacobian_points))
         if chain is not None and pair.native is not None:
             # smooth the native image by the same millimetres as the fixed one
             fs, ns = voxel_spacing(pair.fixed_affine), voxel_spacing(pair.native.affine)
@@ -354,9 +360,10 @@ class RegistrationModule(pl.LightningModule):
         """The objective of the current transform on one sample (see :func:`~nir_lightning.losses.registration_objective`)."""
         fixed, moving = self.images(sample.sigma)
         self.set_grid_levels(sample.levels)
+        every_level = all(m.active_levels >= m.levels for m in self.modules() if isinstance(m, FeatureGrid))
         return registration_objective(
             self.transform, fixed, moving, sample,
-            similarity=self.similarity, folding=self.folding, lam=self.lam, smoothness=self.smoothness, alpha=self.alpha,
+            similarity=self.similarity, folding=self.folding if every_level else self._folding_coarse, lam=self.lam, smoothness=self.smoothness, alpha=self.alpha,
             mask=self.mask, generator=generator,
             fixed_mask=self.fixed_mask, moving_mask=self.moving_mask, moving_chain=self.moving_chain,
             transform_with_jacobian=self.transform_with_jacobian if self.folding.stencil == "analytic" else None,

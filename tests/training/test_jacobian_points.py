@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,3 +21,29 @@ def test_det_j_points_scale_with_the_square_of_the_resolution(spacing: float, po
     module.attach_pair(ImagePair(fixed=fixed, moving=moving, moving_raw=moving, fixed_affine=p.affine))
     assert module.folding.jacobian_points == points  # what each step draws
     assert module.jacobian_points == 100  # what was configured (per step at 2 mm)
+
+
+def test_only_the_steps_with_every_grid_level_get_the_extra_points() -> None:
+    """At 1 mm the finest stage draws 4x the 2 mm count; the coarser stages keep the 2 mm count."""
+    p = make_phantom((12, 14, 10), spacing=1.0, seed=0)
+    fixed, moving = torch.as_tensor(p.fixed)[None, None], torch.as_tensor(p.moving)[None, None]
+    module = RegistrationModule(field=GridDisplacementField(levels=3), jacobian_points=100)
+    module.attach_pair(ImagePair(fixed=fixed, moving=moving, moving_raw=moving, fixed_affine=p.affine))
+    drawn: list[int] = []
+    original = module.folding.extra.__func__  # type: ignore[attr-defined]
+
+    def spy(self, transform, shape, mask, generator, transform_with_jacobian=None):  # type: ignore[no-untyped-def]
+        drawn.append(self.jacobian_points)
+        return original(self, transform, shape, mask, generator, transform_with_jacobian)
+
+    from nir_lightning.losses.folding import FoldingPenalty
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(FoldingPenalty, "extra", spy)
+    try:
+        for levels in (1, 2, 3, None):
+            sample = module.sampler.sample(p.fixed.shape, generator=torch.Generator().manual_seed(0), mask=module.mask)
+            module.model_step(dataclasses.replace(sample, levels=levels), torch.Generator().manual_seed(1))
+    finally:
+        mp.undo()
+    assert drawn == [100, 100, 400, 400]
