@@ -64,6 +64,6 @@ def test_registering_the_swapped_pair_undoes_the_registration(tmp_path, config: 
     r = _round_trip(tmp_path, config)
     print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
     assert r["dice_ab"] > r["dice_before"] + 0.1 and r["dice_ba"] > r["dice_before"] + 0.1  # both directions register
-    assert abs(r["dice_ab"] - r["dice_ba"]) < 0.04  # and about equally well (measured: 0.006 displacement, 0.026 diffeomorphic)
+    assert abs(r["dice_ab"] - r["dice_ba"]) < 0.05  # and about equally well (measured: 0.006 displacement, 0.035 diffeomorphic)
     assert r["u_ab"] > 0.5 * r["motion"]  # the fit moved: a round trip of two identities would pass trivially
-    assert r["residual"] < 0.25 * r["u_ab"]  # phi_BA o phi_AB is close to the identity (measured: 14 %, 13 %)
+    assert r["residual"] < 0.25 * r["u_ab"]  # phi_BA o phi_AB is close to the identity (measured: 16 %, 15 %)
