@@ -23,7 +23,9 @@ cost one field evaluation per point instead of four to six.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from functools import reduce
+from operator import add
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +127,8 @@ def lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, derivativ
     ``axes``: per-axis normalized coordinates ``(B, d_a)``. Trilinear interpolation is the
     product of three linear ones, so the read is three small matrix products instead of a
     gather per point. ``derivative=a`` gives the derivative along axis ``a`` instead.
+    The reference form of the read (interpolation matrices, any layout); fields read with
+    :func:`level_lattice_read`, which gathers instead of multiplying by mostly-zero matrices.
     Returns ``(B, d0, d1, d2, C)``.
 
     >>> g = torch.rand(4, 5, 6, 2)
@@ -187,14 +191,6 @@ def level_lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, der
             v = axis_read(v, axes[a][b], a + 1, derivative=derivative == a)
         out.append(v)
     return torch.stack(out)
-
-
-def _sum(tensors: Iterable[Tensor]) -> Tensor:
-    it = iter(tensors)
-    total = next(it)
-    for t in it:
-        total = total + t
-    return total
 
 
 class FeatureGrid(nn.Module):
@@ -304,28 +300,16 @@ class FeatureGrid(nn.Module):
         inside = (t >= -1) & (t <= 1)
         return t.clamp(-1, 1), inside.to(x.dtype) / half
 
-    def composed(self) -> Tensor:
-        """The active levels summed on the finest active grid, ``(R0, R1, R2, features)`` (what
-        :meth:`forward` reads).
-
-        Cached while the grids are unchanged (their version counters: an optimiser step bumps
-        them)."""
-        key = self._key("composed")
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1][0]
-        grid = self._compose(min(self.active_levels, self.levels))[0].permute(1, 2, 3, 0)
-        self._cache = (key, [grid])
-        return grid
-
     def reading_grids(self) -> list[Tensor]:
         """The active levels as at most two grids ``(features, R, R, R)`` whose reads sum to the
         encoding: the coarser levels composed on the second-finest active grid, and the finest
         active level on its own. Composing every level on the finest grid (an upsampling of all
         of them to its size, and its backward, every step) costs more than a second read.
 
-        Cached like :meth:`composed`, so the lattice and the det J points of one step share one
-        composition and one graph."""
-        key = self._key("reading")
+        Cached while the grids are unchanged (their version counters: an optimiser step bumps
+        them), so the lattice and the det J points of one step share one composition and one
+        graph."""
+        key = self._key()
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         active = min(self.active_levels, self.levels)
@@ -333,9 +317,8 @@ class FeatureGrid(nn.Module):
         self._cache = (key, grids)
         return grids
 
-    def _key(self, what: str) -> tuple:
+    def _key(self) -> tuple:
         return (
-            what,
             self.active_levels,
             torch.is_grad_enabled(),
             *((g._version, g.data_ptr(), g.requires_grad) for g in self.grids),
@@ -363,7 +346,7 @@ class FeatureGrid(nn.Module):
         grids = self.reading_grids()
         x, _ = self._into_domain(x)
         pts = x.flip(-1).reshape(1, -1, 1, 1, 3).to(grids[0].dtype)  # grid_sample wants (x, y, z) = reversed axes
-        out = _sum(F.grid_sample(g[None], pts, mode="bilinear", padding_mode="border", align_corners=True) for g in grids)
+        out = reduce(add, (F.grid_sample(g[None], pts, mode="bilinear", padding_mode="border", align_corners=True) for g in grids))
         return out.reshape(self.features, -1).T
 
     def on_lattice(self, axes: tuple[Tensor, Tensor, Tensor], *, jacobian: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -374,12 +357,12 @@ class FeatureGrid(nn.Module):
         mapped = [self._into_domain(axes[a], a) for a in range(3)]
         inner = (mapped[0][0], mapped[1][0], mapped[2][0])
         grids = self.reading_grids()
-        feats = _sum(level_lattice_read(g, inner) for g in grids).permute(0, 2, 3, 4, 1)
+        feats = reduce(add, (level_lattice_read(g, inner) for g in grids)).permute(0, 2, 3, 4, 1)
         if not jacobian:
             return feats, None
         derivs = []
         for a in range(3):
-            d = _sum(level_lattice_read(g, inner, derivative=a) for g in grids).permute(0, 2, 3, 4, 1)
+            d = reduce(add, (level_lattice_read(g, inner, derivative=a) for g in grids)).permute(0, 2, 3, 4, 1)
             scale = mapped[a][1]
             if scale is not None:  # (B, d_a) -> broadcast along lattice axis a
                 d = d * scale.reshape(scale.shape[0], *[-1 if b == a else 1 for b in range(3)], 1)
@@ -393,8 +376,8 @@ class FeatureGrid(nn.Module):
         :meth:`reading_grids`."""
         t, scale = self._into_domain(x)
         reads = [trilinear_with_jacobian(g, t, jacobian=True, channels_first=True) for g in self.reading_grids()]
-        feats = _sum(r[0] for r in reads)
-        jac = _sum(r[1] for r in reads if r[1] is not None)
+        feats = reduce(add, (r[0] for r in reads))
+        jac = reduce(add, (r[1] for r in reads if r[1] is not None))
         if scale is not None:  # chain rule through the box map: row a times d t_a / d x_a
             jac = jac * scale[:, :, None]
         return feats, jac

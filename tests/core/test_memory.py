@@ -31,6 +31,16 @@ import pytest
 SHAPE = (160, 192, 224)
 GB = 1024.0  # MB
 
+PEAK_MB = r'''
+def peak_mb():
+    try:  # this process's own peak (ru_maxrss keeps the forking parent's across exec on Linux)
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+'''
+"""``peak_mb()`` of the subprocess scripts: the script's own peak RSS in MB."""
+
 EVALUATE = r"""
 import json, resource, sys
 import numpy as np, torch
@@ -39,12 +49,7 @@ from nir_lightning.evaluation.outputs import write_outputs
 from nir_lightning.fields import DisplacementField, GridDisplacementField
 from nir_lightning.data.pair import ImagePair
 
-def peak_mb():
-    try:  # this process's own peak (ru_maxrss keeps the forking parent's across exec on Linux)
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+PEAK_MB
 
 shape, kind, full = tuple(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3] == "full"
 axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
@@ -71,12 +76,7 @@ print(json.dumps({"baseline_mb": baseline, "peak_mb": peak_mb()}))
 NIR = r"""
 import json, resource, sys
 from nir_lightning.cli import main
-def peak_mb():
-    try:  # this process's own peak (ru_maxrss keeps the forking parent's across exec on Linux)
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+PEAK_MB
 rc = main(sys.argv[1:])
 print(json.dumps({"peak_mb": peak_mb()}))
 sys.exit(rc)
@@ -84,7 +84,9 @@ sys.exit(rc)
 
 
 def run_measured(script: str, args: list[str], timeout: int = 600) -> dict[str, Any]:
-    """Run ``script`` in a fresh Python; it reports its own peak RSS as JSON on its last line."""
+    """Run ``script`` (its line ``PEAK_MB`` replaced by :data:`PEAK_MB`) in a fresh Python; it
+    reports its own peak RSS as JSON on its last line."""
+    script = script.replace("\nPEAK_MB\n", "\n" + PEAK_MB)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
