@@ -41,6 +41,7 @@ from torch import Tensor
 from nir_lightning.alignment.moments import center_of_mass, initial_world_matrix, principal_axes
 from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
 from nir_lightning.alignment.pyramid import MIN_LEVEL_VOXELS, Level, build_level, torch64
+from nir_lightning.alignment.validation import OWNER, check_inputs, is_int
 from nir_lightning.coords import voxel_to_normalized
 from nir_lightning.core.resample import sample_image
 from nir_lightning.errors import InputError
@@ -49,7 +50,6 @@ from nir_lightning.losses.similarity import global_ncc
 
 __all__ = ["AffineResult", "AffineStage", "LevelHistory"]
 
-_OWNER = "AffineStage"
 _PROBE_STEPS = 30
 """Rigid steps on the coarsest level that each ``init="moments"`` candidate gets before they are compared."""
 _PROBE_LR_FACTOR = 2.0
@@ -60,6 +60,9 @@ _PLATEAU_WINDOW = 10
 """With ``early_stop``: every this many steps the mean loss of the last window is compared with
 the window before; per-step losses scatter by ~0.008 (MI, 8192 points, the shared 2 mm pair),
 so a window's mean is good to ~0.003."""
+_SETTLED_SEED_OFFSET = 3
+"""With ``early_stop``: the check after a level's first window draws its points from a generator of
+its own (seeded ``seed + 3``), so the steps' draws are those of a run without the check."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class LevelHistory:
     iterations: int
     loss_start: float
     loss_end: float
+    settled: bool = False
+    """With ``early_stop``: the level's first window did not improve on its start (on one sample of
+    points, both evaluated), so the level ended there and its parameters went back to the start."""
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,17 @@ class AffineStage:
         early_stop: end a level once its loss has stopped falling: when the mean loss of the
             last ``_PLATEAU_WINDOW`` (10) steps is no lower than that of the 10 before, the
             level runs 10 more steps with the learning rate decaying (cosine) from where it
-            is to its final value, and ends. A pair the headers already align then costs
-            about half its budget; a misaligned one runs until its loss flattens.
+            is to its final value, and ends. Before that, after the first 10 steps of every
+            level but a stage's first (which makes the stage's large moves, and whose first
+            steps may overshoot before they descend), the loss at the parameters reached and
+            at those the level started from are compared on one fresh sample of points (the
+            same points for both, so the difference is not drowned by the ~0.008 scatter of
+            the per-step losses); when the steps have not lowered it, the level has nothing
+            to do (the coarser level already found its optimum; the steps only jitter about
+            it): its parameters go back to the start and it ends (``LevelHistory.settled``).
+            A level that lowers its loss in its first steps runs as without the check (the
+            same steps: the check's points come from a generator of their own). A pair the
+            headers already align costs well under its budget.
             ``False``: every level runs its full budget (the results of 0.2.3, bit for bit).
 
     >>> AffineStage(kind="rigid").kind
@@ -160,20 +175,20 @@ class AffineStage:
     def __post_init__(self) -> None:
         def bad(param: str, message: str) -> InputError:
             value = getattr(self, param)
-            return InputError(f"{_OWNER}.{param} {message}", owner=_OWNER, param=param, value=value)
+            return InputError(f"{OWNER}.{param} {message}", owner=OWNER, param=param, value=value)
 
         choices = {"kind": ("none", "rigid", "affine"), "init": ("none", "com", "moments"), "similarity": ("mi", "ncc")}
         for param, allowed in choices.items():
             if getattr(self, param) not in allowed:
                 listed = ", ".join(repr(a) for a in allowed)
                 raise bad(param, f"must be one of {listed}, got {getattr(self, param)!r}.")
-        if not _is_int(self.num_bins) or self.num_bins < 4:
+        if not is_int(self.num_bins) or self.num_bins < 4:
             raise bad("num_bins", f"must be an integer >= 4, got {self.num_bins!r}; 32 bins suit images scaled to [0, 1].")
         for param in ("shrink_factors", "rigid_iterations", "affine_iterations"):
             value = getattr(self, param)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
                 raise bad(param, f"must be a non-empty list of integers, got {value!r}.")
-            if not all(_is_int(v) for v in value):
+            if not all(is_int(v) for v in value):
                 raise bad(param, f"must be a list of integers, got {value!r}.")
             object.__setattr__(self, param, tuple(int(v) for v in value))
         if any(s < 1 for s in self.shrink_factors):
@@ -184,13 +199,13 @@ class AffineStage:
                 raise bad(param, f"needs one entry per shrink factor ({len(self.shrink_factors)}: {list(self.shrink_factors)}), got {list(value)}.")
             if any(v < 0 for v in value):
                 raise bad(param, f"must all be >= 0, got {list(value)}.")
-        if not _is_int(self.num_points) or self.num_points < 64:
+        if not is_int(self.num_points) or self.num_points < 64:
             raise bad("num_points", f"must be an integer >= 64, got {self.num_points!r}; e.g. 8192 points per step.")
         if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin < math.inf:
             raise bad("margin", f"must be a number of millimetres >= 0, got {self.margin!r}; e.g. 10.")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 1:
             raise bad("lr", f"must be a number in (0, 1], got {self.lr!r}; e.g. 0.02.")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise bad("seed", f"must be an integer, got {self.seed!r}.")
         if not isinstance(self.early_stop, bool):
             raise bad("early_stop", f"must be true or false, got {self.early_stop!r}.")
@@ -263,7 +278,7 @@ class AffineStage:
             ``fixed``'s device.
         """
         start = time.perf_counter()
-        fixed_affine, moving_affine = _check_inputs(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask)
+        fixed_affine, moving_affine = check_inputs(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask)
         if foreground is not None and tuple(foreground.shape) != tuple(fixed.shape[2:]):
             raise ValueError(f"foreground must have the fixed image's shape {tuple(fixed.shape[2:])}, got {tuple(foreground.shape)}")
         if self.kind == "none":
@@ -277,6 +292,7 @@ class AffineStage:
         # anatomy to steer 12 parameters (on small images the fit drifts there); skip it, keep the finest.
         usable = [i for i, lv in enumerate(levels) if min(lv.fixed_shape) >= MIN_LEVEL_VOXELS or i == len(levels) - 1]
         generator = torch.Generator(device=device).manual_seed(int(self.seed))
+        settle_generator = torch.Generator(device=device).manual_seed(int(self.seed) + _SETTLED_SEED_OFFSET)
         eval_generator = torch.Generator(device=device).manual_seed(int(self.seed) + 1)
         fine_eval = self._draw(levels[-1], eval_generator)
 
@@ -329,7 +345,12 @@ class AffineStage:
                 if steps == 0:
                     continue
                 lr = self.lr * 0.5 ** (index - usable[0])
-                history.append(self._optimise(name, level, params, steps, lr, generator, early_stop=self.early_stop))
+                # the check after the first window: not on a stage's first level, which makes the
+                # stage's large moves (its first steps may overshoot before they descend)
+                settle = settle_generator if index != usable[0] else None
+                history.append(self._optimise(
+                    name, level, params, steps, lr, generator, early_stop=self.early_stop, settle_generator=settle,
+                ))
             # keep a stage only if it improves the full-resolution similarity on a fixed
             # evaluation sample: a stage never leaves the pair worse than it found it
             candidate = params.numpy()
@@ -357,9 +378,14 @@ class AffineStage:
         *,
         num_points: int | None = None,
         early_stop: bool = False,
+        settle_generator: torch.Generator | None = None,
     ) -> LevelHistory:
         optimiser = torch.optim.Adam(params.parameters(), lr=lr)
         losses: list[float] = []
+        # with early_stop and a settle_generator: the level's start, for the check after the first window
+        check = early_stop and settle_generator is not None
+        start_values = [p.detach().clone() for p in params.parameters()] if check else []
+        start_matrix = params.matrix().detach() if check else None
         # the cosine runs from `start` (at `scale` of the learning rate's range) to the final value at step `end`
         start, end, scale = 0, steps, 1.0
         w = _PLATEAU_WINDOW
@@ -375,6 +401,13 @@ class AffineStage:
             optimiser.step()
             losses.append(float(loss.detach()))
             step += 1
+            if check and step == w and end - step > w:
+                assert settle_generator is not None and start_matrix is not None
+                if self._settled(level, params, start_matrix, settle_generator, num_points):
+                    with torch.no_grad():
+                        for p, v in zip(params.parameters(), start_values, strict=True):
+                            p.copy_(v)
+                    return LevelHistory(stage=name, shrink=level.shrink, iterations=step, loss_start=losses[0], loss_end=losses[0], settled=True)
             flat = early_stop and start == 0 and step % w == 0 and step >= 2 * w and end - step > w
             if flat and float(np.mean(losses[-w:])) >= float(np.mean(losses[-2 * w : -w])):
                 start, end, scale = step, step + w, cosine  # no lower than the window before: decay and end
@@ -387,33 +420,11 @@ class AffineStage:
             loss_end=float(np.mean(losses[-tail:])),
         )
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_affine(affine: np.ndarray, param: str) -> np.ndarray:
-    a = np.asarray(affine, dtype=np.float64)
-    if a.shape != (4, 4) or not np.all(np.isfinite(a)) or abs(np.linalg.det(a[:3, :3])) < 1e-12:
-        raise InputError(f"{_OWNER}.fit: {param} must be a finite, invertible 4x4 NIfTI affine, got {a.tolist()}.", owner=_OWNER, param=param, value=affine)
-    return a
-
-
-def _check_inputs(
-    fixed: Tensor,
-    fixed_affine: np.ndarray,
-    moving: Tensor,
-    moving_affine: np.ndarray,
-    fixed_mask: Tensor | None,
-    moving_mask: Tensor | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    for param, image, mask in (("fixed", fixed, fixed_mask), ("moving", moving, moving_mask)):
-        if image.dim() != 5 or image.shape[:2] != (1, 1) or not image.is_floating_point():
-            raise InputError(f"{_OWNER}.fit: {param} must be a float tensor (1, 1, D0, D1, D2), got {image.dtype} {tuple(image.shape)}.", owner=_OWNER, param=param, value=tuple(image.shape))
-        if float(image.detach().max()) <= 0:
-            raise InputError(f"{_OWNER}.fit: {param} has no positive intensity; is it empty?", owner=_OWNER, param=param)
-        if mask is not None:
-            if tuple(mask.shape) != tuple(image.shape[2:]):
-                raise InputError(f"{_OWNER}.fit: {param}_mask must have the {param} image's shape {tuple(image.shape[2:])}, got {tuple(mask.shape)}.", owner=_OWNER, param=f"{param}_mask", value=tuple(mask.shape))
-            if not bool(mask.any()):
-                raise InputError(f"{_OWNER}.fit: {param}_mask is empty.", owner=_OWNER, param=f"{param}_mask")
-    return _check_affine(fixed_affine, "fixed_affine"), _check_affine(moving_affine, "moving_affine")
+    @torch.no_grad()
+    def _settled(
+        self, level: Level, params: RigidParameters | AffineParameters, start: Tensor, generator: torch.Generator, num_points: int | None,
+    ) -> bool:
+        """Whether the parameters reached are no better than ``start`` (a world matrix) on one fresh sample of ``level``."""
+        sample = self._draw(level, generator, num_points)
+        now = float(self._loss(level, params.matrix(), *sample))
+        return now >= float(self._loss(level, start, *sample))

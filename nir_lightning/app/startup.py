@@ -12,6 +12,9 @@ LightningCLI, loading the pair, the affine stage), then freezes what exists
 :meth:`StartupCollector.close` unfreezes at the end of the registration, so a long Python
 session (``register-many``, a notebook) collects a finished registration's objects as before.
 A caller that manages the collector itself (disabled, or objects already frozen) is left alone.
+:class:`RankCollector` does it once for the rank of ``register-many``: what survives its first
+pair (the imports, Lightning's and MONAI's caches) is frozen until the last, so that the full
+collection after each later pair, and the collections during its fit, scan only that pair's objects.
 :func:`freeze_at_exit` makes a command-line process skip the collections of its teardown.
 Neither changes a result: the collector only frees memory.
 """
@@ -21,7 +24,7 @@ from __future__ import annotations
 import atexit
 import gc
 
-__all__ = ["StartupCollector", "freeze_at_exit"]
+__all__ = ["RankCollector", "StartupCollector", "freeze_at_exit"]
 
 
 class StartupCollector:
@@ -59,6 +62,41 @@ class StartupCollector:
     def close(self) -> None:
         """The registration is over (or failed): the collector on, and the frozen objects collectable again."""
         self.end()
+        if self.frozen:
+            gc.unfreeze()
+            self.frozen = False
+
+
+class RankCollector:
+    """``register-many``: after the rank's first pair, collect once and freeze the survivors (the
+    imports and the caches that live as long as the process) until :meth:`close`.
+
+    Each pair ends with a full collection (``run_pair``); without this one, every such collection
+    scanned the ~0.5 million objects of the imports again (0.2 s a pair on the 2-core dev machine).
+    Later pairs' :class:`StartupCollector` finds objects frozen and leaves the collector on: their
+    start-up creates few objects, the imports being done. A caller that manages the collector
+    itself (disabled, or objects already frozen) is left alone.
+
+    >>> before = gc.isenabled(), gc.get_freeze_count()
+    >>> RankCollector.after_first_pair().close()
+    >>> (gc.isenabled(), gc.get_freeze_count()) == before
+    True
+    """
+
+    def __init__(self, *, frozen: bool) -> None:
+        self.frozen = frozen
+
+    @classmethod
+    def after_first_pair(cls) -> RankCollector:
+        """Call once the first pair's ``register_pair`` has returned (its objects unreachable)."""
+        if not gc.isenabled() or gc.get_freeze_count() > 0:
+            return cls(frozen=False)
+        gc.collect()
+        gc.freeze()
+        return cls(frozen=True)
+
+    def close(self) -> None:
+        """The rank is done: the frozen objects collectable again (a Python session goes on)."""
         if self.frozen:
             gc.unfreeze()
             self.frozen = False

@@ -9,6 +9,7 @@ import torch
 
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.data.phantom import make_phantom
+from nir_lightning.errors import InputError
 from nir_lightning.fields import GridDisplacementField
 from nir_lightning.training.module import RegistrationModule
 
@@ -23,11 +24,14 @@ def test_det_j_points_scale_with_the_square_of_the_resolution(spacing: float, po
     assert module.jacobian_points == 100  # what was configured (per step at 2 mm)
 
 
-def test_only_the_steps_with_every_grid_level_get_the_extra_points() -> None:
-    """At 1 mm the finest stage draws 4x the 2 mm count; the coarser stages keep the 2 mm count."""
+@pytest.mark.parametrize(("ratio", "expected"), [(0.25, [6, 25, 400, 400]), (1.0, [100, 100, 400, 400])])
+def test_only_the_steps_with_every_grid_level_get_the_extra_points(ratio: float, expected: list[int]) -> None:
+    """At 1 mm the finest stage draws 4x the 2 mm count; a stage that leaves grid levels out
+    starts from the 2 mm count and draws ``coarse_jacobian_ratio`` of it per level left out
+    (the default, a quarter: 100 / 16 and 100 / 4; 1: the 2 mm count, as the diffeomorphic config)."""
     p = make_phantom((12, 14, 10), spacing=1.0, seed=0)
     fixed, moving = torch.as_tensor(p.fixed)[None, None], torch.as_tensor(p.moving)[None, None]
-    module = RegistrationModule(field=GridDisplacementField(levels=3), jacobian_points=100)
+    module = RegistrationModule(field=GridDisplacementField(levels=3), jacobian_points=100, coarse_jacobian_ratio=ratio)
     module.attach_pair(ImagePair(fixed=fixed, moving=moving, moving_raw=moving, fixed_affine=p.affine))
     drawn: list[int] = []
     original = module.folding.extra.__func__  # type: ignore[attr-defined]
@@ -46,4 +50,10 @@ def test_only_the_steps_with_every_grid_level_get_the_extra_points() -> None:
             module.model_step(dataclasses.replace(sample, levels=levels), torch.Generator().manual_seed(1))
     finally:
         mp.undo()
-    assert drawn == [100, 100, 400, 400]
+    assert drawn == expected
+
+
+@pytest.mark.parametrize("ratio", [0.0, -0.5, 1.5])
+def test_coarse_ratio_outside_0_1_is_refused_with_the_option_named(ratio: float) -> None:
+    with pytest.raises(InputError, match=r"model\.coarse_jacobian_ratio must be in \(0, 1\]"):
+        RegistrationModule(coarse_jacobian_ratio=ratio)
