@@ -190,7 +190,7 @@ class PyramidSampler(CoordinateSampler):
         *,
         strides: Sequence[int] = (4, 3, 2),
         sigmas: Sequence[float] = (1.0, 0.0, 0.0),
-        fractions: Sequence[float] = (0.4, 0.3, 0.3),
+        fractions: Sequence[float] = (0.45, 0.3, 0.25),
         levels: Sequence[int] | None = (4, 5, 6),
         max_points: int | Sequence[int] = (2**14, 2**16, 2**17),
         patch_size: int = 24,
