@@ -33,10 +33,8 @@ from nir_lightning.alignment import (
 )
 from nir_lightning.alignment.parameters import rotation_matrix
 from nir_lightning.alignment.pyramid import build_level
-from nir_lightning.data.phantom import make_phantom
 from nir_lightning.errors import InputError
 
-SHAPE = (48, 56, 44)
 MAX_ROTATION_DEG = 1.0
 MAX_TRANSLATION_MM = 1.0
 MAX_ENTRY = 0.02
@@ -67,15 +65,6 @@ def true_affine() -> np.ndarray:
     stretch[0, 1] = 0.05
     w[:3, :3] = w[:3, :3] @ stretch
     return w
-
-
-@pytest.fixture(scope="module")
-def phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Scaled fixed image, its affine and the world position of the grid centre."""
-    p = make_phantom(SHAPE, spacing=2.0, seed=0)
-    image = p.fixed / p.fixed.max()
-    centre = p.affine[:3, :3] @ ((np.asarray(SHAPE) - 1) / 2.0) + p.affine[:3, 3]
-    return image, p.affine, centre
 
 
 def tensor(image: np.ndarray) -> torch.Tensor:

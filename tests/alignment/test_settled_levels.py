@@ -11,13 +11,11 @@ import torch
 from nir_lightning.alignment import AffineStage
 from nir_lightning.alignment.parameters import RigidParameters
 from nir_lightning.alignment.pyramid import build_level
-from nir_lightning.data.phantom import make_phantom
 from tests.alignment.test_affine_stage import (
     FAST,
     MAX_ENTRY,
     MAX_ROTATION_DEG,
     MAX_TRANSLATION_MM,
-    SHAPE,
     moving_for,
     rotation_error_deg,
     tensor,
@@ -27,15 +25,6 @@ from tests.alignment.test_affine_stage import (
 )
 
 BUDGET = sum(AffineStage().rigid_iterations) + sum(AffineStage().affine_iterations)
-
-
-@pytest.fixture(scope="module")
-def phantom() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """As in test_affine_stage: the scaled fixed image, its affine and the grid centre in world mm."""
-    p = make_phantom(SHAPE, spacing=2.0, seed=0)
-    image = p.fixed / p.fixed.max()
-    centre = p.affine[:3, :3] @ ((np.asarray(SHAPE) - 1) / 2.0) + p.affine[:3, 3]
-    return image, p.affine, centre
 
 
 def test_an_aligned_pair_settles_in_few_steps_and_stays_put(phantom):
