@@ -27,6 +27,11 @@ import gc
 __all__ = ["RankCollector", "StartupCollector", "freeze_at_exit"]
 
 
+def _caller_manages_collector() -> bool:
+    """The collector is off, or objects are frozen: someone else manages it, so leave it alone."""
+    return not gc.isenabled() or gc.get_freeze_count() > 0
+
+
 class StartupCollector:
     """No cyclic collection from :meth:`begin` to :meth:`end`; what exists then is frozen until :meth:`close`.
 
@@ -45,7 +50,7 @@ class StartupCollector:
     @classmethod
     def begin(cls) -> StartupCollector:
         """Turn the collector off, unless the caller manages it (already off, or objects frozen)."""
-        managed = gc.isenabled() and gc.get_freeze_count() == 0
+        managed = not _caller_manages_collector()
         if managed:
             gc.disable()
         return cls(managed=managed)
@@ -89,7 +94,7 @@ class RankCollector:
     @classmethod
     def after_first_pair(cls) -> RankCollector:
         """Call once the first pair's ``register_pair`` has returned (its objects unreachable)."""
-        if not gc.isenabled() or gc.get_freeze_count() > 0:
+        if _caller_manages_collector():
             return cls(frozen=False)
         gc.collect()
         gc.freeze()

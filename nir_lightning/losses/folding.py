@@ -38,6 +38,40 @@ Stencil = Literal["forward", "central", "analytic"]
 JacobianTransform = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
+def scaled_jacobian_points(points: int, voxel_size: tuple[float, float, float]) -> int:
+    """Det J points per step for an image of ``voxel_size`` mm, from ``points`` at 2 mm:
+    ``(2 / mean voxel size)^2`` times as many, the factor kept within ``[1/4, 4]``.
+
+    >>> scaled_jacobian_points(16384, (2.0, 2.0, 2.0)), scaled_jacobian_points(16384, (1.0, 1.0, 1.0))
+    (16384, 65536)
+    >>> scaled_jacobian_points(16384, (0.5, 0.5, 0.5)), scaled_jacobian_points(0, (1.0, 1.0, 1.0))
+    (65536, 0)
+    """
+    mean = (voxel_size[0] * voxel_size[1] * voxel_size[2]) ** (1 / 3)
+    factor = min(4.0, max(0.25, (2.0 / mean) ** 2))
+    return round(points * factor)
+
+
+def coarse_jacobian_points(points: int, missing: int, ratio: float = 0.25) -> int:
+    """Det J points of a step whose fields leave their ``missing`` finest feature-grid levels out:
+    ``points * ratio ** missing`` (at least one point where ``points > 0``).
+
+    With the default ``ratio`` of a quarter: a level twice as coarse bends over cells twice as
+    wide, so the folds it can make are twice as wide along each axis, and a quarter of the points
+    finds them as the full count finds the finest level's (the rule of
+    :func:`scaled_jacobian_points` across voxel sizes). On the default pyramid (6 levels; stages
+    with 4, 5 and 6) that is 1024, 4096 and 16384 points at 2 mm.
+
+    >>> coarse_jacobian_points(16384, 0), coarse_jacobian_points(16384, 1), coarse_jacobian_points(16384, 2)
+    (16384, 4096, 1024)
+    >>> coarse_jacobian_points(100, 5), coarse_jacobian_points(0, 2), coarse_jacobian_points(4096, 2, ratio=1.0)
+    (1, 0, 4096)
+    """
+    if points <= 0 or missing <= 0:
+        return max(points, 0)
+    return max(1, round(points * ratio**missing))
+
+
 def jacobian_penalty(det: Tensor, *, kind: PenaltyKind = "jedt", margin: float = 0.0) -> Tensor:
     """Folding penalty on Jacobian determinants.
 

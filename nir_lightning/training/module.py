@@ -28,6 +28,7 @@ from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
 from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, GridVelocityField, NeuralField
 from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, local_ncc, registration_objective
+from nir_lightning.losses.folding import coarse_jacobian_points, scaled_jacobian_points
 from nir_lightning.sampling import (
     CoordinateSample,
     CoordinateSampler,
@@ -41,40 +42,6 @@ from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, li
 from nir_lightning.training.tracking import logging_step
 
 log = logging.getLogger(__name__)
-
-
-def scaled_jacobian_points(points: int, voxel_size: tuple[float, float, float]) -> int:
-    """Det J points per step for an image of ``voxel_size`` mm, from ``points`` at 2 mm:
-    ``(2 / mean voxel size)^2`` times as many, the factor kept within ``[1/4, 4]``.
-
-    >>> scaled_jacobian_points(16384, (2.0, 2.0, 2.0)), scaled_jacobian_points(16384, (1.0, 1.0, 1.0))
-    (16384, 65536)
-    >>> scaled_jacobian_points(16384, (0.5, 0.5, 0.5)), scaled_jacobian_points(0, (1.0, 1.0, 1.0))
-    (65536, 0)
-    """
-    mean = (voxel_size[0] * voxel_size[1] * voxel_size[2]) ** (1 / 3)
-    factor = min(4.0, max(0.25, (2.0 / mean) ** 2))
-    return round(points * factor)
-
-
-def coarse_jacobian_points(points: int, missing: int, ratio: float = 0.25) -> int:
-    """Det J points of a step whose fields leave their ``missing`` finest feature-grid levels out:
-    ``points * ratio ** missing`` (at least one point where ``points > 0``).
-
-    With the default ``ratio`` of a quarter: a level twice as coarse bends over cells twice as
-    wide, so the folds it can make are twice as wide along each axis, and a quarter of the points
-    finds them as the full count finds the finest level's (the rule of
-    :func:`scaled_jacobian_points` across voxel sizes). On the default pyramid (6 levels; stages
-    with 4, 5 and 6) that is 1024, 4096 and 16384 points at 2 mm.
-
-    >>> coarse_jacobian_points(16384, 0), coarse_jacobian_points(16384, 1), coarse_jacobian_points(16384, 2)
-    (16384, 4096, 1024)
-    >>> coarse_jacobian_points(100, 5), coarse_jacobian_points(0, 2), coarse_jacobian_points(4096, 2, ratio=1.0)
-    (1, 0, 4096)
-    """
-    if points <= 0 or missing <= 0:
-        return max(points, 0)
-    return max(1, round(points * ratio**missing))
 
 
 DEFAULT_LAM = {"lncc": 5.0, "ncc": 5.0, "mse": 5.0, "mi": 1.0}
@@ -129,7 +96,7 @@ class RegistrationModule(pl.LightningModule):
             of 2 mm voxels; a finer image gets ``(2 mm / voxel size)^2`` times as many (at most
             4 times: 1 mm), a coarser one fewer (at least a quarter), because a fold is a few
             voxels wide whatever the voxel size (s9->s10 of mindboggle-dev at 1 mm: 176 folded
-            voxels with 8192 points, 6 with 65536; :func:`scaled_jacobian_points`). The steps of
+            voxels with 8192 points, 6 with 65536; :func:`~nir_lightning.losses.folding.scaled_jacobian_points`). The steps of
             a coarse-to-fine fit that leave the finest feature-grid level out start from the
             2 mm count (``coarse_jacobian_ratio``).
         jacobian_stencil: how those points get their det J: ``"analytic"`` (default: the
@@ -148,7 +115,7 @@ class RegistrationModule(pl.LightningModule):
         eval_max_points: points per chunk of dense inference (bounds memory).
         coarse_jacobian_ratio: the steps that leave the ``k`` finest feature-grid levels out (the
             first stages of the coarse-to-fine sampler) draw ``coarse_jacobian_ratio ** k`` of the
-            2 mm count of det J points (:func:`coarse_jacobian_points`): a quarter per level by
+            2 mm count of det J points (:func:`~nir_lightning.losses.folding.coarse_jacobian_points`): a quarter per level by
             default, since a coarser level folds only at a coarser scale (the first stage
             otherwise spent more on its det J points than on its lattice; same Dice and SDlogJ
             on the choosing pairs, a fifth less fit time). 1: every stage draws the full count,
@@ -251,7 +218,8 @@ class RegistrationModule(pl.LightningModule):
         self.similarity = Similarity(similarity, window=window)
         self.folding = folding
         self._jacobian_points = jacobian_points  # per step at 2 mm: attach_pair scales it to the image
-        self._folding_coarse = folding  # the steps with coarser grid levels only (attach_pair)
+        self._coarse_points = jacobian_points  # the 2 mm count, where coarse stages start (attach_pair)
+        self._coarse_folding: dict[int, FoldingPenalty] = {}  # by grid levels left out (_folding_for)
         self.regularizer = regularizer
         self.lam = lam
         self.smoothness = smooth
@@ -307,8 +275,9 @@ class RegistrationModule(pl.LightningModule):
         scaled = scaled_jacobian_points(self._jacobian_points, self._voxel_size)
         self.folding = dataclasses.replace(self.folding, jacobian_points=scaled)
         # Steps that fit only the coarser grid levels cannot fold at the finest voxels' scale: they
-        # keep the 2 mm count (the points cost ~1.5 us each per step; 1 mm fits took twice as long).
-        self._folding_coarse = dataclasses.replace(self.folding, jacobian_points=min(scaled, self._jacobian_points))
+        # start from the 2 mm count (the points cost ~1.5 us each per step; 1 mm fits took twice as long).
+        self._coarse_points = min(scaled, self._jacobian_points)
+        self._coarse_folding = {}
         if chain is not None and pair.native is not None:
             # smooth the native image by the same millimetres as the fixed one
             fs, ns = voxel_spacing(pair.fixed_affine), voxel_spacing(pair.native.affine)
@@ -386,17 +355,20 @@ class RegistrationModule(pl.LightningModule):
             self._smoothed[key] = cached
         return cached
 
-    def set_grid_levels(self, levels: int | None) -> None:
-        """Let the first ``levels`` feature-grid levels of the fields take part (``None``: all)."""
+    def set_grid_levels(self, levels: int | None) -> int:
+        """Let the first ``levels`` feature-grid levels of the fields take part (``None``: all);
+        returns how many finest levels are left out (the most of any field; 0 without grids)."""
+        missing = 0
         for module in self.modules():
             if isinstance(module, FeatureGrid):
                 module.active_levels = module.levels if levels is None else max(1, min(levels, module.levels))
+                missing = max(missing, module.levels - module.active_levels)
+        return missing
 
     def model_step(self, sample: CoordinateSample, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """The objective of the current transform on one sample (see :func:`~nir_lightning.losses.registration_objective`)."""
         fixed, moving = self.images(sample.sigma)
-        self.set_grid_levels(sample.levels)
-        missing = max((m.levels - min(m.active_levels, m.levels) for m in self.modules() if isinstance(m, FeatureGrid)), default=0)
+        missing = self.set_grid_levels(sample.levels)
         return registration_objective(
             self.transform, fixed, moving, sample,
             similarity=self.similarity, folding=self._folding_for(missing), lam=self.lam, smoothness=self.smoothness, alpha=self.alpha,
@@ -411,7 +383,11 @@ class RegistrationModule(pl.LightningModule):
         """The folding penalty of a step whose fields leave their ``missing`` finest grid levels out."""
         if not missing:
             return self.folding
-        return dataclasses.replace(self._folding_coarse, jacobian_points=coarse_jacobian_points(self._folding_coarse.jacobian_points, missing, self.coarse_jacobian_ratio))
+        folding = self._coarse_folding.get(missing)
+        if folding is None:
+            points = coarse_jacobian_points(self._coarse_points, missing, self.coarse_jacobian_ratio)
+            folding = self._coarse_folding[missing] = dataclasses.replace(self.folding, jacobian_points=points)
+        return folding
 
     def transform_lattice(self) -> Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None:
         """The current transform's lattice reader (``phi`` from per-axis coordinates), or ``None``
