@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nir_lightning.alignment.denormals import denormals_flushed
 from nir_lightning.alignment.moments import center_of_mass, initial_world_matrix, principal_axes
 from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
 from nir_lightning.alignment.pyramid import MIN_LEVEL_VOXELS, Level, build_level, torch64
@@ -278,6 +279,13 @@ class AffineStage:
             ``fixed``'s device.
         """
         start = time.perf_counter()
+        with denormals_flushed():  # CPU MI steps 4x quicker, the same numbers (alignment/denormals.py)
+            return self._fit(start, fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask, foreground)
+
+    def _fit(
+        self, start: float, fixed: Tensor, fixed_affine: np.ndarray, moving: Tensor, moving_affine: np.ndarray,
+        fixed_mask: Tensor | None, moving_mask: Tensor | None, foreground: Tensor | None,
+    ) -> AffineResult:
         fixed_affine, moving_affine = check_inputs(fixed, fixed_affine, moving, moving_affine, fixed_mask, moving_mask)
         if foreground is not None and tuple(foreground.shape) != tuple(fixed.shape[2:]):
             raise ValueError(f"foreground must have the fixed image's shape {tuple(fixed.shape[2:])}, got {tuple(foreground.shape)}")
