@@ -265,15 +265,13 @@ def _run(
 ) -> PairRegistration:
     import argparse
 
-    import numpy as np
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
     from nir_lightning.app.config_errors import config_error, known_config_keys, union_error_detail
-    from nir_lightning.evaluation.evaluate import RegistrationResult
+    from nir_lightning.evaluation.evaluate import RegistrationResult, when_dense
     from nir_lightning.evaluation.output_files import OUTPUT_FILES
-    from nir_lightning.evaluation.outputs import write_outputs
+    from nir_lightning.evaluation.outputs import TransformWriter, write_outputs
     from nir_lightning.io import remove_stale_temporaries
     from nir_lightning.training.callbacks import ProgressLine
     from nir_lightning.training.checkpoints import AtomicCheckpointIO, checkpoint_callback, run_signature
@@ -346,19 +344,40 @@ def _run(
     t_fit = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     seconds_fit = time.perf_counter() - t_fit
-    preds = trainer.predict(model, datamodule=dm, return_predictions=True)
-    assert preds is not None
-    reg = preds[0]
-    assert isinstance(reg, RegistrationResult)
-    assert dm.pair is not None
-    note = dice_fell_message(reg.metrics.get("dice_before"), reg.metrics.get("dice_after"))
-    if note is not None:  # into metrics.json's notes, as load_pair's warnings
-        logging.getLogger("nir_lightning").warning(note)
-        dm.pair.notes.append(note)
+    # the transform files are compressed on a thread while the predict step warps and scores the labels
+    with TransformWriter(dm.pair, out, composed=composed) as transform_files:
+        with when_dense(transform_files):
+            preds = trainer.predict(model, datamodule=dm, return_predictions=True)
+        assert preds is not None
+        reg = preds[0]
+        assert isinstance(reg, RegistrationResult)
+        assert dm.pair is not None
+        note = dice_fell_message(reg.metrics.get("dice_before"), reg.metrics.get("dice_after"))
+        if note is not None:  # into metrics.json's notes, as load_pair's warnings
+            logging.getLogger("nir_lightning").warning(note)
+            dm.pair.notes.append(note)
+        extra = _run_record(trainer=trainer, dm=dm, cli=cli, seed=seed, seconds_fit=seconds_fit, resumed_step=resumed_step)
+        # metrics.json last: while it is absent the folder is not complete (--resume may redo it); seconds_total up to it
+        metrics = write_outputs(
+            reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed, started=t0,
+            transform_files=transform_files,
+        )
+    finish_run(trainer, metrics, output_dir=out)  # W&B summary/artifact when a WandbLogger is configured
+    finish_checkpoints(out)  # complete: the checkpoint is no longer needed
+    if not quiet:
+        print(summary_line(metrics, out), flush=True)
+    return PairRegistration(output=out, metrics=metrics, result=reg, pair=dm.pair)
+
+
+def _run_record(*, trainer: Any, dm: Any, cli: Any, seed: int, seconds_fit: float, resumed_step: int | None) -> dict[str, Any]:
+    """What ``metrics.json`` says about the run besides the metrics: steps, versions, config, affine stage."""
+    import numpy as np
+    import torch
+
     extra: dict[str, Any] = {
         "seconds_fit": seconds_fit,
         "steps": int(trainer.global_step),
-        "device": str(model.device),
+        "device": str(trainer.lightning_module.device),
         "seed": seed,
         "fixed": dm.fixed,
         "moving": dm.moving,
@@ -377,15 +396,7 @@ def _run(
         extra["seconds_affine"] = res.seconds
     if resumed_step is not None:
         extra["resumed_from_step"] = resumed_step
-    # metrics.json last: while it is absent the folder is not complete (--resume may redo it); seconds_total up to it
-    metrics = write_outputs(
-        reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed, started=t0,
-    )
-    finish_run(trainer, metrics, output_dir=out)  # W&B summary/artifact when a WandbLogger is configured
-    finish_checkpoints(out)  # complete: the checkpoint is no longer needed
-    if not quiet:
-        print(summary_line(metrics, out), flush=True)
-    return PairRegistration(output=out, metrics=metrics, result=reg, pair=dm.pair)
+    return extra
 
 
 def _plain(obj: Any) -> Any:

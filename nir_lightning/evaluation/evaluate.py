@@ -6,6 +6,9 @@ Plain PyTorch/numpy; the Lightning predict step and ``nir register`` both call t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +67,23 @@ class RegistrationResult:
     inv_disp_vox: Tensor | None = None
     disp_ras_mm: np.ndarray | None = None
     warped_labels_nearest: Tensor | None = None  # (D0, D1, D2) int32, what dice_after scores
+
+
+_dense_ready: ContextVar[Callable[[RegistrationResult], None] | None] = ContextVar("nir_dense_ready", default=None)
+
+
+@contextmanager
+def when_dense(callback: Callable[[RegistrationResult], None]) -> Iterator[None]:
+    """Inside the block, :func:`evaluate` calls ``callback(result)`` as soon as the transform, its
+    det J and the warped image exist, before the labels are warped and scored; ``result`` gets its
+    label fields and metrics afterwards (the same object). ``nir register`` writes the transform
+    files on a thread meanwhile (:class:`~nir_lightning.evaluation.outputs.TransformWriter`):
+    evaluate runs inside the Lightning predict step, which has no other way to hand them out."""
+    token = _dense_ready.set(callback)
+    try:
+        yield
+    finally:
+        _dense_ready.reset(token)
 
 
 def moving_source(pair: ImagePair) -> tuple[Tensor, Tensor | None, np.ndarray]:
@@ -141,30 +161,32 @@ def evaluate(
         full = whole_displacement_vox(disp, pair)
         metrics["epe_before_vox"] = float(true[fg].norm(dim=-1).mean())
         metrics["epe_after_vox"] = float((full - true)[fg].norm(dim=-1).mean())
-    warped_labels = nearest = None
+    result = RegistrationResult(
+        phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=None, metrics=metrics, inv_disp_vox=inv_disp, disp_ras_mm=disp_mm,
+    )
+    callback = _dense_ready.get()
+    if callback is not None:
+        callback(result)
     t_scoring = time.perf_counter()
     if pair.has_labels and labels is not None:
         def through(steps: list[DisplacementStep | MatrixStep], mode: Any) -> Tensor:
             assert labels is not None
             return resample(labels, image_affine, shape, pair.fixed_affine, steps, mode=mode, max_points=max_points)[0].round().to(torch.int32)
 
-        nearest = through(chain, "nearest")
+        result.warped_labels_nearest = nearest = through(chain, "nearest")
         unregistered = None
         if pair.native is not None:  # the moving labels as the headers place them; on the fixed grid already: as they are
             same_grid = pair.native.shape == shape and np.allclose(image_affine, pair.fixed_affine, atol=1e-6)
             unregistered = labels[0].round().to(torch.int32) if same_grid else through([], "nearest")
         metrics.update(score_labels(nearest, pair, hd95=hd95, before=unregistered))
-        warped_labels = through(chain, "label")
+        result.warped_labels = through(chain, "label")
         assert pair.fixed_labels is not None
         fixed_labels = pair.fixed_labels[0, 0].cpu()
-        metrics["dice_after_label"] = mean_dice(dice_per_label(warped_labels, fixed_labels, pair.labels))
+        metrics["dice_after_label"] = mean_dice(dice_per_label(result.warped_labels, fixed_labels, pair.labels))
         metrics["dice_affine"] = mean_dice(dice_per_label(through(chain[-1:], "nearest"), fixed_labels, pair.labels))
     metrics["seconds_scoring"] = time.perf_counter() - t_scoring  # labels: their warps, Dice, HD95
     metrics["seconds_evaluate"] = time.perf_counter() - t_start  # all of it: the dense pass, warps, det J, scoring
-    return RegistrationResult(
-        phi=phi, disp_vox=disp, det=det, warped=warped, warped_labels=warped_labels, metrics=metrics, inv_disp_vox=inv_disp,
-        disp_ras_mm=disp_mm, warped_labels_nearest=nearest,
-    )
+    return result
 
 
 def whole_displacement_vox(disp_vox: Tensor, pair: ImagePair) -> Tensor:

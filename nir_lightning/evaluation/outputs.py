@@ -11,10 +11,12 @@ folder without it is incomplete (``--resume`` and ``register-many`` rely on that
 
 from __future__ import annotations
 
+import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -25,7 +27,7 @@ from nir_lightning.evaluation.evaluate import RegistrationResult
 from nir_lightning.evaluation.output_files import OUTPUT_FILES
 from nir_lightning.io import save_displacement_itk, save_itk_affine, save_nifti, write_json_atomic
 
-__all__ = ["OUTPUT_FILES", "displacement_world", "write_outputs"]
+__all__ = ["OUTPUT_FILES", "TransformWriter", "displacement_world", "write_outputs"]
 
 
 
@@ -46,6 +48,50 @@ def composed_displacement_world(disp_ras_mm: np.ndarray, pair: ImagePair) -> np.
     return (moved - p).astype(np.float32)
 
 
+class TransformWriter:
+    """Writes the transform files (everything but the warped labels, ``qc.png`` and ``metrics.json``)
+    on a thread, started by :func:`~nir_lightning.evaluation.evaluate.evaluate` through
+    :func:`~nir_lightning.evaluation.evaluate.when_dense` as soon as they exist: compressing them
+    (zlib releases the GIL) overlaps warping and scoring the labels. :func:`write_outputs` with
+    ``transform_files=`` waits for it and writes the rest.
+    """
+
+    def __init__(self, pair: ImagePair, output_dir: str | Path, *, composed: bool = False) -> None:
+        self.pair, self.out, self.composed = pair, Path(output_dir), composed
+        self._pool: ThreadPoolExecutor | None = None
+        self._future: Future[None] | None = None
+
+    def __call__(self, reg: RegistrationResult) -> None:
+        if self._future is not None:
+            return  # one registration, one set of files
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "metrics.json").unlink(missing_ok=True)  # incomplete from here until it is written again
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nir-outputs")
+        self._future = self._pool.submit(_write_transform_files, reg, self.pair, self.out, composed=self.composed)
+        self._pool.shutdown(wait=False)
+
+    @property
+    def started(self) -> bool:
+        return self._future is not None
+
+    def wait(self) -> None:
+        """Until the files are written; their error, if any."""
+        if self._future is not None:
+            self._future.result()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        """No thread still writing into the folder once the block is left; on an error in the block
+        that error is the one raised (the writer's own, if any, is then dropped)."""
+        if exc_type is None:
+            self.wait()
+        elif self._future is not None:
+            with contextlib.suppress(Exception):
+                self._future.result()
+
+
 def write_outputs(
     reg: RegistrationResult,
     pair: ImagePair,
@@ -55,6 +101,7 @@ def write_outputs(
     qc_title: str | None = None,
     composed: bool = False,
     started: float | None = None,
+    transform_files: TransformWriter | None = None,
 ) -> dict[str, Any]:
     """Write the NIfTI outputs (fixed affine), ``affine.mat`` (the affine part, ITK), with
     ``composed`` the whole transform as ``composed_displacement.nii.gz``, ``qc.png`` when
@@ -63,7 +110,9 @@ def write_outputs(
     ``metrics.json`` is removed first and written last: a folder without it is incomplete
     (``--resume`` and ``register-many`` rely on that). With ``started`` (a
     :func:`time.perf_counter` reading when the registration began), ``seconds_total`` is the
-    time from then to ``metrics.json``, the outputs included.
+    time from then to ``metrics.json``, the outputs included. With ``transform_files`` (a
+    :class:`TransformWriter` that ``evaluate`` started), the transform files are its; they are
+    waited for here.
     """
     t_start = time.perf_counter()
     out = Path(output_dir)
@@ -79,8 +128,15 @@ def write_outputs(
         qc = pool.submit(save_qc_figure, pair, out / "qc.png", phi=reg.phi, title=qc_title, metrics=reg.metrics)
         pool.shutdown(wait=False)
     try:
-        _write_transform_files(reg, pair, out, composed=composed)
+        if transform_files is not None and transform_files.started:
+            transform_files.wait()
+        else:
+            _write_transform_files(reg, pair, out, composed=composed)
+        if reg.warped_labels is not None:
+            save_nifti(reg.warped_labels.numpy(), pair.fixed_affine, out / "warped_labels.nii.gz")
     finally:
+        if transform_files is not None:
+            transform_files.wait()  # never a thread still writing into the folder after an error here
         if qc is not None:
             qc.result()  # its error, if any, after the files (never a half-written folder without the cause)
     metrics = dict(reg.metrics)
@@ -95,11 +151,9 @@ def write_outputs(
 
 
 def _write_transform_files(reg: RegistrationResult, pair: ImagePair, out: Path, *, composed: bool) -> None:
-    """The NIfTI and ITK files of :func:`write_outputs` (everything but ``qc.png`` and ``metrics.json``)."""
+    """The transform files of :func:`write_outputs`: everything but the warped labels, ``qc.png`` and ``metrics.json``."""
     aff = pair.fixed_affine
     save_nifti(reg.warped.numpy().astype(np.float32), aff, out / "warped.nii.gz")
-    if reg.warped_labels is not None:
-        save_nifti(reg.warped_labels.numpy(), aff, out / "warped_labels.nii.gz")
     disp_mm = displacement_world(reg, aff)
     save_displacement_itk(disp_mm, aff, out / "displacement.nii.gz")
     save_itk_affine(pair.world, out / "affine.mat")
