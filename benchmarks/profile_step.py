@@ -153,12 +153,14 @@ def instrument(model: Any, timer: Timer) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nir_lightning.training.schedule import build_adam
+
     args = parse_args(argv)
     model = build_model(args)
     dev = torch.device(args.device)
     timer = Timer(dev)
     instrument(model, timer)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=model.lr)
+    opt = build_adam([{"params": [p for p in model.parameters() if p.requires_grad]}], model.lr)  # as configure_optimizers
     shape = model.shape
     points = stencil = 0
     kind = ""

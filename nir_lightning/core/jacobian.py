@@ -23,9 +23,10 @@ def jacobian_forward(phi_vox: Tensor, spacing: tuple[float, float, float]) -> Te
     Returns:
         ``(B, d0-1, d1-1, d2-1, 3, 3)``; ``J[..., i, a] = d phi_i / d x_a``.
     """
-    d0 = (phi_vox[:, 1:, :-1, :-1] - phi_vox[:, :-1, :-1, :-1]) / spacing[0]
-    d1 = (phi_vox[:, :-1, 1:, :-1] - phi_vox[:, :-1, :-1, :-1]) / spacing[1]
-    d2 = (phi_vox[:, :-1, :-1, 1:] - phi_vox[:, :-1, :-1, :-1]) / spacing[2]
+    base = phi_vox[:, :-1, :-1, :-1]
+    d0 = (phi_vox[:, 1:, :-1, :-1] - base) / spacing[0]
+    d1 = (phi_vox[:, :-1, 1:, :-1] - base) / spacing[1]
+    d2 = (phi_vox[:, :-1, :-1, 1:] - base) / spacing[2]
     return torch.stack([d0, d1, d2], dim=-1)
 
 
@@ -57,9 +58,8 @@ def determinant(jac: Tensor) -> Tensor:
     >>> determinant(torch.eye(3).expand(2, 3, 3)).tolist()
     [1.0, 1.0]
     """
-    a, b, c = jac[..., 0, 0], jac[..., 0, 1], jac[..., 0, 2]
-    d, e, f = jac[..., 1, 0], jac[..., 1, 1], jac[..., 1, 2]
-    g, h, i = jac[..., 2, 0], jac[..., 2, 1], jac[..., 2, 2]
+    # one unbind, not nine selects: a select's backward fills a zero tensor of the whole input
+    a, b, c, d, e, f, g, h, i = jac.flatten(-2).unbind(-1)
     return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 

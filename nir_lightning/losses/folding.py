@@ -170,13 +170,15 @@ class FoldingPenalty:
         coarse = sample.is_grid and max(sample.spacing or (1, 1, 1)) > 1
         return self.jacobian_points > 0 and (coarse or self.stencil != "forward")
 
-    def lattice(self, sample: CoordinateSample, phi_vox: Tensor) -> Tensor:
+    def lattice(self, sample: CoordinateSample, phi_vox: Tensor, jac_vox: Tensor | None = None) -> Tensor:
         """Penalty of a lattice sample's own det J, from the transformed lattice ``phi_vox``
-        ``(B, d0, d1, d2, 3)``: forward differences at the lattice step; with the central
+        ``(B, d0, d1, d2, 3)``: forward differences at the lattice step (``jac_vox``, when the
+        caller has taken them: ``jacobian_forward(phi_vox, sample.spacing)``); with the central
         stencil on a one-voxel lattice, plus (a separate mean) central differences at its
         interior points."""
         assert sample.spacing is not None
-        reg = self(determinant(jacobian_forward(phi_vox, sample.spacing)))
+        jac = jacobian_forward(phi_vox, sample.spacing) if jac_vox is None else jac_vox
+        reg = self(determinant(jac))
         if self.stencil == "central" and tuple(sample.spacing) == (1, 1, 1) and min(phi_vox.shape[1:4]) >= 3:
             reg = reg + self(determinant(jacobian_central(phi_vox)[:, 1:-1, 1:-1, 1:-1]))
         return reg

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from nir_lightning.coords import apply_matrix, normalized_to_voxel, voxel_to_normalized
-from nir_lightning.core.jacobian import determinant
+from nir_lightning.core.jacobian import determinant, jacobian_forward
 from nir_lightning.core.resample import sample_image
 from nir_lightning.losses.folding import FoldingPenalty, forward_stencil_jacobian
 from nir_lightning.losses.similarity import Similarity
@@ -87,10 +87,12 @@ def registration_objective(
         axes = sample.axes
         phi = transform_lattice(axes) if transform_lattice is not None and axes is not None else transform(pts)
         phi_vox = normalized_to_voxel(phi, shape)
-        reg = folding.lattice(sample, phi_vox)
+        assert sample.spacing is not None
+        jac_vox = jacobian_forward(phi_vox, sample.spacing) if min(phi_vox.shape[1:4]) >= 2 else None
+        reg = folding.lattice(sample, phi_vox, jac_vox)
         if smooth_on:
-            assert smoothness is not None and sample.spacing is not None
-            smooth = smoothness.lattice(phi_vox, sample.spacing, voxel_size)
+            assert smoothness is not None
+            smooth = smoothness.lattice(phi_vox, sample.spacing, voxel_size, jac_vox)
     else:
         phi_vox, jac = forward_stencil_jacobian(transform, pts, shape)
         phi = voxel_to_normalized(phi_vox, shape)

@@ -107,17 +107,25 @@ class SmoothnessPenalty:
         return self.kind != "none"
 
     def lattice(
-        self, phi_vox: Tensor, spacing: tuple[float, float, float], voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+        self,
+        phi_vox: Tensor,
+        spacing: tuple[float, float, float],
+        voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        jac_vox: Tensor | None = None,
     ) -> Tensor:
         """The prior on a lattice sample, from its transformed points ``phi_vox`` ``(B, d0, d1, d2, 3)``
         (fixed voxels), its step ``spacing`` (fixed voxels) and the fixed image's ``voxel_size``
-        (mm along each array axis: the prior is taken in millimetres; ``(1, 1, 1)``: in voxels)."""
+        (mm along each array axis: the prior is taken in millimetres; ``(1, 1, 1)``: in voxels).
+        ``jac_vox``: ``jacobian_forward(phi_vox, spacing)`` when the caller has it (the folding
+        barrier's), so that the lattice's Jacobian is taken once a step."""
         if not self.active or min(phi_vox.shape[1:4]) < 2:
             return phi_vox.new_zeros(())
+        jac = jacobian_forward(phi_vox, spacing) if jac_vox is None else jac_vox
         if voxel_size != (1.0, 1.0, 1.0):
-            phi_vox = phi_vox * phi_vox.new_tensor(voxel_size)
+            # in mm: d(phi_i vs_i) / d(x_a vs_a), i.e. row i times vs_i, column a over vs_a
+            vs = jac.new_tensor(voxel_size)
+            jac = jac * (vs[:, None] / vs[None, :])
             spacing = (spacing[0] * voxel_size[0], spacing[1] * voxel_size[1], spacing[2] * voxel_size[2])
-        jac = jacobian_forward(phi_vox, spacing)
         if self.kind == "bending":
             return bending_energy_lattice(jac, spacing)
         return self.points(jac)

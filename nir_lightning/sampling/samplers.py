@@ -47,8 +47,8 @@ class RandomSampler(CoordinateSampler):
     ) -> CoordinateSample:
         check_shape(shape, 1, "RandomSampler")
         device = generator.device
-        if mask is not None and bool(mask.any()):
-            fg = foreground_index(mask)
+        fg = foreground_index(mask) if mask is not None else None  # cached: no pass over the mask per step
+        if fg is not None and fg.shape[0] > 0:
             idx = torch.randint(0, fg.shape[0], (self.num_points,), generator=generator, device=device)
             vox = fg[idx].float()
         else:
@@ -128,8 +128,8 @@ class MinipatchSampler(CoordinateSampler):
         check_shape(shape, p, f"MinipatchSampler(patch_size={p})")
         device = generator.device
         high = torch.tensor([n - p for n in shape], device=device)
-        if mask is not None and bool(mask.any()):
-            fg = foreground_index(mask)
+        fg = foreground_index(mask) if mask is not None else None  # cached: no pass over the mask per step
+        if fg is not None and fg.shape[0] > 0:
             idx = torch.randint(0, fg.shape[0], (self.num_patches,), generator=generator, device=device)
             corner = (fg[idx] - p // 2).clamp(min=0)
             corner = torch.minimum(corner, high)

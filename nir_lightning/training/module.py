@@ -38,7 +38,7 @@ from nir_lightning.sampling import (
     foreground_domain,
 )
 from nir_lightning.training.lazy_default import lazy_default
-from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, linear_decay
+from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, build_adam, linear_decay
 from nir_lightning.training.tracking import logging_step
 
 log = logging.getLogger(__name__)
@@ -361,6 +361,7 @@ class RegistrationModule(pl.LightningModule):
         missing = 0
         for module in self.modules():
             if isinstance(module, FeatureGrid):
+                module.clear_cache()  # a fused optimiser step updates the grids without bumping their versions
                 module.active_levels = module.levels if levels is None else max(1, min(levels, module.levels))
                 missing = max(missing, module.levels - module.active_levels)
         return missing
@@ -484,7 +485,7 @@ class RegistrationModule(pl.LightningModule):
         groups = [{"params": list(self.field.parameters()), "name": "field"}]
         if self.field2 is not None:
             groups.append({"params": list(self.field2.parameters()), "name": "field2"})
-        optimizer = torch.optim.Adam(groups, lr=self.lr)
+        optimizer = build_adam(groups, self.lr)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
         lambdas: Any = linear_decay(total, self.lr_final_ratio)
         if self.schedule is not None:
