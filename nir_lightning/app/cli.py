@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         if command == "register":
             register(argv[1:])
         elif command == "register-many":
-            from nir_lightning.app.batch import main as register_many
+            from nir_lightning.app.startup import collector_off
+
+            with collector_off():  # torch, imported once for every pair (app/startup.py)
+                from nir_lightning.app.batch import main as register_many
 
             return register_many(argv[1:])
         elif command == "apply":

@@ -36,8 +36,11 @@ def single_process_lightning() -> Iterator[None]:
     and restored afterwards; the torch.distributed process group is left alone (Lightning's
     single-device strategy never uses it).
     """
-    from lightning_fabric.utilities import rank_zero as fabric_rank_zero
-    from lightning_utilities.core import rank_zero as utils_rank_zero
+    from nir_lightning.app.startup import collector_off
+
+    with collector_off():  # most of Lightning, on the first pair: before register_pair turns the collector off itself
+        from lightning_fabric.utilities import rank_zero as fabric_rank_zero
+        from lightning_utilities.core import rank_zero as utils_rank_zero
 
     saved = {k: v for k, v in os.environ.items() if k in _LAUNCHER_ENV or k.startswith(_LAUNCHER_ENV_PREFIXES)}
     ranks = (getattr(fabric_rank_zero.rank_zero_only, "rank", 0), getattr(utils_rank_zero.rank_zero_only, "rank", 0))
@@ -52,10 +55,6 @@ def single_process_lightning() -> Iterator[None]:
         os.environ.update(saved)
         setattr(fabric_rank_zero.rank_zero_only, "rank", ranks[0])  # noqa: B010
         setattr(utils_rank_zero.rank_zero_only, "rank", ranks[1])  # noqa: B010
-
-
-
-
 
 
 @dataclass
