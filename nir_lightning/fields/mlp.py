@@ -83,8 +83,32 @@ class CoordinateMLP(nn.Module):
             self.output.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(M, in_features)`` -> ``(M, out_features)``."""
+        """``(M, in_features)`` -> ``(M, out_features)``.
+
+        Features read from the grids come channels-first, so ``x`` is often a column-major view
+        (``x.t()`` contiguous): then every layer runs as ``W @ x`` on that layout and the output
+        is column-major too. A row-major product on a column-major input, and above all its
+        backward, cost about 1.5x as much on a CPU (a 90000-point lattice: 25 -> 16 ms).
+
+        >>> mlp = CoordinateMLP(in_features=4, out_features=3, width=8, depth=2, activation="relu", output_scale=1.0)
+        >>> x = torch.randn(4, 50)
+        >>> bool(torch.allclose(mlp(x.t()), mlp(x.t().contiguous()), atol=1e-6))
+        True
+        """
+        if x.dim() == 2 and x.shape[0] > 1 and x.shape[1] > 1 and x.stride(0) == 1 and x.t().is_contiguous():
+            return self._forward_channels_first(x.t()).t()
         return self.output(self.hidden(x))
+
+    def _forward_channels_first(self, h: Tensor) -> Tensor:
+        """``(in_features, M)`` -> ``(out_features, M)``: the layers as ``addmm(b, W, h)``."""
+        for layer in self.hidden:
+            if isinstance(layer, SineLayer):
+                h = torch.sin(layer.omega0 * torch.addmm(layer.linear.bias[:, None], layer.linear.weight, h))
+            elif isinstance(layer, nn.Linear):
+                h = torch.addmm(layer.bias[:, None], layer.weight, h)
+            else:  # the activation, elementwise
+                h = layer(h)
+        return torch.addmm(self.output.bias[:, None], self.output.weight, h)
 
     def forward_with_jacobian(self, x: Tensor, dx: Tensor) -> tuple[Tensor, Tensor]:
         """Forward mode by hand: the output ``(M, out_features)`` and its tangents ``(M, K, out_features)``
