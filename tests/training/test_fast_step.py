@@ -45,8 +45,10 @@ def test_fused_adam_fits_as_plain_adam() -> None:
     plain, fused = _fit(False), _fit(True)
     moved = max(float((a - b).abs().max()) for a, b in zip(_module().parameters(), plain, strict=True))
     assert moved > 1e-3  # the fit moved the parameters
+    # Adam moves a parameter by ~lr (1e-2) a step whatever its gradient's size, so rounding can
+    # move one by a small part of a step (3e-5 measured); the stale cache moved them by 0.06
     for a, b in zip(plain, fused, strict=True):
-        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=0)
 
 
 @pytest.mark.parametrize("derivative", [False, True])
