@@ -209,8 +209,8 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
             print(f"nir register-many: {tag}pair {n}/{len(mine)} '{spec.id}' ...", flush=True)
             row = run_pair(spec, out, common, seen=seen[i], force_unlock=args.force_unlock)
             results[i] = row
-            if collector is None:
-                collector = RankCollector.after_first_pair()
+            if collector is None:  # run_pair collects after each pair it registers (or fails to)
+                collector = RankCollector.after_first_pair(collected=row["status"] in ("completed", "failed") and not row.get("by_other"))
             if row["status"] == "running":
                 status = f"skipped: {row['error']}"
             elif row.get("by_other"):

@@ -80,3 +80,25 @@ def test_the_command_line_process_freezes_its_objects_at_exit() -> None:
         [sys.executable, "-c", code.replace("main()", "main(['--help'])")], capture_output=True, text=True, timeout=120, check=True,
     )
     assert "frozen at exit: False" in in_process.stdout, in_process.stdout  # an explicit argv: a caller's process, left alone
+
+
+def test_collector_off_and_the_rank_collector_after_a_collection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`register-many` imports with the collector off (on again after); after its first pair,
+    which `run_pair` ended with a full collection, the rank only freezes (no second full pass)."""
+    from nir_lightning.app.startup import RankCollector, collector_off
+
+    if not gc.isenabled() or gc.get_freeze_count():
+        pytest.skip("the test process manages the collector itself")
+    with collector_off():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    collections: list[int] = []
+    real_collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real_collect(*a))
+    rank = RankCollector.after_first_pair(collected=True)
+    assert collections == [] and gc.get_freeze_count() > 0
+    rank.close()
+    rank = RankCollector.after_first_pair()
+    assert collections == [1]
+    rank.close()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
