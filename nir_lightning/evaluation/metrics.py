@@ -112,6 +112,7 @@ def hd95_per_label(
     labels: Sequence[int],
     *,
     spacing: Sequence[float],
+    workers: int | None = None,
 ) -> dict[int, float]:
     """95th-percentile symmetric Hausdorff distance (mm) per label, MONAI's definition.
 
@@ -124,7 +125,9 @@ def hd95_per_label(
     maps' boxes) found for all labels in one pass, with a KD-tree on the edge voxels as MONAI
     does on CPU, instead of building edge masks over the whole volume once per label.
 
-    NaN where the label is missing from either map.
+    NaN where the label is missing from either map. ``workers``: threads of the KD-tree queries
+    (exact whatever their number; default torch's CPU threads, i.e. ``--threads``): the queries
+    were 60 % of the HD95 time on a 1 mm brain pair with 98 labels.
 
     >>> a = np.zeros((9, 9, 9), dtype=np.int32); a[2:5, 2:5, 2:5] = 1
     >>> hd95_per_label(np.roll(a, 2, axis=0), a, [1, 2], spacing=(1.0, 1.0, 2.0))
@@ -136,6 +139,7 @@ def hd95_per_label(
     if p.shape != t.shape:
         raise ValueError(f"label maps differ in size: {p.shape} vs {t.shape}")
     scale = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (p.ndim,))
+    threads = torch.get_num_threads() if workers is None else workers
     boxes_p, boxes_t = label_boxes(p, labels), label_boxes(t, labels)
     out: dict[int, float] = {}
     for lab in (int(v) for v in labels):
@@ -145,8 +149,8 @@ def hd95_per_label(
         box = _union(boxes_p[lab], boxes_t[lab])
         ep, et = _edge_coords_mm(p[box] == lab, scale), _edge_coords_mm(t[box] == lab, scale)
         # MONAI: distances as float32, the percentile of each direction by torch.quantile, then the max
-        d_pt = torch.as_tensor(KDTree(et, leafsize=32).query(ep, k=1)[0], dtype=torch.float32)
-        d_tp = torch.as_tensor(KDTree(ep, leafsize=32).query(et, k=1)[0], dtype=torch.float32)
+        d_pt = torch.as_tensor(KDTree(et, leafsize=32).query(ep, k=1, workers=threads)[0], dtype=torch.float32)
+        d_tp = torch.as_tensor(KDTree(ep, leafsize=32).query(et, k=1, workers=threads)[0], dtype=torch.float32)
         out[lab] = float(max(torch.quantile(d_pt, 0.95), torch.quantile(d_tp, 0.95)))
     return out
 
