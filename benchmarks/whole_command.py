@@ -22,7 +22,11 @@ labels), raw intensities, as ``run_benchmark.py --methods fireants-greedy`` runs
 column is nir's wall over FireANTs' (target <= 0.5).
 
 Run it alone on an idle machine (wall seconds); ``--threads`` fixes torch's and OpenMP's threads
-in both subprocesses.
+in both subprocesses. On a shared machine, ``--cpus 1 --threads 1`` pins every subprocess to
+core 1 (``taskset``). ``--before DIR`` also times ``nir register`` from another checkout (e.g.
+``git worktree add /tmp/before <commit>``), interleaved with this one, ``--repeat`` times each:
+
+    python benchmarks/whole_command.py --cpus 1 --threads 1 --no-fireants --before /tmp/before --repeat 2
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="/tmp/whole_command", help="output folder (results and whole_command.csv)")
     p.add_argument("--nir-args", default="", help="extra options of nir register, one string (e.g. '--trainer.max_steps=60')")
     p.add_argument("--no-fireants", action="store_true", help="time nir register only")
+    p.add_argument("--before", help="a checkout of another commit: its nir register is timed too, interleaved with this one's")
+    p.add_argument("--repeat", type=int, default=1, help="runs of nir register per pair (and per checkout); means in the last rows")
+    p.add_argument("--cpus", help="run every subprocess under `taskset -c CPUS` (e.g. 1)")
     return p.parse_args(argv)
 
 
@@ -96,20 +103,27 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], env: dict[str, str], log: Path) -> float:
+def timed(cmd: list[str], env: dict[str, str], log: Path, *, cwd: Path = REPO, cpus: str | None = None) -> float:
     """Wall seconds of ``cmd`` from spawn to exit (its output into ``log``); raises if it fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
     with open(log, "w") as f:
         t0 = time.perf_counter()
-        rc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+        rc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
         wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({rc}); see {log}")
     return wall
 
 
-def run_nir(pair: dict[str, str], out: Path, args: argparse.Namespace) -> dict[str, Any]:
-    folder = out / "nir" / pair["name"]
+def run_nir(pair: dict[str, str], out: Path, args: argparse.Namespace, *, tree: Path | None = None, run: int = 0) -> dict[str, Any]:
+    """One ``nir register`` of ``pair``: from this checkout, or from ``tree`` (another one)."""
+    tag = ("before" if tree is not None else "nir") + (f"_{run}" if args.repeat > 1 else "")
+    folder = out / tag / pair["name"]
+    env = child_env(args.threads)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "nir_lightning.cli", "register", "--fixed", pair["fixed"], "--moving", pair["moving"],
            "--output", str(folder), "--overwrite", "--threads", str(args.threads), "--progress", "line"]
     if pair.get("fixed_labels"):
@@ -117,9 +131,10 @@ def run_nir(pair: dict[str, str], out: Path, args: argparse.Namespace) -> dict[s
     if pair.get("labels"):
         cmd += ["--labels", pair["labels"]]
     cmd += shlex.split(args.nir_args)
-    wall = timed(cmd, child_env(args.threads), out / "logs" / f"nir_{pair['name']}.log")
+    wall = timed(cmd, env, out / "logs" / f"{tag}_{pair['name']}.log", cwd=tree or REPO, cpus=args.cpus)
     m = json.loads((folder / "metrics.json").read_text())
-    row: dict[str, Any] = {"pair": pair["name"], "method": "nir register", "wall": wall}
+    method = "nir register" + (" (before)" if tree is not None else "")
+    row: dict[str, Any] = {"pair": pair["name"], "method": method, "wall": wall}
     row.update({col: m.get(key) for col, key in NIR_KEYS.items()})
     row["total"] = m["seconds_total"]
     row["wall-fit"] = wall - m["seconds_fit"]
@@ -132,8 +147,18 @@ def run_fireants(pair: dict[str, str], out: Path, args: argparse.Namespace) -> d
     folder.mkdir(parents=True, exist_ok=True)
     spec = {"fixed": pair["fixed"], "moving": pair["moving"], "moving_labels": pair["moving_labels"], "device": "cpu"}
     script = FIREANTS_SCRIPT.format(bench=str(BENCH), threads=args.threads, spec=spec, out=str(folder))
-    wall = timed([sys.executable, "-c", script], child_env(args.threads), out / "logs" / f"fireants_{pair['name']}.log")
+    wall = timed([sys.executable, "-c", script], child_env(args.threads), out / "logs" / f"fireants_{pair['name']}.log", cpus=args.cpus)
     return {"pair": pair["name"], "method": "FireANTs greedy (whole script)", "wall": wall}
+
+
+def mean_row(runs: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """The mean of ``method``'s runs, column by column."""
+    mine = [r for r in runs if r["method"] == method]
+    row: dict[str, Any] = {"pair": mine[0]["pair"], "method": f"{method}, mean of {len(mine)}"}
+    for col in [*COLUMNS[2:-1], "dice_after"]:
+        values = [r.get(col) for r in mine]
+        row[col] = None if any(v is None for v in values) else sum(values) / len(values)
+    return row
 
 
 def fmt(value: Any) -> str:
@@ -153,14 +178,23 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    before = Path(args.before).resolve() if args.before else None
     for pair in read_pairs(args):
-        nir = run_nir(pair, out, args)
-        rows.append(nir)
+        runs: list[dict[str, Any]] = []
+        for run in range(args.repeat):  # interleaved: before, this checkout, before, ...
+            if before is not None:
+                runs.append(run_nir(pair, out, args, tree=before, run=run))
+            runs.append(run_nir(pair, out, args, run=run))
+            print(table(runs[-2:] if before is not None else runs[-1:]), flush=True)
+        if args.repeat > 1:
+            runs += [mean_row(runs, method) for method in dict.fromkeys(r["method"] for r in runs)]
+        rows += runs
         if not args.no_fireants and pair.get("moving_labels"):
             fa = run_fireants(pair, out, args)
-            nir["wall/fireants"] = nir["wall"] / fa["wall"]
+            for r in runs:
+                r["wall/fireants"] = r["wall"] / fa["wall"]
             rows.append(fa)
-        print(table(rows[-2:] if not args.no_fireants else rows[-1:]), flush=True)
+            print(table([fa]), flush=True)
     with open(out / "whole_command.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*COLUMNS, "dice_after"], extrasaction="ignore")
         writer.writeheader()
