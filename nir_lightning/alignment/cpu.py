@@ -17,8 +17,9 @@ operation would still run subnormals in microcode. So the stage runs on this thr
 twice as quick as two without (MI forward and backward 3.1 ms against more than 12.8 / 2), and
 the stage's steps are small (8192 points), so a second thread gains little anyway (a third of
 the stage's time on the dev machine, before). It also makes the affine result the same whatever
-``--threads`` is (it differed by about as much as from one seed to another). Nothing outside the
-``with`` block sees either setting, the deformable fit included.
+``--threads`` is (it differed by about as much as from one seed to another). Both settings are
+restored when the block ends, so the deformable fit sees neither; torch's thread count is the
+process's, though, so torch work of another Python thread during the stage runs on one thread too.
 """
 
 from __future__ import annotations
