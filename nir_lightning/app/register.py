@@ -274,7 +274,12 @@ def _run(
     from nir_lightning.evaluation.outputs import TransformWriter, write_outputs
     from nir_lightning.io import remove_stale_temporaries
     from nir_lightning.training.callbacks import ProgressLine
-    from nir_lightning.training.checkpoints import AtomicCheckpointIO, checkpoint_callback, run_signature
+    from nir_lightning.training.checkpoints import (
+        AtomicCheckpointIO,
+        checkpoint_callback,
+        run_signature,
+        save_after_failure,
+    )
     from nir_lightning.training.checkpoints import finish as finish_checkpoints
     from nir_lightning.training.checkpoints import prepare as prepare_checkpoints
     from nir_lightning.training.datamodule import PairDataModule
@@ -344,24 +349,28 @@ def _run(
     t_fit = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     seconds_fit = time.perf_counter() - t_fit
-    # the transform files are compressed on a thread while the predict step warps and scores the labels
-    with TransformWriter(dm.pair, out, composed=composed) as transform_files:
-        with when_dense(transform_files):
-            preds = trainer.predict(model, datamodule=dm, return_predictions=True)
-        assert preds is not None
-        reg = preds[0]
-        assert isinstance(reg, RegistrationResult)
-        assert dm.pair is not None
-        note = dice_fell_message(reg.metrics.get("dice_before"), reg.metrics.get("dice_after"))
-        if note is not None:  # into metrics.json's notes, as load_pair's warnings
-            logging.getLogger("nir_lightning").warning(note)
-            dm.pair.notes.append(note)
-        extra = _run_record(trainer=trainer, dm=dm, cli=cli, seed=seed, seconds_fit=seconds_fit, resumed_step=resumed_step)
-        # metrics.json last: while it is absent the folder is not complete (--resume may redo it); seconds_total up to it
-        metrics = write_outputs(
-            reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed, started=t0,
-            transform_files=transform_files,
-        )
+    try:
+        # the transform files are compressed on a thread while the predict step warps and scores the labels
+        with TransformWriter(dm.pair, out, composed=composed) as transform_files:
+            with when_dense(transform_files):
+                preds = trainer.predict(model, datamodule=dm, return_predictions=True)
+            assert preds is not None
+            reg = preds[0]
+            assert isinstance(reg, RegistrationResult)
+            assert dm.pair is not None
+            note = dice_fell_message(reg.metrics.get("dice_before"), reg.metrics.get("dice_after"))
+            if note is not None:  # into metrics.json's notes, as load_pair's warnings
+                logging.getLogger("nir_lightning").warning(note)
+                dm.pair.notes.append(note)
+            extra = _run_record(trainer=trainer, dm=dm, cli=cli, seed=seed, seconds_fit=seconds_fit, resumed_step=resumed_step)
+            # metrics.json last: while it is absent the folder is not complete (--resume may redo it); seconds_total up to it
+            metrics = write_outputs(
+                reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed, started=t0,
+                transform_files=transform_files,
+            )
+    except BaseException:
+        save_after_failure(trainer, out)  # the fit's end, which a complete run does not save: --resume need not redo it
+        raise
     finish_run(trainer, metrics, output_dir=out)  # W&B summary/artifact when a WandbLogger is configured
     finish_checkpoints(out)  # complete: the checkpoint is no longer needed
     if not quiet:
