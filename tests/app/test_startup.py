@@ -30,8 +30,8 @@ def test_the_register_entry_modules_import_nothing_heavy() -> None:
 
 
 def test_monai_matplotlib_and_wandb_load_only_where_they_run() -> None:
-    """The pure layers, the dense evaluation and the outputs import torch, not MONAI (the loading
-    transforms and the pyramid's filter import it when they run), nor matplotlib (the QC figure) or W&B;
+    """The pure layers, the dense evaluation and the outputs import torch, not MONAI (only a load onto
+    another grid without an affine stage and the phantom import it when they run), nor matplotlib (the QC figure) or W&B;
     the LightningCLI's modules add Lightning, still without MONAI or W&B."""
     pure = ["nir_lightning.data.pair", "nir_lightning.core.smoothing", "nir_lightning.fields", "nir_lightning.alignment",
             "nir_lightning.evaluation.evaluate", "nir_lightning.evaluation.outputs", "nir_lightning.data.phantom"]
@@ -118,3 +118,23 @@ def test_collector_off_and_the_rank_collector_after_a_collection(monkeypatch: py
     assert collections == [1]
     rank.close()
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_our_own_freeze_is_known_without_walking_the_frozen_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``gc.get_freeze_count()`` walks every frozen object (~25 ms after the imports); while a
+    freeze of ours is in force, nothing asks it (``register-many`` asked twice a pair)."""
+    from nir_lightning.app import startup
+
+    if not gc.isenabled() or gc.get_freeze_count():
+        pytest.skip("the test process manages the collector itself")
+    rank = startup.RankCollector.after_first_pair(collected=True)
+    try:
+        calls: list[int] = []
+        monkeypatch.setattr(startup.gc, "get_freeze_count", lambda: calls.append(1) or 1)
+        later = startup.StartupCollector.begin()  # a later pair: finds the rank's freeze, leaves the collector alone
+        assert not later.managed and gc.isenabled() and calls == []
+        later.close()
+        monkeypatch.undo()
+    finally:
+        rank.close()
+    assert gc.isenabled() and gc.get_freeze_count() == 0 and startup._OUR_FREEZES == 0
