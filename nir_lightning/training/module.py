@@ -28,7 +28,7 @@ from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
 from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, GridVelocityField, NeuralField
 from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, local_ncc, registration_objective
-from nir_lightning.losses.folding import coarse_jacobian_points, scaled_jacobian_points
+from nir_lightning.losses.folding import coarse_jacobian_points, scaled_jacobian_points, scaled_margin
 from nir_lightning.sampling import (
     CoordinateSample,
     CoordinateSampler,
@@ -88,7 +88,9 @@ class RegistrationModule(pl.LightningModule):
         alpha: weight of the smoothness prior (0: off). The prior is per millimetre
             (``"bending"``: mm^-2), so one ``alpha`` means the same at every voxel size (1.0 per
             mm is 0.25 per voxel on 2 mm images; the 0.2.4 default was 0.5 per voxel).
-        margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR).
+        margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR). ``None`` (the
+            default): by the fixed image's voxel size, 0.35 at 2 mm and 0.5 at 1 mm
+            (:func:`~nir_lightning.losses.folding.scaled_margin`).
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
         jacobian_points: random foreground points per step whose det J is taken with a
@@ -151,7 +153,7 @@ class RegistrationModule(pl.LightningModule):
         lam: float | None = None,
         smoothness: Literal["none", "bending", "diffusion", "logdet"] = "bending",
         alpha: float = 1.0,
-        margin: float = 0.35,
+        margin: float | None = None,
         lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
         jacobian_points: int = 16384,
@@ -187,7 +189,11 @@ class RegistrationModule(pl.LightningModule):
                 "use -c configs/model/hybrid.yaml, or set both, or neither."
             )
         try:
-            folding = FoldingPenalty(kind=regularizer, margin=margin, jacobian_points=jacobian_points, stencil=jacobian_stencil)
+            # margin None: by the fixed image's voxel size, set in attach_pair (scaled_margin); 0.35 until then
+            folding = FoldingPenalty(
+                kind=regularizer, margin=scaled_margin((2.0, 2.0, 2.0)) if margin is None else margin,
+                jacobian_points=jacobian_points, stencil=jacobian_stencil,
+            )
             smooth = SmoothnessPenalty(kind=smoothness)
         except InputError as exc:
             raise InputError(f"model.{exc}") from None
@@ -218,6 +224,7 @@ class RegistrationModule(pl.LightningModule):
         self.similarity = Similarity(similarity, window=window)
         self.folding = folding
         self._jacobian_points = jacobian_points  # per step at 2 mm: attach_pair scales it to the image
+        self._margin = margin  # None: attach_pair takes it from the voxel size
         self._coarse_points = jacobian_points  # the 2 mm count, where coarse stages start (attach_pair)
         self._coarse_folding: dict[int, FoldingPenalty] = {}  # by grid levels left out (_folding_for)
         self.regularizer = regularizer
@@ -273,7 +280,8 @@ class RegistrationModule(pl.LightningModule):
         self._source_sigma_scale = (1.0, 1.0, 1.0)
         self._voxel_size = voxel_spacing(pair.fixed_affine)  # the smoothness prior is per millimetre
         scaled = scaled_jacobian_points(self._jacobian_points, self._voxel_size)
-        self.folding = dataclasses.replace(self.folding, jacobian_points=scaled)
+        margin = scaled_margin(self._voxel_size) if self._margin is None else self._margin
+        self.folding = dataclasses.replace(self.folding, jacobian_points=scaled, margin=margin)
         # Steps that fit only the coarser grid levels cannot fold at the finest voxels' scale: they
         # start from the 2 mm count (the points cost ~1.5 us each per step; 1 mm fits took twice as long).
         self._coarse_points = min(scaled, self._jacobian_points)

@@ -57,3 +57,16 @@ def test_only_the_steps_with_every_grid_level_get_the_extra_points(ratio: float,
 def test_coarse_ratio_outside_0_1_is_refused_with_the_option_named(ratio: float) -> None:
     with pytest.raises(InputError, match=r"model\.coarse_jacobian_ratio must be in \(0, 1\]"):
         RegistrationModule(coarse_jacobian_ratio=ratio)
+
+
+@pytest.mark.parametrize(("spacing", "margin", "expected"), [(2.0, None, 0.35), (1.0, None, 0.5), (1.5, None, 0.425), (4.0, None, 0.35), (1.0, 0.3, 0.3)])
+def test_det_j_floor_follows_the_resolution_unless_given(spacing: float, margin: float | None, expected: float) -> None:
+    """``model.margin: null`` (the default) takes the barrier's floor from the voxel size: 1 mm
+    voxels see det J vary inside the grids' ~2 mm cells, so the floor is higher there; a value
+    given in the config is kept at every resolution."""
+    p = make_phantom((12, 14, 10), spacing=spacing, seed=0)
+    fixed, moving = torch.as_tensor(p.fixed)[None, None], torch.as_tensor(p.moving)[None, None]
+    module = RegistrationModule(field=GridDisplacementField(levels=2), margin=margin)
+    module.attach_pair(ImagePair(fixed=fixed, moving=moving, moving_raw=moving, fixed_affine=p.affine))
+    assert module.margin == pytest.approx(expected)
+    assert module._folding_for(1).margin == pytest.approx(expected)  # the coarse stages' penalty too
