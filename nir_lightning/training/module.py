@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -33,11 +32,11 @@ from nir_lightning.sampling import (
     CoordinateSample,
     CoordinateSampler,
     DownsizeSampler,
-    MinipatchSampler,
     PyramidSampler,
     foreground_domain,
 )
 from nir_lightning.training.lazy_default import lazy_default
+from nir_lightning.training.options import check_options
 from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, build_adam, linear_decay
 from nir_lightning.training.tracking import logging_step
 
@@ -171,23 +170,12 @@ class RegistrationModule(pl.LightningModule):
         sampler = PyramidSampler() if sampler is _DEFAULT_SAMPLER else sampler
         if lam is None:
             lam = DEFAULT_LAM.get(similarity, 5.0)
-        if not (math.isfinite(lam) and lam >= 0):
-            raise InputError(f"model.lam (weight of the folding penalty) must be a finite number >= 0, got {lam}; use e.g. lam=10, or 0 to switch the penalty off.")
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise InputError(f"model.alpha (weight of the smoothness prior) must be a finite number >= 0, got {alpha}; use e.g. alpha=1, or 0 to switch it off.")
-        if not (math.isfinite(lr) and lr > 0):
-            raise InputError(f"model.lr must be a finite number > 0, got {lr}; use e.g. lr=1e-4.")
-        if not 0 < lr_final_ratio <= 1:
-            raise InputError(f"model.lr_final_ratio must be in (0, 1], got {lr_final_ratio}")
-        if window < 2:
-            raise InputError(f"model.window (local NCC window, in lattice samples) must be >= 2, got {window}; use e.g. window=5.")
-        if isinstance(sampler, MinipatchSampler) and window > sampler.patch_size:
-            raise InputError(f"model.window={window} is larger than the mini-patch ({sampler.patch_size}); use a window <= patch_size.")
-        if (field2 is None) != (schedule is None):
-            raise InputError(
-                "model.field2 and model.schedule go together (the hybrid schedule: NF1, then NF2 on NF1's output); "
-                "use -c configs/model/hybrid.yaml, or set both, or neither."
-            )
+        check_options(
+            lam=lam, alpha=alpha, lr=lr, lr_final_ratio=lr_final_ratio, window=window, sampler=sampler,
+            field=field, field2=field2, schedule=schedule, jacobian_stencil=jacobian_stencil,
+            coarse_jacobian_ratio=coarse_jacobian_ratio, val_stride=val_stride, eval_max_points=eval_max_points,
+            domain_margin=domain_margin,
+        )
         try:
             # margin None: by the fixed image's voxel size, set in attach_pair (scaled_margin); 0.35 until then
             folding = FoldingPenalty(
@@ -197,24 +185,6 @@ class RegistrationModule(pl.LightningModule):
             smooth = SmoothnessPenalty(kind=smoothness)
         except InputError as exc:
             raise InputError(f"model.{exc}") from None
-        if jacobian_stencil == "analytic":
-            for key, f in (("field", field), ("field2", field2)):
-                if f is not None and not f.has_jacobian:
-                    raise InputError(
-                        f"model.jacobian_stencil=analytic needs the exact Jacobian of model.{key} ({type(f).__name__} has none); "
-                        "use model.jacobian_stencil=forward or central with it."
-                    )
-        if not 0 < coarse_jacobian_ratio <= 1:
-            raise InputError(
-                f"model.coarse_jacobian_ratio must be in (0, 1] (the share of det J points kept per grid level left out), got {coarse_jacobian_ratio}; "
-                "use 0.25 (the default) or 1 (every stage draws the full count)."
-            )
-        if val_stride < 1 or eval_max_points < 1:
-            raise InputError("model.val_stride and model.eval_max_points must be >= 1")
-        if domain_margin is not None and not (math.isfinite(domain_margin) and domain_margin >= 0):
-            raise InputError(
-                f"model.domain_margin must be a finite number of millimetres >= 0 (or null: the whole image), got {domain_margin}; e.g. 16."
-            )
         self.save_hyperparameters(logger=False, ignore=["field", "field2", "schedule", "sampler"])
         self.field = field
         self.field2 = field2
