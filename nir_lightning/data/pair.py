@@ -1,4 +1,5 @@
-"""Loading one fixed/moving pair (and optional label maps) onto the fixed grid with MONAI."""
+"""Loading one fixed/moving pair (and optional label maps) onto the fixed grid (nibabel; the reading and
+scaling of MONAI's transforms, which ``load_pair`` used until 0.2.7, op for op, without importing MONAI)."""
 
 from __future__ import annotations
 
@@ -243,7 +244,7 @@ def scale_percentiles(image: Tensor, lower: float, upper: float) -> Tensor:
 
 def _resample_to_match(moving: _Volume, fixed: _Volume, mode: str) -> _Volume:
     """``moving`` on ``fixed``'s grid by MONAI's ``ResampleToMatch`` (zeros outside): the load of a
-    pair on two grids without an affine stage (``keep_native=False``), the one place MONAI loads."""
+    pair on two grids without an affine stage (``keep_native=False``), where MONAI is still imported."""
     from monai.data import MetaTensor
     from monai.transforms import ResampleToMatch
 
