@@ -132,18 +132,19 @@ def score_deformation(det: Tensor, disp_vox: Tensor, pair: ImagePair) -> dict[st
         at 1e-9 as in Learn2Reg), ``foreground_voxels``, ``displacement_mean_mm``.
     """
     fg = pair.foreground_mask()
-    count, percent = folding(det, fg)
-    sel = det[fg] if bool(fg.any()) else det.reshape(-1)
+    any_fg = bool(fg.any())
+    sel = det[fg] if any_fg else det.reshape(-1)  # selected once: the same elements in the same order for each number
+    count, percent = folding(sel) if any_fg else (0, 0.0)
     return {
         "sdlogj": float(sel.double().clamp(min=1e-9).log().std()),
         "folding_count": count,
         "folding_percent": percent,
-        "jacobian_det_min": float(det[fg].min()) if bool(fg.any()) else float(det.min()),
-        "jacobian_det_std": float(det[fg].std()) if bool(fg.any()) else float(det.std()),
+        "jacobian_det_min": float(sel.min()),
+        "jacobian_det_std": float(sel.std()),
         "foreground_voxels": int(fg.sum()),
         "displacement_mean_mm": float(
             np.linalg.norm(voxel_displacement_to_world(disp_vox[fg].numpy(), pair.fixed_affine), axis=-1).mean()
-        ) if bool(fg.any()) else 0.0,
+        ) if any_fg else 0.0,
     }
 
 

@@ -172,3 +172,28 @@ def test_folding_counts():
     mask = torch.tensor([[True, False], [True, True], [False, False]])
     assert folding(det, mask) == (1, pytest.approx(100 / 3))
     assert folding(det, torch.zeros_like(mask)) == (0, 0.0)
+
+
+def test_score_deformation_numbers_in_the_foreground_and_without_one() -> None:
+    """Folding, det J and displacement figures over the fixed foreground, each from the one
+    selection of det J (and the whole grid when the foreground is empty)."""
+    from nir_lightning.data.pair import ImagePair
+    from nir_lightning.evaluation.scoring import score_deformation
+
+    fixed = torch.zeros(1, 1, 4, 5, 6)
+    fixed[..., 1:3, 1:4, 1:5] = 1.0  # 2 * 3 * 4 = 24 foreground voxels
+    pair = ImagePair(fixed=fixed, moving=fixed, moving_raw=fixed, fixed_affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    det = torch.full((4, 5, 6), 1.0)
+    det[1, 1, 1], det[2, 3, 4], det[0, 0, 0] = -0.5, 0.0, -9.0  # two folds inside, one outside
+    disp = torch.zeros(4, 5, 6, 3)
+    disp[..., 0] = 1.5  # 1.5 voxels of 2 mm
+    m = score_deformation(det, disp, pair)
+    inside = det[1:3, 1:4, 1:5].reshape(-1)
+    assert m["foreground_voxels"] == 24 and m["folding_count"] == 2 and m["folding_percent"] == pytest.approx(100 * 2 / 24)
+    assert m["jacobian_det_min"] == -0.5 and m["jacobian_det_std"] == pytest.approx(float(inside.std()))
+    assert m["sdlogj"] == pytest.approx(float(inside.double().clamp(min=1e-9).log().std()))
+    assert m["displacement_mean_mm"] == pytest.approx(3.0)
+    empty = ImagePair(fixed=torch.zeros_like(fixed), moving=fixed, moving_raw=fixed, fixed_affine=np.eye(4))
+    e = score_deformation(det, disp, empty)
+    assert (e["foreground_voxels"], e["folding_count"], e["folding_percent"], e["displacement_mean_mm"]) == (0, 0, 0.0, 0.0)
+    assert e["jacobian_det_min"] == -9.0  # the whole grid
