@@ -1,15 +1,13 @@
-"""Loading one fixed/moving pair (and optional label maps) onto the fixed grid (nibabel; the reading and
-scaling of MONAI's transforms, which ``load_pair`` used until 0.2.7, op for op, without importing MONAI)."""
+"""Loading one fixed/moving pair (and optional label maps) onto the fixed grid with MONAI."""
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +28,9 @@ from nir_lightning.data.checks import (
 from nir_lightning.data.foreground import foreground
 from nir_lightning.data.label_checks import check_label_maps
 from nir_lightning.errors import InputError
+
+if TYPE_CHECKING:  # MONAI (seconds to import) only where the loading transforms run: load_pair
+    from monai.data import MetaTensor
 
 log = logging.getLogger(__name__)
 
@@ -179,82 +180,7 @@ def _checker(key: str) -> Any:
     return check_volume
 
 
-@dataclass
-class _Volume:
-    """One loaded file: ``data`` (a tensor ``(1, D0, D1, D2)`` once checked, the file's numpy
-    array before) and its 4x4 voxel-to-world ``affine`` (float64)."""
-
-    data: Any
-    affine: np.ndarray
-
-    @property
-    def array(self) -> np.ndarray:
-        return np.asarray(self.data)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(int(n) for n in self.data.shape)
-
-
-def _read(path: Path) -> _Volume:
-    """A NIfTI file's voxels (C order, the file's dtype after its scaling) and affine, as MONAI's
-    ``LoadImage`` (nibabel reader) gives them, without importing MONAI (0.4 s of ``nir register``'s
-    start-up): ``load_pair`` read through it until 0.2.7, bit for bit the same. A header whose voxel
-    sizes disagree with its affine is first corrected by MONAI's own rule (rare: MONAI imported then)."""
-    img: Any = nib.load(str(path))
-    dim = img.header.get("dim")
-    if dim is not None and dim[0] < 5 and (int(dim[0]) != 3 or not _zooms_match_affine(img)):
-        from monai.data.utils import correct_nifti_header_if_necessary
-
-        img = correct_nifti_header_if_necessary(img)
-    return _Volume(np.ascontiguousarray(np.asanyarray(img.dataobj)), np.array(img.affine, dtype=np.float64, copy=True))
-
-
-def _zooms_match_affine(img: Any) -> bool:
-    """MONAI's test of a 3D header: its voxel sizes equal the affine's column norms (``np.allclose``; a zero norm counts as 1)."""
-    spacing = np.sqrt(np.sum(np.asarray(img.affine, dtype=np.float64)[:3, :3] ** 2, axis=0))
-    spacing[spacing == 0] = 1.0
-    return bool(np.allclose(np.asarray(img.header.get_zooms())[:3], spacing))
-
-
-def scale_percentiles(image: Tensor, lower: float, upper: float) -> Tensor:
-    """``image`` with its ``lower`` and ``upper`` percentiles mapped to 0 and 1, clipped to [0, 1]:
-    MONAI's ``ScaleIntensityRangePercentiles(lower, upper, b_min=0, b_max=1, clip=True)`` op for op
-    (``torch.quantile`` up to a million voxels, ``np.percentile`` above), so the same bits.
-
-    >>> scale_percentiles(torch.arange(11.0)[None], 10.0, 90.0).tolist()
-    [[0.0, 0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.0]]
-    """
-
-    def percentile(q: float) -> Tensor:
-        if image.numel() > 1_000_000:  # MONAI's switch (torch.quantile's size limit)
-            # q as a 0-d float64 array, as MONAI passes it: np.percentile then works in float64
-            # (a Python float keeps float32, another rounding)
-            return torch.as_tensor(np.percentile(image.numpy(), np.asarray(q, dtype=np.float64)), dtype=image.dtype)
-        return torch.quantile(image, torch.as_tensor(q / 100.0, dtype=image.dtype))
-
-    a_min, a_max = percentile(lower), percentile(upper)
-    if float(a_max - a_min) == 0.0:
-        warnings.warn("Divide by zero (a_min == a_max)", Warning, stacklevel=2)
-        return image - a_min + 0.0
-    out = (image - a_min) / (a_max - a_min)
-    out = out * (1.0 - 0.0) + 0.0
-    return torch.clamp(out, 0.0, 1.0)
-
-
-def _resample_to_match(moving: _Volume, fixed: _Volume, mode: str) -> _Volume:
-    """``moving`` on ``fixed``'s grid by MONAI's ``ResampleToMatch`` (zeros outside): the load of a
-    pair on two grids without an affine stage (``keep_native=False``), where MONAI is still imported."""
-    from monai.data import MetaTensor
-    from monai.transforms import ResampleToMatch
-
-    src = MetaTensor(moving.data, affine=torch.as_tensor(moving.affine))
-    dst = MetaTensor(fixed.data, affine=torch.as_tensor(fixed.affine))
-    out: Any = ResampleToMatch(mode=mode, padding_mode="zeros")(src, dst)
-    return _Volume(out.as_tensor(), np.asarray(out.affine, dtype=np.float64))
-
-
-def _same_grid(a: _Volume, b: _Volume) -> bool:
+def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
     return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(
         np.asarray(a.affine), np.asarray(b.affine), atol=1e-4
     )
@@ -269,8 +195,8 @@ def _few(values: Iterable[int], n: int = 12) -> str:
     return "[" + ", ".join(str(v) for v in vals[:n]) + (", ...]" if len(vals) > n else "]")
 
 
-def grid_differences(a: _Volume, b: _Volume) -> list[str]:
-    """How the grids of two volumes ``(C, D0, D1, D2)`` differ, in words (``a`` first)."""
+def grid_differences(a: MetaTensor, b: MetaTensor) -> list[str]:
+    """How the grids of two MetaTensors ``(C, D0, D1, D2)`` differ, in words (``a`` first)."""
     aff_a, aff_b = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
     out: list[str] = []
     if tuple(a.shape[1:]) != tuple(b.shape[1:]):
@@ -291,7 +217,7 @@ def grid_differences(a: _Volume, b: _Volume) -> list[str]:
     return out
 
 
-def _coverage(moving: _Volume, fixed: _Volume, step: int = 4) -> float:
+def _coverage(moving: MetaTensor, fixed: MetaTensor, step: int = 4) -> float:
     """Fraction of (a stride-``step`` subset of) the fixed grid inside the moving field of view."""
     axes = [np.arange(0, n, step, dtype=np.float64) for n in fixed.shape[1:]]
     vox = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
@@ -342,19 +268,29 @@ def load_pair(
         paths["fixed_mask"] = check_image_file(fixed_mask, "fixed mask")
     if moving_mask is not None:
         paths["moving_mask"] = check_image_file(moving_mask, "moving mask")
-    data: dict[str, _Volume] = {}
+    from monai.transforms import (  # MONAI (seconds to import) only here, where its transforms run
+        CopyItemsd,
+        EnsureChannelFirstd,
+        LoadImaged,
+        ResampleToMatchd,
+        ScaleIntensityRangePercentilesd,
+    )
+
+    keys = list(paths)
+    loader = LoadImaged(keys=keys, image_only=True, dtype=None)
     try:
-        for key, path in paths.items():
-            data[key] = _read(path)
+        data: Any = loader({k: str(v) for k, v in paths.items()})
     except Exception as exc:
         for key, path in paths.items():  # name the file at fault: one of these raises for it
             _checker(key)(read_image_data(path, _file_role(key)), _data_role(key), path)
         raise InputError(f"could not read image data ({exc}); is one of {[str(p) for p in paths.values()]} truncated or corrupted? Copy it again.") from exc
 
-    for key, vol in data.items():
-        check_affine(vol.affine, _file_role(key), paths[key])
-        arr = _checker(key)(vol.array, _data_role(key), paths[key])
-        data[key] = _Volume(torch.as_tensor(arr.astype(np.float32))[None], vol.affine)  # channel first
+    for key in keys:
+        check_affine(np.asarray(data[key].affine), _file_role(key), paths[key])
+        arr = _checker(key)(np.asarray(data[key]), _data_role(key), paths[key])
+        tensor = torch.as_tensor(arr.astype(np.float32))
+        data[key] = type(data[key])(tensor, affine=data[key].affine, meta=data[key].meta)
+    data = EnsureChannelFirstd(keys=keys, channel_dim="no_channel")(data)
 
     notes: list[str] = []
     for side in ("fixed", "moving"):
@@ -366,7 +302,11 @@ def load_pair(
                     f"{'; '.join(grid_differences(data[key], data[side])) or 'different affine'}); "
                     f"pass the {fix} of that image, or resample it onto the image's grid with nearest-neighbour interpolation first."
                 )
+    native_keys = [k for k in ("moving", "moving_labels", "moving_mask") if k in data]
+    native: dict[str, Any] = {}
     if keep_native:  # the affine stage aligns the pair: nothing is resampled here
+        native = {k: data[k] for k in native_keys}
+        native["moving_raw"] = data["moving"]
         if not _same_grid(data["moving"], data["fixed"]):
             msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
                    f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "
@@ -389,15 +329,18 @@ def load_pair(
             msg += f" Only {100 * coverage:.0f}% of the fixed grid lies inside the moving image's field of view."
         log.warning(msg)
         notes.append(msg)
-        data["moving"] = _resample_to_match(data["moving"], data["fixed"], "bilinear")
+        data = ResampleToMatchd(keys=["moving"], key_dst="fixed", mode="bilinear", padding_mode="zeros")(data)
         if "moving_labels" in data:
-            data["moving_labels"] = _resample_to_match(data["moving_labels"], data["fixed"], "nearest")
-    data["moving_raw"] = data["moving"]  # the scaling below makes new tensors
-    for key in ("fixed", "moving"):
-        data[key] = _Volume(scale_percentiles(data[key].data, lo, hi), data[key].affine)
+            data = ResampleToMatchd(keys=["moving_labels"], key_dst="fixed", mode="nearest", padding_mode="zeros")(data)
+    data = CopyItemsd(keys=["moving"], names=["moving_raw"])(data)
+    data = ScaleIntensityRangePercentilesd(
+        keys=["fixed", "moving"], lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True
+    )(data)
+    if keep_native:
+        native["moving_raw"], native["moving"] = data["moving_raw"], data["moving"]
 
     def plain(key: str, dtype: torch.dtype) -> Tensor:
-        return data[key].data.to(dtype)[None]
+        return torch.as_tensor(np.asarray(data[key])).to(dtype)[None]
 
     fixed_affine = np.asarray(data["fixed"].affine, dtype=np.float64)
     pair = ImagePair(

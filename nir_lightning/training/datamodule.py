@@ -32,7 +32,7 @@ class _Steps(Dataset[int]):
 
 
 class PairDataModule(pl.LightningDataModule):
-    """One fixed/moving pair (optionally with label maps), loaded by :func:`~nir_lightning.data.pair.load_pair`.
+    """One fixed/moving pair (optionally with label maps), loaded with MONAI transforms.
 
     Hooks: ``setup`` (load and check the pair), ``train/val/predict_dataloader``.
     Keyword arguments map one-to-one onto the CLI's ``data.*`` options.

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -38,20 +36,6 @@ def test_monai_matplotlib_and_wandb_load_only_where_they_run() -> None:
     assert _loaded_after(pure) == ["torch"]
     loaded = _loaded_after(["nir_lightning.training.lightning_cli", "nir_lightning.training"])
     assert "pytorch_lightning" in loaded and "monai" not in loaded and "wandb" not in loaded, loaded
-
-
-def test_nir_register_runs_without_monai(tiny_pair: dict[str, Path], tmp_path: Path) -> None:
-    """A whole registration (loading, affine stage, the pyramid's smoothing, evaluation, outputs)
-    never imports MONAI (0.4 s of start-up): ``data.pair`` reads and scales like MONAI's
-    transforms, ``core.smoothing`` filters like its ``GaussianFilter`` (both tested bit for bit)."""
-    args = ["register", "--fixed", str(tiny_pair["fixed"]), "--moving", str(tiny_pair["moving"]),
-            "--fixed-labels", str(tiny_pair["fixed_labels"]), "--moving-labels", str(tiny_pair["moving_labels"]),
-            "--output", str(tmp_path / "out"), "--trainer.max_steps=3", "--checkpoint-every=0", "--threads=1"]
-    code = f"import sys\nfrom nir_lightning.cli import main\nrc = main({args!r})\nprint('monai' in sys.modules, rc)"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True, env=env)
-    assert proc.stdout.strip().splitlines()[-1] == "False 0", proc.stdout[-2000:]
-    assert (tmp_path / "out" / "metrics.json").is_file()
 
 
 def test_startup_collector_restores_the_collector() -> None:
