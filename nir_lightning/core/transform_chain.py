@@ -114,7 +114,7 @@ Step = MatrixStep | DisplacementStep
 
 class _Grid:
     """A grid of ``shape`` with a 4x4 ``affine``: world points to voxels, ITK's inside test, and
-    the interpolation stencils (:class:`_Stencil`), all from float64 voxel coordinates (no ``grid_sample``: an
+    the interpolation stencils, all from float64 voxel coordinates (no ``grid_sample``: an
     identity chain and integer shifts reproduce the image exactly)."""
 
     def __init__(self, shape: Sequence[int], affine: np.ndarray, device: torch.device) -> None:
@@ -136,13 +136,30 @@ class _Grid:
         inside = ((vox >= -0.5) & (vox < self.upper)).all(dim=-1)
         return torch.where(inside[:, None], vox, torch.zeros_like(vox)), inside
 
-    def axes(self, vox: Tensor) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
-        """Per axis, ``(offset into the flat array (P,), weight (P,) float64)`` of the lower and
-        the upper neighbour of voxels ``vox`` ``(P, 3)``. Like ITK's linear interpolator, indices
-        are clamped to the border voxels (which is what a point in the half-voxel band outside them gets)."""
+    def corners(self, vox: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Trilinear stencil of voxels ``(P, 3)``: 8 ``(flat index (P,), weight (P,) float64)``.
+
+        Like ITK's linear interpolator, indices are clamped to the border voxels (which is
+        what a point in the half-voxel band outside them gets).
+        """
+        axes = self._axes(vox)
+        return [
+            (i0 + i1 + i2, w0 * w1 * w2)
+            for i0, w0 in axes[0]
+            for i1, w1 in axes[1]
+            for i2, w2 in axes[2]
+        ]
+
+    def corner_indices(self, vox: Tensor) -> list[Tensor]:
+        """The 8 flat indices of :meth:`corners`, in its order, without the weights."""
+        axes = self._axes(vox)
+        return [i0 + i1 + i2 for i0, _ in axes[0] for i1, _ in axes[1] for i2, _ in axes[2]]
+
+    def _axes(self, vox: Tensor) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
         v = torch.minimum(vox.clamp(min=0.0), self.last)
         base = torch.minimum(v.floor().to(torch.long), (self.last_index - 1).clamp(min=0))
         frac = v - base.to(v.dtype)
+        # per axis: (offset into the flat array, weight) of the lower and the upper neighbour
         axes = []
         for a in range(3):
             lo = base[:, a]
@@ -156,47 +173,10 @@ class _Grid:
         return idx[:, 0] * self.strides[0] + idx[:, 1] * self.strides[1] + idx[:, 2]
 
 
-class _Stencil:
-    """The trilinear stencil of points ``vox`` ``(P, 3)`` in ``grid``, each part computed once
-    when first asked for: several images and modes sampled at the same points share it."""
-
-    def __init__(self, grid: _Grid, vox: Tensor) -> None:
-        self.grid, self.vox = grid, vox
-        self._axes: list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]] | None = None
-        self._indices: list[Tensor] | None = None
-        self._weights: list[Tensor] | None = None
-
-    def axes(self) -> list[tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]]:
-        if self._axes is None:
-            self._axes = self.grid.axes(self.vox)
-        return self._axes
-
-    def indices(self) -> list[Tensor]:
-        """The 8 flat corner indices ``(P,)``, in the order of :meth:`corners`."""
-        if self._indices is None:
-            a = self.axes()
-            self._indices = [i0 + i1 + i2 for i0, _ in a[0] for i1, _ in a[1] for i2, _ in a[2]]
-        return self._indices
-
-    def weights(self) -> list[Tensor]:
-        """The 8 trilinear weights ``(P,)`` float64, in the order of :meth:`corners`."""
-        if self._weights is None:
-            a = self.axes()
-            self._weights = [w0 * w1 * w2 for _, w0 in a[0] for _, w1 in a[1] for _, w2 in a[2]]
-        return self._weights
-
-    @property
-    def has_weights(self) -> bool:
-        return self._weights is not None
-
-    def corners(self) -> list[tuple[Tensor, Tensor]]:
-        return list(zip(self.indices(), self.weights(), strict=True))
-
-
-def _linear(values: Tensor, stencil: _Stencil) -> Tensor:
-    """Trilinear samples of ``values`` ``(N, K)`` (flat voxels of the stencil's grid) at its points: ``(P, K)`` float64."""
-    acc = torch.zeros(stencil.vox.shape[0], values.shape[1], dtype=torch.float64, device=stencil.vox.device)
-    for idx, weight in stencil.corners():
+def _linear(values: Tensor, grid: _Grid, vox: Tensor) -> Tensor:
+    """Trilinear samples of ``values`` ``(N, K)`` (flat voxels of ``grid``) at ``vox``: ``(P, K)`` float64."""
+    acc = torch.zeros(vox.shape[0], values.shape[1], dtype=torch.float64, device=vox.device)
+    for idx, weight in grid.corners(vox):
         acc += values[idx].double() * weight[:, None]
     return acc
 
@@ -210,12 +190,12 @@ class _Field:
 
     def displace(self, points: Tensor) -> Tensor:
         vox, inside = self.grid.locate(points)
-        d = _linear(self.values, _Stencil(self.grid, vox))
+        d = _linear(self.values, self.grid, vox)
         return points + torch.where(inside[:, None], d, torch.zeros_like(d))
 
 
-def _label(values: Tensor, stencil: _Stencil) -> Tensor:
-    """Label interpolation of ``values`` ``(N, C)`` at the stencil's points ``(P, 3)``: ``(P, C)``.
+def _label(values: Tensor, grid: _Grid, vox: Tensor) -> Tensor:
+    """Label interpolation of ``values`` ``(N, C)`` at voxels ``vox`` ``(P, 3)``: ``(P, C)``.
 
     Every label's indicator interpolated trilinearly, then the arg-max; ties go to the smaller
     label. Only the (at most 8) labels at the corners of a point's cell can score above zero, and
@@ -225,7 +205,7 @@ def _label(values: Tensor, stencil: _Stencil) -> Tensor:
     carry one label takes it (the loop's result there: every corner scores the same sum, and
     the first one wins), so the loop runs only over the points of a cell that a label edge crosses.
     """
-    labels = [values[idx] for idx in stencil.indices()]  # 8 x (P, C)
+    labels = [values[idx] for idx in grid.corner_indices(vox)]  # 8 x (P, C)
     uniform = labels[0] == labels[1]
     for j in range(2, 8):
         uniform &= labels[0] == labels[j]
@@ -233,9 +213,7 @@ def _label(values: Tensor, stencil: _Stencil) -> Tensor:
     if mixed.numel() == 0:
         return labels[0]
     out = labels[0].clone()
-    # elementwise, so the same bits either way: the weights at these points, from the whole
-    # stencil's when a trilinear sample has computed them already
-    weights = [w[mixed] for w in stencil.weights()] if stencil.has_weights else _Stencil(stencil.grid, stencil.vox[mixed]).weights()
+    weights = [w for _, w in grid.corners(vox[mixed])]  # elementwise: the weights of the whole stencil at these points
     out[mixed] = _label_argmax([lab[mixed] for lab in labels], weights)
     return out
 
@@ -317,7 +295,6 @@ def resample(
 
     Returns ``(C, D0, D1, D2)`` float32: intensities for ``"linear"``; for ``"nearest"`` and
     ``"label"`` values of ``image`` (integers stay exact below 2**24; the caller casts).
-    :func:`resample_many` resamples several images and modes through one pass of the chain.
 
     >>> img = torch.arange(24.0).reshape(1, 2, 3, 4)
     >>> out = resample(img, np.eye(4), (2, 3, 4), np.eye(4), [MatrixStep(np.eye(4))])
@@ -327,52 +304,19 @@ def resample(
     >>> resample(img, np.eye(4), (2, 3, 4), np.eye(4), [MatrixStep(shift)])[0, 0, :, 0].tolist()
     [2.0, 6.0, 0.0]
     """
-    return resample_many([(image, mode)], image_affine, reference_shape, reference_affine, chain, max_points=max_points, fill=fill)[0]
-
-
-@torch.no_grad()
-def resample_many(
-    images: Sequence[tuple[Tensor, ResampleMode]],
-    image_affine: np.ndarray,
-    reference_shape: tuple[int, int, int],
-    reference_affine: np.ndarray,
-    chain: Sequence[Step],
-    *,
-    max_points: int = DEFAULT_MAX_POINTS,
-    fill: float = 0.0,
-) -> list[Tensor]:
-    """:func:`resample` of each ``(image, mode)`` of ``images``, all on one grid (``image_affine``
-    and one spatial shape), through one pass of ``chain``: every reference voxel is carried
-    through the chain and located in the image grid once, and the trilinear stencil there is
-    shared by the ``"linear"`` and ``"label"`` samples. Each result equals :func:`resample`'s bit
-    for bit (the same float64 arithmetic per point); a registration's outputs (the warped image,
-    its labels by nearest neighbour and by label interpolation) walk the chain once instead of three times.
-
-    >>> img = torch.arange(24.0).reshape(1, 2, 3, 4)
-    >>> shift = np.eye(4); shift[1, 3] = 0.5
-    >>> a, b = resample_many([(img, "linear"), (img, "nearest")], np.eye(4), (2, 3, 4), np.eye(4), [MatrixStep(shift)])
-    >>> a[0, 0, :, 0].tolist(), b[0, 0, :, 0].tolist()
-    ([2.0, 6.0, 0.0], [4.0, 8.0, 0.0])
-    """
-    if not images:
-        raise ValueError("resample_many needs at least one (image, mode)")
-    spatial = tuple(images[0][0].shape[1:])
-    for image, mode in images:
-        if image.dim() != 4:
-            raise ValueError(f"image must be (C, I0, I1, I2), got {tuple(image.shape)}")
-        if mode not in RESAMPLE_MODES:
-            raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
-        if tuple(image.shape[1:]) != spatial or image.device != images[0][0].device:
-            raise ValueError(f"resample_many: every image must lie on one grid and device, got {spatial} and {tuple(image.shape[1:])}")
+    if image.dim() != 4:
+        raise ValueError(f"image must be (C, I0, I1, I2), got {tuple(image.shape)}")
+    if mode not in RESAMPLE_MODES:
+        raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
     ref_shape = tuple(int(s) for s in reference_shape)
     if len(ref_shape) != 3 or min(ref_shape) < 1:
         raise ValueError(f"reference_shape must be three positive sizes, got {reference_shape!r}")
     ref_affine = _matrix(reference_affine, "reference_affine")
     img_affine = _matrix(image_affine, "image_affine")
-    device = images[0][0].device
-    # (N, C) per image: one row per voxel, for gathers
-    flats = [image.to(torch.float32).reshape(image.shape[0], -1).T.contiguous() for image, _ in images]
-    img_grid = _Grid(spatial, img_affine, device)
+    device = image.device
+    c = image.shape[0]
+    flat = image.to(torch.float32).reshape(c, -1).T.contiguous()  # (N, C): one row per voxel, for gathers
+    img_grid = _Grid(image.shape[1:], img_affine, device)
     ref_to_world = torch.tensor(ref_affine, dtype=torch.float64, device=device)
     # A first displacement on the reference grid is read at the voxels (the registration's own).
     first = chain[0] if chain else None
@@ -382,7 +326,7 @@ def resample_many(
         chain = chain[1:]
     ops = _prepare(chain, device)
 
-    outs = [torch.empty(flat.shape[1], *ref_shape, dtype=torch.float32, device=device) for flat in flats]
+    out = torch.empty(c, *ref_shape, dtype=torch.float32, device=device)
     plane = ref_shape[1] * ref_shape[2]
     axes12 = [torch.arange(n, dtype=torch.float64, device=device) for n in ref_shape[1:]]
     for sl in slabs(ref_shape[0], plane, max_points=max_points):
@@ -393,16 +337,12 @@ def resample_many(
             points = points + direct_disp[sl].reshape(-1, 3).to(device=device, dtype=torch.float64)
         points = _run(ops, points)
         src, inside = img_grid.locate(points)
-        stencil = _Stencil(img_grid, src)
-        nearest: Tensor | None = None
-        for flat, out, (_, mode) in zip(flats, outs, images, strict=True):
-            if mode == "linear":
-                sampled = _linear(flat, stencil).float()
-            elif mode == "nearest":
-                nearest = img_grid.nearest(src) if nearest is None else nearest
-                sampled = flat[nearest]
-            else:
-                sampled = _label(flat, stencil)
-            sampled = torch.where(inside[:, None], sampled, torch.full_like(sampled, fill))
-            out[:, sl] = sampled.T.reshape(flat.shape[1], sl.stop - sl.start, *ref_shape[1:])
-    return outs
+        if mode == "linear":
+            sampled = _linear(flat, img_grid, src).float()
+        elif mode == "nearest":
+            sampled = flat[img_grid.nearest(src)]
+        else:
+            sampled = _label(flat, img_grid, src)
+        sampled = torch.where(inside[:, None], sampled, torch.full_like(sampled, fill))
+        out[:, sl] = sampled.T.reshape(c, sl.stop - sl.start, *ref_shape[1:])
+    return out

@@ -16,15 +16,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from nir_lightning.coords import ras_to_lps, voxel_to_world, world_to_voxel
-from nir_lightning.core.transform_chain import (
-    DisplacementStep,
-    MatrixStep,
-    ResampleMode,
-    Step,
-    resample,
-    resample_many,
-    transform_points,
-)
+from nir_lightning.core.transform_chain import DisplacementStep, MatrixStep, Step, resample, transform_points
 from nir_lightning.io import load_displacement_itk, save_displacement_itk, save_itk_affine, save_nifti
 
 MOVING_SHAPE = (14, 15, 16)
@@ -217,7 +209,7 @@ def test_label_mode_equals_nearest_on_an_identity_chain() -> None:
 def test_label_mode_skips_only_cells_of_one_label_bit_for_bit() -> None:
     """The arg-max loop runs only where a cell's 8 corners disagree; everywhere the result is the
     loop's own, bit for bit (2 channels, half-voxel shifts: many ties)."""
-    from nir_lightning.core.transform_chain import _Grid, _label, _label_argmax, _linear, _Stencil
+    from nir_lightning.core.transform_chain import _Grid, _label, _label_argmax
 
     gen = torch.Generator().manual_seed(3)
     values = torch.randint(0, 3, (9 * 10 * 11, 2), generator=gen).float()
@@ -225,13 +217,9 @@ def test_label_mode_skips_only_cells_of_one_label_bit_for_bit() -> None:
     grid = _Grid((9, 10, 11), np.eye(4), torch.device("cpu"))
     vox = torch.rand(4000, 3, generator=gen, dtype=torch.float64) * torch.tensor([8.0, 9.0, 10.0])
     vox[:1000] = vox[:1000].floor() + 0.5  # exact ties between corners
-    stencil = _Stencil(grid, vox).corners()
+    stencil = grid.corners(vox)
     everywhere = _label_argmax([values[idx] for idx, _ in stencil], [w for _, w in stencil])
-    fresh = _Stencil(grid, vox)
-    assert torch.equal(_label(values, fresh), everywhere) and not fresh.has_weights  # the weights of the mixed cells only
-    shared = _Stencil(grid, vox)
-    _linear(values, shared)  # a trilinear sample first: the label mode reads its weights
-    assert shared.has_weights and torch.equal(_label(values, shared), everywhere)
+    assert torch.equal(_label(values, grid, vox), everywhere)
 
 
 def test_label_mode_follows_a_staircase_edge_better_than_nearest() -> None:
@@ -253,29 +241,6 @@ def test_label_mode_follows_a_staircase_edge_better_than_nearest() -> None:
         for mode in ("nearest", "label")
     }
     assert wrong["label"] < 0.5 * wrong["nearest"], wrong
-
-
-@pytest.mark.parametrize("on_grid", [True, False])
-def test_resample_many_equals_one_resample_per_image_and_mode(on_grid: bool) -> None:
-    """Several images and modes through one pass of the chain: each equal to its own
-    :func:`resample`, bit for bit (an oblique moving grid, a displacement read on the reference
-    grid or interpolated, a world matrix; slabs of 150 points; points outside the image)."""
-    labels = label_map(MOVING_SHAPE, seed=2)
-    image = torch.from_numpy(smooth_image(MOVING_SHAPE))[None]
-    two = torch.cat([image, 2.0 * image + 1.0])  # two channels
-    field = DisplacementStep(random_field(REF_SHAPE, 1.2, seed=4), REF_AFFINE if on_grid else FIELD_AFFINE)
-    chain: list[Step] = [field, MatrixStep(world())]
-    assert field.on_grid(REF_SHAPE, REF_AFFINE) == on_grid
-    sources: list[tuple[torch.Tensor, ResampleMode]] = [(image, "linear"), (labels, "nearest"), (labels, "label"), (two, "linear"), (two, "nearest")]
-    many = resample_many(sources, MOVING_AFFINE, REF_SHAPE, REF_AFFINE, chain, max_points=150, fill=-1.0)
-    for (img, mode), out in zip(sources, many, strict=True):
-        one = resample(img, MOVING_AFFINE, REF_SHAPE, REF_AFFINE, chain, mode=mode, max_points=150, fill=-1.0)
-        assert out.shape == (img.shape[0], *REF_SHAPE) and torch.equal(out, one), mode
-    assert bool((many[0] == -1.0).any()) and bool((many[2] != many[1]).any())  # outside points; the two label modes differ
-    with pytest.raises(ValueError, match="one grid"):
-        resample_many([(image, "linear"), (image[:, :-1], "linear")], MOVING_AFFINE, REF_SHAPE, REF_AFFINE, chain)
-    with pytest.raises(ValueError, match="at least one"):
-        resample_many([], MOVING_AFFINE, REF_SHAPE, REF_AFFINE, chain)
 
 
 def test_chunking_does_not_change_the_result() -> None:
