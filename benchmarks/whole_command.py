@@ -13,8 +13,7 @@ to the CSV), as for ``run_benchmark.py``. ``--mb DIR``: pairs of consecutive
 Rows (seconds): ``wall`` of the subprocess; for nir, from its ``metrics.json``: ``startup``
 (process start to the first fit step less the affine stage: imports, parsing, loading),
 ``affine``, ``fit``, ``evaluate`` (the dense pass, warps, det J and scoring; ``scoring`` is its
-label part after the one pass that warps the image and the labels: Dice, HD95, the labels before
-registration and through the affine part alone; it held the label warps too before 0.2.7's round 2), ``outputs`` (files and QC figure), ``total``
+label part: label warps, Dice, HD95), ``outputs`` (files and QC figure), ``total``
 (``seconds_total``: from the call of ``register_pair`` to ``metrics.json``, the outputs
 included), and ``wall - fit``, the price of the command
 around the fit. FireANTs greedy: ``benchmarks/harness/methods.py``'s ``run_fireants`` in a fresh
