@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from nir_lightning.data.pair import ImagePair
 from nir_lightning.evaluation.evaluate import RegistrationResult
 from nir_lightning.evaluation.output_files import OUTPUT_FILES
 from nir_lightning.io import save_displacement_itk, save_itk_affine, save_nifti, write_json_atomic
+
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11; the package supports 3.10 (as app/lock.py)
 
 __all__ = ["OUTPUT_FILES", "TransformWriter", "displacement_world", "write_outputs"]
 

@@ -38,6 +38,11 @@ Stencil = Literal["forward", "central", "analytic"]
 JacobianTransform = Callable[[Tensor], tuple[Tensor, Tensor]]
 
 
+def _mean_voxel_mm(voxel_size: tuple[float, float, float]) -> float:
+    """The geometric mean of the voxel's sides in mm: the one size the resolution rules below scale with."""
+    return float((voxel_size[0] * voxel_size[1] * voxel_size[2]) ** (1 / 3))
+
+
 def scaled_jacobian_points(points: int, voxel_size: tuple[float, float, float]) -> int:
     """Det J points per step for an image of ``voxel_size`` mm, from ``points`` at 2 mm:
     ``(2 / mean voxel size)^2`` times as many, the factor kept within ``[1/4, 4]``.
@@ -47,8 +52,7 @@ def scaled_jacobian_points(points: int, voxel_size: tuple[float, float, float]) 
     >>> scaled_jacobian_points(16384, (0.5, 0.5, 0.5)), scaled_jacobian_points(0, (1.0, 1.0, 1.0))
     (65536, 0)
     """
-    mean = (voxel_size[0] * voxel_size[1] * voxel_size[2]) ** (1 / 3)
-    factor = min(4.0, max(0.25, (2.0 / mean) ** 2))
+    factor = min(4.0, max(0.25, (2.0 / _mean_voxel_mm(voxel_size)) ** 2))
     return round(points * factor)
 
 
@@ -67,8 +71,7 @@ def scaled_margin(voxel_size: tuple[float, float, float], *, at_2mm: float = 0.3
     >>> round(scaled_margin((1.5, 1.5, 1.5)), 3), scaled_margin((0.5, 0.5, 0.5))
     (0.425, 0.5)
     """
-    mean = (voxel_size[0] * voxel_size[1] * voxel_size[2]) ** (1 / 3)
-    t = min(1.0, max(0.0, 2.0 - mean))  # 0 at >= 2 mm, 1 at <= 1 mm
+    t = min(1.0, max(0.0, 2.0 - _mean_voxel_mm(voxel_size)))  # 0 at >= 2 mm, 1 at <= 1 mm
     return at_2mm + (at_1mm - at_2mm) * t
 
 
