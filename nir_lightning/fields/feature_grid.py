@@ -74,7 +74,7 @@ def trilinear_with_jacobian(
     rows = base[:, None] + (corners * strides).sum(-1)[None]  # (M, 8)
     if channels_first:
         c = grid.shape[0]
-        values = grid.reshape(c, -1).index_select(1, rows.reshape(-1)).reshape(c, *rows.shape).permute(1, 2, 0)  # (M, 8, C)
+        values = _CornerGather.apply(grid, rows.reshape(-1)).reshape(c, *rows.shape).permute(1, 2, 0)  # (M, 8, C)
     else:
         values = grid.reshape(-1, grid.shape[-1]).index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1)  # (M, 8, C)
     lo, hi = 1 - t, t
@@ -86,6 +86,27 @@ def trilinear_with_jacobian(
     # one batched product reads the value and the three derivatives: (M, 1 or 4, 8) @ (M, 8, C)
     read = torch.bmm(torch.stack(rows_w, dim=1).to(values.dtype), values.contiguous())
     return read[:, 0], (read[:, 1:] if jacobian else None)
+
+
+class _CornerGather(torch.autograd.Function):
+    """``grid.reshape(C, -1).index_select(1, rows)`` for a channels-first ``grid`` ``(C, R0, R1, R2)``,
+    whose backward returns a fresh gradient of ``grid``'s own shape: autograd can then add the
+    lattice read's gradient of the same grid into it in place. Through a reshape (a view) the two
+    full-grid gradients were summed into a third buffer, one more pass over the 97^3 x 4 grid a step.
+    The values and the gradient are those of ``index_select`` bit for bit."""
+
+    @staticmethod
+    def forward(ctx: Any, grid: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        ctx.shape = grid.shape
+        return grid.reshape(grid.shape[0], -1).index_select(1, rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (rows,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        out.view(ctx.shape[0], -1).index_add_(1, rows, grad)
+        return out, None
 
 
 def linear_weights(coords: Tensor, vertices: int, *, derivative: bool = False) -> Tensor:

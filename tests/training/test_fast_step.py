@@ -12,7 +12,7 @@ from nir_lightning.core.jacobian import determinant
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.data.phantom import make_phantom
 from nir_lightning.fields import GridDisplacementField
-from nir_lightning.fields.feature_grid import axis_read
+from nir_lightning.fields.feature_grid import _CornerGather, axis_read, level_lattice_read, trilinear_with_jacobian
 from nir_lightning.training.module import RegistrationModule
 
 
@@ -63,6 +63,32 @@ def test_axis_read_backward_equals_autograd(dim: int, derivative: bool) -> None:
     slow = torch.autograd.grad((axis_read(x, coords.clone().requires_grad_(), dim, derivative=derivative) * w).sum(), x)[0]
     torch.testing.assert_close(fast, slow, atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(lambda v: axis_read(v, coords, dim, derivative=derivative), (x,))
+
+
+def test_corner_gather_is_index_select_and_adds_the_lattice_gradient_in_place() -> None:
+    """The det J points' gather gives index_select's values and gradient bit for bit; its gradient
+    is a fresh tensor of the grid's shape, so autograd adds the lattice read's gradient of the
+    same grid into it (``add_``) instead of summing both into a third grid-sized buffer."""
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.randn(4, 9, 10, 11, generator=gen, requires_grad=True)
+    rows = torch.randint(0, 9 * 10 * 11, (500,), generator=gen)
+    w = torch.randn(4, 500, generator=gen)
+    fast = torch.autograd.grad((_CornerGather.apply(grid, rows) * w).sum(), grid)[0]
+    slow = torch.autograd.grad((grid.reshape(4, -1).index_select(1, rows) * w).sum(), grid)[0]
+    assert torch.equal(_CornerGather.apply(grid, rows), grid.reshape(4, -1).index_select(1, rows))
+    assert torch.equal(fast, slow)
+    g64 = grid.detach().double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: _CornerGather.apply(v, rows), (g64,))
+
+    # a training step: the lattice and the det J points both read the finest level
+    module = _module()
+    sample = module.sampler.sample(module.shape, generator=torch.Generator().manual_seed(0), mask=module.mask)
+    loss = module.model_step(sample, torch.Generator().manual_seed(1))["loss"]
+    finest = list(module.field.encoding.grids[-1].shape[1:])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    adds = {e.key for e in prof.events() if e.key in ("aten::add", "aten::add_") and e.input_shapes and e.input_shapes[0] == finest}
+    assert adds == {"aten::add_"}, adds  # with index_select's backward (a view): {"aten::add"}
 
 
 def test_determinant_is_the_cofactor_formula() -> None:
