@@ -118,6 +118,49 @@ def test_downsize_sampler_visits_every_voxel_over_offsets():
     assert bool(seen.all())
 
 
+@pytest.mark.parametrize("stride", [2, 3])
+def test_fit_steps_stratify_the_lattice_offsets(stride: int):
+    """Given the fit's step, each cycle of stride**3 consecutive steps visits every sub-lattice
+    once (every voxel exactly once per cycle), in an order that depends on the seed; the same
+    (seed, step) gives the same lattice, whatever ran before (a resumed fit)."""
+    n = stride**3
+    sampler = DownsizeSampler(stride=stride)
+
+    def visits(seed: int, steps: range) -> torch.Tensor:
+        count = torch.zeros(SHAPE, dtype=torch.long)
+        for step in steps:
+            vox = as_voxels(sampler.sample(SHAPE, generator=gen(1000 * seed + step), step=step, seed=seed)).reshape(-1, 3)
+            count[vox[:, 0], vox[:, 1], vox[:, 2]] += 1
+        return count
+
+    for cycle in range(3):
+        counts = visits(0, range(cycle * n, (cycle + 1) * n))
+        inner = counts[: SHAPE[0] // stride * stride, : SHAPE[1] // stride * stride, : SHAPE[2] // stride * stride]
+        assert bool((inner == 1).all()), f"cycle {cycle}: visits {inner.unique().tolist()}"
+
+    def origin(seed: int, step: int) -> tuple[int, ...]:
+        return tuple(as_voxels(sampler.sample(SHAPE, generator=gen(step), step=step, seed=seed))[0, 0, 0, 0].tolist())
+
+    order0, order1 = [origin(0, t) for t in range(n)], [origin(1, t) for t in range(n)]
+    assert order0 != order1 and sorted(order0) == sorted(order1)
+    assert origin(0, 5) == order0[5]  # a function of (seed, step) alone
+    # i.i.d. offsets over the same number of steps leave sub-lattices unvisited or visited twice
+    iid = torch.zeros(SHAPE, dtype=torch.long)
+    for step in range(n):
+        vox = as_voxels(sampler.sample(SHAPE, generator=gen(step))).reshape(-1, 3)
+        iid[vox[:, 0], vox[:, 1], vox[:, 2]] += 1
+    assert int(iid.max()) > 1
+
+
+def test_stratified_offsets_leave_the_steps_other_draws_unchanged():
+    """The offset draw is taken from the step's generator either way: what the step draws next
+    (the det J points) does not depend on whether the offsets are stratified."""
+    a, b = gen(7), gen(7)
+    DownsizeSampler(stride=2).sample(SHAPE, generator=a)
+    DownsizeSampler(stride=2).sample(SHAPE, generator=b, step=3, seed=0)
+    assert torch.equal(torch.rand(5, generator=a), torch.rand(5, generator=b))
+
+
 def test_downsize_sampler_rejects_bad_arguments():
     with pytest.raises(ValueError):
         DownsizeSampler(stride=0)

@@ -76,8 +76,13 @@ class CoordinateSampler:
         generator: torch.Generator,
         mask: Tensor | None = None,
         progress: float = 1.0,
+        step: int | None = None,
+        seed: int = 0,
     ) -> CoordinateSample:
         """Draw points for a fixed image of spatial ``shape``; ``mask`` ``(D0, D1, D2)``
         (bool, on the generator's device) marks the foreground where it matters; ``progress``
-        in ``[0, 1]`` is how far the fit is (only coarse-to-fine samplers use it)."""
+        in ``[0, 1]`` is how far the fit is (only coarse-to-fine samplers use it); ``step`` and
+        ``seed``, the fit's global step and seed, let lattice samplers stratify their offsets
+        over consecutive steps (:func:`~nir_lightning.sampling.domain.lattice_offset`;
+        ``None``: independent draws). A sampler of one's own accepts both keywords."""
         raise NotImplementedError

@@ -44,6 +44,8 @@ class RandomSampler(CoordinateSampler):
         generator: torch.Generator,
         mask: Tensor | None = None,
         progress: float = 1.0,
+        step: int | None = None,
+        seed: int = 0,
     ) -> CoordinateSample:
         check_shape(shape, 1, "RandomSampler")
         device = generator.device
@@ -65,8 +67,9 @@ class RandomSampler(CoordinateSampler):
 class DownsizeSampler(CoordinateSampler):
     """A stride-``stride`` sub-lattice of the full fixed grid with a random offset per axis.
 
-    Every voxel is visited once per ``stride**3`` steps on average, and the sample is still a
-    regular grid (spacing ``stride`` voxels), so windowed losses apply.
+    Every voxel is visited once per ``stride**3`` steps (exactly, given the fit's ``step``:
+    :func:`~nir_lightning.sampling.domain.lattice_offset`), and the sample is still a regular
+    grid (spacing ``stride`` voxels), so windowed losses apply.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> s = DownsizeSampler(stride=3).sample((9, 10, 11), generator=g)
@@ -86,9 +89,11 @@ class DownsizeSampler(CoordinateSampler):
         generator: torch.Generator,
         mask: Tensor | None = None,
         progress: float = 1.0,
+        step: int | None = None,
+        seed: int = 0,
     ) -> CoordinateSample:
         check_shape(shape, self.stride, "DownsizeSampler")
-        grid, _ = random_lattice(shape, self.stride, generator)
+        grid, _ = random_lattice(shape, self.stride, generator, step=step, seed=seed)
         s = float(self.stride)
         return CoordinateSample(points=grid.unsqueeze(0), spacing=(s, s, s), separable=True)
 
@@ -123,6 +128,8 @@ class MinipatchSampler(CoordinateSampler):
         generator: torch.Generator,
         mask: Tensor | None = None,
         progress: float = 1.0,
+        step: int | None = None,
+        seed: int = 0,
     ) -> CoordinateSample:
         p = self.patch_size
         check_shape(shape, p, f"MinipatchSampler(patch_size={p})")
@@ -148,7 +155,7 @@ class MinipatchSampler(CoordinateSampler):
 
 class PyramidSampler(CoordinateSampler):
     """Coarse to fine: stage ``k`` covers the fraction ``fractions[k]`` of the fit and samples a
-    stride-``strides[k]`` sub-lattice (random offset) of the pair smoothed by ``sigmas[k]``
+    stride-``strides[k]`` sub-lattice (offsets stratified over steps) of the pair smoothed by ``sigmas[k]``
     voxels, with the field's first ``levels[k]`` feature-grid levels.
 
     The point budget is fixed: where a stage's lattice would hold more than its ``max_points``
@@ -244,6 +251,8 @@ class PyramidSampler(CoordinateSampler):
         generator: torch.Generator,
         mask: Tensor | None = None,
         progress: float = 1.0,
+        step: int | None = None,
+        seed: int = 0,
     ) -> CoordinateSample:
         k = self.stage(progress)
         levels = None if self.levels is None else self.levels[k]
@@ -262,7 +271,7 @@ class PyramidSampler(CoordinateSampler):
             box = grown_box(tight, self.crop_margin * stride, shape)
             extent = [h - lo for lo, h in zip(*box, strict=True)]
         stride = budget_stride(extent, min(self.strides[k], min(shape)), self.max_points[k])
-        grid, origin = random_lattice(shape, stride, generator, box)
+        grid, origin = random_lattice(shape, stride, generator, box, step=step, seed=seed)
         sigma = self.sigmas[k] * stride / self.strides[k]
         return CoordinateSample(
             points=grid.unsqueeze(0), spacing=(float(stride),) * 3, sigma=sigma, levels=levels, separable=True,

@@ -419,7 +419,7 @@ class RegistrationModule(pl.LightningModule):
         gen = self._generator(self.global_step)
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
         progress = self.global_step / total if total else 1.0
-        sample = self.sampler.sample(self.shape, generator=gen, mask=self.sample_mask, progress=progress)
+        sample = self.sampler.sample(self.shape, generator=gen, mask=self.sample_mask, progress=progress, step=self.global_step, seed=self.seed)
         out = self.model_step(sample, gen)
         if not bool(torch.isfinite(out["loss"])):
             raise FloatingPointError(
