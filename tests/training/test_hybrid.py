@@ -242,7 +242,7 @@ def test_hybrid_diffeomorphic_predict_writes_the_inverse(demo_files, tmp_path) -
     ("model_cfg", "field", "field2", "stencil", "lam"),
     [
         ("displacement", "GridDisplacementField", None, "analytic", 5.0),
-        ("diffeomorphic", "GridVelocityField", None, "analytic", 20.0),
+        ("diffeomorphic", "GridVelocityField", None, "analytic", 17.0),
         ("siren", "DisplacementField", None, "forward", 10.0),
         ("siren_diffeomorphic", "VelocityField", None, "central", 20.0),
         ("hybrid", "DisplacementField", "DisplacementField", "forward", 10.0),
