@@ -52,8 +52,8 @@ def lattice_offset(stride: int, generator: torch.Generator, *, step: int | None 
     cycle of ``stride**3`` consecutive steps takes every offset once, in an order shuffled per
     cycle from ``(seed, stride, cycle)``, so the offset is a function of ``(seed, step)`` and a
     resumed fit draws what an uninterrupted one does. I.i.d. offsets visit some sub-lattices far
-    more often than others (62 stride-2 steps over 8 offsets: 3 to 12 visits), and which ones
-    depends on the seed alone, the same for every pair. ``generator`` is drawn from either way,
+    more often than others (the 62 stride-2 steps of the finest stage, 8 offsets: 3 to 14 visits
+    with seed 0), and which ones depends on the seed alone, the same for every pair. ``generator`` is drawn from either way,
     so the step's later draws (the det J points) do not depend on the choice.
 
     >>> offsets = [lattice_offset(2, torch.Generator().manual_seed(t), step=t) for t in range(16)]
