@@ -271,11 +271,11 @@ def test_model_configs_build_and_compose(
 
 
 @pytest.mark.parametrize(
-    ("model_cfg", "stencil", "field"),
-    [("diffeomorphic", "analytic", "GridVelocityField"), ("hybrid_diffeomorphic", "central", "VelocityField")],
+    ("model_cfg", "stencil", "field", "lam"),
+    [("diffeomorphic", "analytic", "GridVelocityField", 17.0), ("hybrid_diffeomorphic", "central", "VelocityField", 20.0)],
 )
 def test_velocity_penalty_survives_layering_after_the_displacement_config(
-    model_cfg: str, stencil: str, field: str, tmp_path, monkeypatch
+    model_cfg: str, stencil: str, field: str, lam: float, tmp_path, monkeypatch
 ) -> None:
     """README and benchmarks layer a mode file after configs/model/displacement.yaml."""
     from nir_lightning.training.lightning_cli import NIRCLI
@@ -288,4 +288,4 @@ def test_velocity_penalty_survives_layering_after_the_displacement_config(
     ]
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     cli = NIRCLI(args, run=False)
-    assert (cli.model.jacobian_stencil, cli.model.lam, type(cli.model.field).__name__) == (stencil, 20.0, field)
+    assert (cli.model.jacobian_stencil, cli.model.lam, type(cli.model.field).__name__) == (stencil, lam, field)
