@@ -45,7 +45,24 @@ def _pool(image: Tensor, factors: tuple[int, int, int]) -> Tensor:
 
 
 def _grown(mask: Tensor, steps: Sequence[int]) -> Tensor:
-    """``mask`` ``(D0, D1, D2)`` dilated by ``steps[a]`` voxels along each axis a (a box element)."""
+    """``mask`` ``(D0, D1, D2)`` dilated by ``steps[a]`` voxels along each axis a (a box element).
+
+    On the CPU by :func:`scipy.ndimage.maximum_filter1d` (a running maximum: its cost does not
+    grow with the window; ``max_pool3d`` took 0.8 s at 1 mm for the same boolean mask).
+    """
+    if mask.device.type == "cpu":
+        from scipy.ndimage import maximum_filter1d
+
+        grown = mask.numpy().astype(np.uint8)
+        for axis, k in enumerate(steps):
+            if k > 0:
+                grown = maximum_filter1d(grown, size=2 * k + 1, axis=axis, mode="constant", cval=0)
+        return torch.from_numpy(grown > 0)
+    return _grown_by_pooling(mask, steps)
+
+
+def _grown_by_pooling(mask: Tensor, steps: Sequence[int]) -> Tensor:
+    """:func:`_grown` on any device: ``max_pool3d`` with a ``2 k + 1`` window along each axis."""
     out = mask[None, None].to(torch.float32)
     for axis, k in enumerate(steps):
         if k > 0:

@@ -304,19 +304,50 @@ def resample(
     >>> resample(img, np.eye(4), (2, 3, 4), np.eye(4), [MatrixStep(shift)])[0, 0, :, 0].tolist()
     [2.0, 6.0, 0.0]
     """
-    if image.dim() != 4:
-        raise ValueError(f"image must be (C, I0, I1, I2), got {tuple(image.shape)}")
-    if mode not in RESAMPLE_MODES:
-        raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
+    return resample_many([(image, mode)], image_affine, reference_shape, reference_affine, chain, max_points=max_points, fill=fill)[0]
+
+
+@torch.no_grad()
+def resample_many(
+    images: Sequence[tuple[Tensor, ResampleMode]],
+    image_affine: np.ndarray,
+    reference_shape: tuple[int, int, int],
+    reference_affine: np.ndarray,
+    chain: Sequence[Step],
+    *,
+    max_points: int = DEFAULT_MAX_POINTS,
+    fill: float = 0.0,
+) -> list[Tensor]:
+    """:func:`resample` of several images on one grid through one chain, each with its own mode.
+
+    ``images``: ``(image (C, I0, I1, I2), mode)`` pairs whose images share ``(I0, I1, I2)`` and
+    ``image_affine`` (an image and its label map). Every reference voxel goes through the chain
+    once for all of them (a slab at a time); each result is bit for bit what :func:`resample`
+    returns for that image alone (it is the same computation).
+
+    >>> img = torch.arange(24.0).reshape(1, 2, 3, 4)
+    >>> shift = np.eye(4); shift[2, 3] = 0.5
+    >>> lin, near = resample_many([(img, "linear"), (img, "nearest")], np.eye(4), (2, 3, 4), np.eye(4), [MatrixStep(shift)])
+    >>> lin[0, 0, 0].tolist(), near[0, 0, 0].tolist()
+    ([0.5, 1.5, 2.5, 0.0], [1.0, 2.0, 3.0, 0.0])
+    """
+    if not images:
+        raise ValueError("images is empty: give at least one (image, mode) pair")
+    for i, (image, mode) in enumerate(images):
+        if image.dim() != 4:
+            raise ValueError(f"image must be (C, I0, I1, I2), got {tuple(image.shape)}")
+        if mode not in RESAMPLE_MODES:
+            raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
+        if image.shape[1:] != images[0][0].shape[1:]:
+            raise ValueError(f"images[{i}] is {tuple(image.shape[1:])} voxels, images[0] {tuple(images[0][0].shape[1:])}: one grid for all")
     ref_shape = tuple(int(s) for s in reference_shape)
     if len(ref_shape) != 3 or min(ref_shape) < 1:
         raise ValueError(f"reference_shape must be three positive sizes, got {reference_shape!r}")
     ref_affine = _matrix(reference_affine, "reference_affine")
     img_affine = _matrix(image_affine, "image_affine")
-    device = image.device
-    c = image.shape[0]
-    flat = image.to(torch.float32).reshape(c, -1).T.contiguous()  # (N, C): one row per voxel, for gathers
-    img_grid = _Grid(image.shape[1:], img_affine, device)
+    device = images[0][0].device
+    flats = [image.to(torch.float32).reshape(image.shape[0], -1).T.contiguous() for image, _ in images]  # (N, C): one row per voxel, for gathers
+    img_grid = _Grid(images[0][0].shape[1:], img_affine, device)
     ref_to_world = torch.tensor(ref_affine, dtype=torch.float64, device=device)
     # A first displacement on the reference grid is read at the voxels (the registration's own).
     first = chain[0] if chain else None
@@ -326,7 +357,7 @@ def resample(
         chain = chain[1:]
     ops = _prepare(chain, device)
 
-    out = torch.empty(c, *ref_shape, dtype=torch.float32, device=device)
+    outs = [torch.empty(flat.shape[1], *ref_shape, dtype=torch.float32, device=device) for flat in flats]
     plane = ref_shape[1] * ref_shape[2]
     axes12 = [torch.arange(n, dtype=torch.float64, device=device) for n in ref_shape[1:]]
     for sl in slabs(ref_shape[0], plane, max_points=max_points):
@@ -337,12 +368,13 @@ def resample(
             points = points + direct_disp[sl].reshape(-1, 3).to(device=device, dtype=torch.float64)
         points = _run(ops, points)
         src, inside = img_grid.locate(points)
-        if mode == "linear":
-            sampled = _linear(flat, img_grid, src).float()
-        elif mode == "nearest":
-            sampled = flat[img_grid.nearest(src)]
-        else:
-            sampled = _label(flat, img_grid, src)
-        sampled = torch.where(inside[:, None], sampled, torch.full_like(sampled, fill))
-        out[:, sl] = sampled.T.reshape(c, sl.stop - sl.start, *ref_shape[1:])
-    return out
+        for flat, (_, mode), out in zip(flats, images, outs, strict=True):
+            if mode == "linear":
+                sampled = _linear(flat, img_grid, src).float()
+            elif mode == "nearest":
+                sampled = flat[img_grid.nearest(src)]
+            else:
+                sampled = _label(flat, img_grid, src)
+            sampled = torch.where(inside[:, None], sampled, torch.full_like(sampled, fill))
+            out[:, sl] = sampled.T.reshape(flat.shape[1], sl.stop - sl.start, *ref_shape[1:])
+    return outs

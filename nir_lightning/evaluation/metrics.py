@@ -97,13 +97,31 @@ def _union(a: tuple[slice, ...], b: tuple[slice, ...]) -> tuple[slice, ...]:
     return tuple(slice(min(x.start, y.start), max(x.stop, y.stop)) for x, y in zip(a, b))
 
 
-def _edge_coords_mm(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Millimetre coordinates of ``mask``'s edge voxels: in the mask, not in its erosion by the
-    6-neighbourhood with the outside counted as background (MONAI's ``get_mask_edges``)."""
+def _edges(mask: np.ndarray) -> np.ndarray:
+    """``mask``'s edge voxels: in the mask, not in its erosion by the 6-neighbourhood with the
+    outside counted as background (MONAI's ``get_mask_edges``)."""
     from scipy.ndimage import binary_erosion
 
-    edges = mask & ~binary_erosion(mask)
-    return np.argwhere(edges).astype(np.float64) * spacing
+    return mask & ~binary_erosion(mask)
+
+
+def _nearest_edge_mm(source: np.ndarray, target: np.ndarray, scale: np.ndarray, threads: int) -> Tensor:
+    """For each edge voxel of ``source`` (in C order), the distance in mm to the nearest edge
+    voxel of ``target`` (both boolean edge masks of one box): float32, as MONAI keeps them.
+
+    A voxel that is an edge of both is at distance 0 and needs no query (after registration
+    most are); the others are queried in a KD-tree of ``target``'s edge voxels.
+    """
+    from scipy.spatial import KDTree
+
+    shared = target[source]  # per source edge voxel, in the order of np.argwhere(source)
+    out = np.zeros(shared.shape, dtype=np.float64)
+    away = ~shared
+    if bool(away.any()):
+        pts = np.argwhere(source & ~target).astype(np.float64) * scale  # the same voxels as out[away], same order
+        tree = KDTree(np.argwhere(target).astype(np.float64) * scale, leafsize=32)
+        out[away] = tree.query(pts, k=1, workers=threads)[0]
+    return torch.as_tensor(out, dtype=torch.float32)
 
 
 def hd95_per_label(
@@ -123,7 +141,8 @@ def hd95_per_label(
     This is ``monai.metrics.compute_hausdorff_distance(percentile=95, spacing=spacing)``
     (tested equal to 1e-3 mm), computed inside each label's bounding box (the union of both
     maps' boxes) found for all labels in one pass, with a KD-tree on the edge voxels as MONAI
-    does on CPU, instead of building edge masks over the whole volume once per label.
+    does on CPU, instead of building edge masks over the whole volume once per label; an edge
+    voxel of both maps is at distance 0 without a query.
 
     NaN where the label is missing from either map. ``workers``: threads of the KD-tree queries
     (exact whatever their number; default torch's CPU threads, i.e. ``--threads``): the queries
@@ -133,8 +152,6 @@ def hd95_per_label(
     >>> hd95_per_label(np.roll(a, 2, axis=0), a, [1, 2], spacing=(1.0, 1.0, 2.0))
     {1: 2.0, 2: nan}
     """
-    from scipy.spatial import KDTree
-
     p, t = _as_array(prediction), _as_array(target)
     if p.shape != t.shape:
         raise ValueError(f"label maps differ in size: {p.shape} vs {t.shape}")
@@ -147,10 +164,9 @@ def hd95_per_label(
             out[lab] = float("nan")
             continue
         box = _union(boxes_p[lab], boxes_t[lab])
-        ep, et = _edge_coords_mm(p[box] == lab, scale), _edge_coords_mm(t[box] == lab, scale)
+        ep, et = _edges(p[box] == lab), _edges(t[box] == lab)
         # MONAI: distances as float32, the percentile of each direction by torch.quantile, then the max
-        d_pt = torch.as_tensor(KDTree(et, leafsize=32).query(ep, k=1, workers=threads)[0], dtype=torch.float32)
-        d_tp = torch.as_tensor(KDTree(ep, leafsize=32).query(et, k=1, workers=threads)[0], dtype=torch.float32)
+        d_pt, d_tp = _nearest_edge_mm(ep, et, scale, threads), _nearest_edge_mm(et, ep, scale, threads)
         out[lab] = float(max(torch.quantile(d_pt, 0.95), torch.quantile(d_tp, 0.95)))
     return out
 

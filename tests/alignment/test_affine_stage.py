@@ -296,3 +296,16 @@ def test_early_stop_ends_flat_levels_and_keeps_misaligned_results(phantom):
     assert translation_error_mm(early.world, whole.world, centre) < MAX_TRANSLATION_MM
     assert rotation_error_deg(early.world, whole.world) < MAX_ROTATION_DEG
     assert np.abs(early.world[:3, :3] - whole.world[:3, :3]).max() < MAX_ENTRY
+
+
+def test_the_grown_region_is_the_same_by_running_maximum_and_by_pooling():
+    """The CPU dilation (scipy's running maximum) equals ``max_pool3d``'s, voxel for voxel."""
+    from nir_lightning.alignment.pyramid import _grown, _grown_by_pooling
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(17, 12, 9, generator=gen) > 0.93
+    for steps in ([0, 0, 0], [1, 2, 3], [5, 0, 11], [20, 20, 20]):
+        want = _grown_by_pooling(mask, steps)
+        got = _grown(mask, steps)
+        assert got.dtype == torch.bool and torch.equal(got, want)
+    assert int(_grown(mask, [1, 1, 1]).sum()) > int(mask.sum()) > 0
