@@ -240,6 +240,26 @@ def test_evaluate_writes_an_itk_inverse_and_inverse_consistency(tmp_path) -> Non
     assert float(err.mean()) < 0.05 * min(pair.spacing), f"round trip through the written files: {err.mean():.3f} mm"
 
 
+def test_flow_folding_count_is_the_foreground_voxels_the_solver_does_not_resolve(tmp_path) -> None:
+    """``flow_folding_count``: foreground voxels where the computed map's own det J is <= 0.
+
+    One steep velocity (gain 400, T = 0.2): one Euler step folds the computed map at dozens of
+    voxels (measured 75 on a 20 x 22 x 21 grid), rk4 at h = 0.01 resolves it (det J min 0.13)."""
+    files = write_demo_pair(tmp_path / "in", shape=PHANTOM_SHAPE, magnitude=2.0)
+    pair = load_pair(files["fixed"], files["moving"])
+    fg = pair.foreground_mask()
+    counts = {}
+    for method, step in (("euler", 0.2), ("rk4", 0.01)):
+        torch.manual_seed(0)
+        field = _nontrivial(VelocityField(**SMALL, method=method, step_size=step), gain=400.0)
+        metrics = evaluate(field, pair, hd95=False, inverse=False).metrics
+        det = flow_jacobian_determinant(field, pair.shape, mask=fg)
+        assert metrics["flow_folding_count"] == int((det[fg] <= 0).sum())
+        assert metrics["flow_jacobian_det_min"] == float(det[fg].min())
+        counts[method] = metrics["flow_folding_count"]
+    assert counts["euler"] > 10 and counts["rk4"] == 0, counts
+
+
 def test_displacement_field_has_no_inverse_outputs(tmp_path) -> None:
     files = write_demo_pair(tmp_path / "in", shape=PHANTOM_SHAPE)
     pair = load_pair(files["fixed"], files["moving"])
