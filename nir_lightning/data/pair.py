@@ -118,8 +118,11 @@ class ImagePair:
         def resample(img: Tensor, mode: Any) -> Tensor:
             return img if pts is None else sample_image(img, pts, mode=mode)
 
-        self.moving = resample(nat.image, "bilinear")
-        self.moving_raw = resample(nat.raw, "bilinear")
+        if pts is None:
+            self.moving, self.moving_raw = nat.image, nat.raw
+        else:  # both intensity copies in one pass (grid_sample's channels share the weights: the same values)
+            both = sample_image(torch.cat([nat.image, nat.raw], dim=1), pts, mode="bilinear")
+            self.moving, self.moving_raw = both[:, :1].contiguous(), both[:, 1:].contiguous()
         if nat.labels is not None:
             self.moving_labels = resample(nat.labels.float(), "nearest").round().to(torch.int32)
         if nat.mask is not None:
@@ -225,6 +228,21 @@ def _coverage(moving: MetaTensor, fixed: MetaTensor, step: int = 4) -> float:
     mv = vox @ to_moving[:3, :3].T + to_moving[:3, 3]
     inside = np.all((mv >= -0.5) & (mv <= np.asarray(moving.shape[1:]) - 0.5), axis=1)
     return float(inside.mean())
+
+
+def present_labels(labels: Tensor) -> set[int]:
+    """The values that occur in an integer label map (any shape).
+
+    Counted by one ``bincount`` when they are small non-negative integers (a third of
+    ``torch.unique``'s time, which sorts: 0.6 s for a 1 mm brain's labels), else by ``torch.unique``.
+
+    >>> sorted(present_labels(torch.tensor([[0, 3], [3, 17]], dtype=torch.int32)))
+    [0, 3, 17]
+    """
+    flat = labels.detach().cpu().reshape(-1)
+    if flat.numel() and not flat.is_floating_point() and int(flat.min()) >= 0 and int(flat.max()) < 2**20:
+        return {int(v) for v in np.flatnonzero(np.bincount(flat.numpy().astype(np.intp, copy=False)))}
+    return {int(v) for v in torch.unique(flat).tolist()}
 
 
 def load_pair(
@@ -374,9 +392,9 @@ def load_pair(
             pair.moving_labels = plain("moving_labels", torch.int32)
         assert pair.moving_labels is not None
         pair.fixed_labels_path, pair.moving_labels_path = str(paths["fixed_labels"]), str(paths["moving_labels"])
-        present_f = set(torch.unique(pair.fixed_labels).tolist()) - {0}
+        present_f = present_labels(pair.fixed_labels) - {0}
         source = pair.native.labels if pair.native is not None and pair.native.labels is not None else pair.moving_labels
-        present_m = set(torch.unique(source).tolist()) - {0}
+        present_m = present_labels(source) - {0}
         common = sorted(present_f & present_m)
         if not common:
             where = " on the fixed grid" if notes and not keep_native else ""

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 from nir_lightning.data.checks import check_affine, parse_labels
 from nir_lightning.data.pair import load_pair
@@ -328,3 +329,17 @@ def test_load_pair_does_not_touch_its_inputs(tiny_pair, tmp_path):
     before = {p.name: p.read_bytes() for p in copy.iterdir()}
     load_pair(copy / "fixed.nii.gz", copy / "moving.nii.gz", fixed_labels=copy / "fixed_labels.nii.gz", moving_labels=copy / "moving_labels.nii.gz")
     assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+
+
+def test_present_labels_are_torch_unique_for_any_label_values():
+    """The bincount path (small non-negative labels) and the sorting path agree with torch.unique."""
+    from nir_lightning.data.pair import present_labels
+
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randint(0, 40, (6, 7, 8), generator=gen, dtype=torch.int32)
+    small[small == 13] = 2035  # a FreeSurfer-style large label
+    large = small.clone()
+    large[0, 0, 0] = -4  # negative values take the torch.unique path
+    large[0, 0, 1] = 2**21
+    for labels in (small, large, torch.zeros(2, 2, 2, dtype=torch.int32)):
+        assert present_labels(labels) == set(torch.unique(labels).tolist())
