@@ -85,6 +85,18 @@ def test_voxel_displacement_to_world_is_the_difference_of_points(seed):
     assert np.allclose(got, want, atol=1e-9)
 
 
+def test_voxel_displacement_to_world_is_numpys_float64_product():
+    """The torch product gives numpy's float64 matmul (bit for bit on the dev machine for fields;
+    both are BLAS kernels chosen per CPU, so only to rounding here)."""
+    rng = np.random.default_rng(3)
+    affine = _random_affine(3)
+    for shape in [(3,), (7, 3), (5, 6, 7, 3)]:
+        d = rng.normal(0, 3, shape).astype(np.float32)
+        got = voxel_displacement_to_world(d, affine)
+        assert got.dtype == np.float64 and got.shape == shape
+        assert np.allclose(got, np.asarray(d, dtype=np.float64) @ affine[:3, :3].T, rtol=1e-14, atol=1e-13)
+
+
 @settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_voxel_spacing_is_the_column_norm(seed):
