@@ -138,8 +138,10 @@ def world_to_voxel(world: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def voxel_displacement_to_world(disp_voxel: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """A displacement in voxels ``(..., 3)`` to RAS millimetres (rotation/scaling only): float64.
 
-    The product runs in torch (BLAS, every CPU thread): numpy's took 0.5 s on a 1 mm brain's
-    dense field, torch's 0.06 s (the same float64 values on the dev machine, bit for bit).
+    The product runs in torch: numpy's goes through OpenBLAS, whose first large product in a
+    process took 0.3-0.5 s (1 mm dense field, 2 threads; 0.12 s once warm), torch's 0.12 s each
+    time. The float64 values were the same bit for bit on the dev machine (both are BLAS kernels
+    chosen per CPU, so elsewhere equal to rounding).
 
     >>> voxel_displacement_to_world(np.array([1.0, 2.0, 3.0]), np.diag([2.0, 2.0, 2.0, 1.0]))
     array([2., 4., 6.])
