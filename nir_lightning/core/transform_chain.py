@@ -346,7 +346,12 @@ def resample_many(
     ref_affine = _matrix(reference_affine, "reference_affine")
     img_affine = _matrix(image_affine, "image_affine")
     device = images[0][0].device
-    flats = [image.to(torch.float32).reshape(image.shape[0], -1).T.contiguous() for image, _ in images]  # (N, C): one row per voxel, for gathers
+    # (N, C): one row per voxel, for gathers; one copy per distinct image (an image in two modes shares it)
+    copies: dict[int, Tensor] = {}
+    for image, _ in images:
+        if id(image) not in copies:
+            copies[id(image)] = image.to(torch.float32).reshape(image.shape[0], -1).T.contiguous()
+    flats = [copies[id(image)] for image, _ in images]
     img_grid = _Grid(images[0][0].shape[1:], img_affine, device)
     ref_to_world = torch.tensor(ref_affine, dtype=torch.float64, device=device)
     # A first displacement on the reference grid is read at the voxels (the registration's own).

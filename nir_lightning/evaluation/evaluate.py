@@ -24,7 +24,7 @@ from nir_lightning.coords import (
     voxel_to_world,
     world_to_voxel,
 )
-from nir_lightning.core.chunked import DEFAULT_MAX_POINTS, grid_chunks
+from nir_lightning.core.chunked import DEFAULT_MAX_POINTS, grid_chunks, slabs
 from nir_lightning.core.jacobian import chunked_jacobian_determinant
 from nir_lightning.core.resample import dense_field
 from nir_lightning.core.transform_chain import DisplacementStep, MatrixStep, ResampleMode, resample, resample_many
@@ -138,8 +138,10 @@ def evaluate(
     if not bool(torch.isfinite(phi).all()):
         raise FloatingPointError("the fitted field has non-finite values; refusing to write it (lower the learning rate or check the inputs).")
     disp = normalized_to_voxel_displacement(phi, shape)
-    disp_mm = voxel_displacement_to_world(disp.numpy(), pair.fixed_affine).astype(np.float32)
+    disp_mm = _world_displacement_float32(disp, pair.fixed_affine, max_points=max_points)
     det = chunked_jacobian_determinant(disp, max_points=max_points)
+    fg = pair.foreground_mask()
+    metrics: dict[str, Any] = score_deformation(det, disp, pair)  # before the warps: its float64 copies and theirs never coexist
     image, labels, image_affine = moving_source(pair)
     chain = transform_chain(pair, disp_mm)
     # the image and the labels (nearest, label interpolation) through the chain in one pass:
@@ -151,8 +153,9 @@ def evaluate(
         jobs += [(labels, "nearest"), (labels, "label")]
     through_chain = resample_many(jobs, image_affine, shape, pair.fixed_affine, chain, max_points=max_points)
     warped = through_chain[0][0]
-    fg = pair.foreground_mask()
-    metrics: dict[str, Any] = score_deformation(det, disp, pair)
+    # the labels as int32 (nearest, label interpolation); their float32 copies go now, not at the end
+    chain_labels = [out[0].round().to(torch.int32) for out in through_chain[1:]]
+    del through_chain
     inv_disp = None
     if inverse is not False and field_.invertible:
         phi_inv = dense_field(InverseField(field_), shape, max_points=max_points).cpu()
@@ -186,13 +189,13 @@ def evaluate(
         def through(steps: list[DisplacementStep | MatrixStep], mode: Any) -> Tensor:
             return resample(labels, image_affine, shape, pair.fixed_affine, steps, mode=mode, max_points=max_points)[0].round().to(torch.int32)
 
-        result.warped_labels_nearest = nearest = through_chain[1][0].round().to(torch.int32)
+        result.warped_labels_nearest = nearest = chain_labels[0]
         unregistered = None
         if pair.native is not None:  # the moving labels as the headers place them; on the fixed grid already: as they are
             same_grid = pair.native.shape == shape and np.allclose(image_affine, pair.fixed_affine, atol=1e-6)
             unregistered = labels[0].round().to(torch.int32) if same_grid else through([], "nearest")
         metrics.update(score_labels(nearest, pair, hd95=hd95, before=unregistered))
-        result.warped_labels = through_chain[2][0].round().to(torch.int32)
+        result.warped_labels = chain_labels[1]
         assert pair.fixed_labels is not None
         fixed_labels = pair.fixed_labels[0, 0].cpu()
         metrics["dice_after_label"] = mean_dice(dice_per_label(result.warped_labels, fixed_labels, pair.labels))
@@ -200,6 +203,17 @@ def evaluate(
     metrics["seconds_scoring"] = time.perf_counter() - t_scoring  # labels: Dice, HD95, the warps without the field
     metrics["seconds_evaluate"] = time.perf_counter() - t_start  # all of it: the dense pass, warps, det J, scoring
     return result
+
+
+def _world_displacement_float32(disp_vox: Tensor, affine: np.ndarray, *, max_points: int = DEFAULT_MAX_POINTS) -> np.ndarray:
+    """``disp_vox`` ``(D0, D1, D2, 3)`` in RAS millimetres, float32 (what the field files hold):
+    :func:`~nir_lightning.coords.voxel_displacement_to_world` slab by slab, so that its float64
+    copies never hold the whole volume (2 x 158 MB at 1 mm)."""
+    out = np.empty(tuple(disp_vox.shape), dtype=np.float32)
+    plane = int(disp_vox.shape[1]) * int(disp_vox.shape[2])
+    for sl in slabs(int(disp_vox.shape[0]), plane, max_points=max_points):
+        out[sl] = voxel_displacement_to_world(disp_vox[sl].numpy(), affine)
+    return out
 
 
 def whole_displacement_vox(disp_vox: Tensor, pair: ImagePair) -> Tensor:
