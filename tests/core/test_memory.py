@@ -11,10 +11,11 @@ Measured on the CPU machine this project is tested on (torch 2.13, one thread):
 
 * ``evaluate`` (dense field, det J, folding, warping, Dice) with a small field: peak about 1.0 GB,
   of which about 0.4 GB is importing torch/MONAI/Lightning and 0.25 GB the pair itself; the
-  evaluation adds about 0.36 GB (0.9 GB more before det J was chunked);
-* the same with the default field (feature grids + MLP), HD95 and writing all outputs: peak about 1.2 GB;
-* the whole ``nir register`` of the shared 1 mm brain pair (defaults: stride-2 lattice, i.e.
-  0.86 M points per step, 2 steps): peak about 4.9 GB, dominated by the training step's graph.
+  evaluation adds 0.52-0.55 GB in 0.2.9 (0.56-0.59 GB in 0.2.8, once 0.62 GB in CI; 0.9 GB more
+  before det J was chunked); the peak RSS varies by some 30 MB from run to run with the allocator;
+* the same with the default field (feature grids + MLP), HD95 and writing all outputs: peak about 1.1 GB;
+* the whole ``nir register`` of the shared 1 mm brain pair (2 steps): peak about 1.6 GB in 0.2.9
+  (4.9 GB with the 0.1 field and stride-2 lattice, dominated by the training step's graph).
 """
 
 from __future__ import annotations
