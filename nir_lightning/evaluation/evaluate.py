@@ -138,7 +138,7 @@ def evaluate(
     if not bool(torch.isfinite(phi).all()):
         raise FloatingPointError("the fitted field has non-finite values; refusing to write it (lower the learning rate or check the inputs).")
     disp = normalized_to_voxel_displacement(phi, shape)
-    disp_mm = _world_displacement_float32(disp, pair.fixed_affine, max_points=max_points)
+    disp_mm = world_displacement_float32(disp, pair.fixed_affine, max_points=max_points)
     det = chunked_jacobian_determinant(disp, max_points=max_points)
     fg = pair.foreground_mask()
     metrics: dict[str, Any] = score_deformation(det, disp, pair)  # before the warps: its float64 copies and theirs never coexist
@@ -205,10 +205,14 @@ def evaluate(
     return result
 
 
-def _world_displacement_float32(disp_vox: Tensor, affine: np.ndarray, *, max_points: int = DEFAULT_MAX_POINTS) -> np.ndarray:
-    """``disp_vox`` ``(D0, D1, D2, 3)`` in RAS millimetres, float32 (what the field files hold):
+def world_displacement_float32(disp_vox: Tensor, affine: np.ndarray, *, max_points: int = DEFAULT_MAX_POINTS) -> np.ndarray:
+    """``disp_vox`` ``(D0, D1, D2, 3)`` in RAS millimetres, float32 (what the field files hold, forward and inverse):
     :func:`~nir_lightning.coords.voxel_displacement_to_world` slab by slab, so that its float64
-    copies never hold the whole volume (2 x 158 MB at 1 mm)."""
+    copies never hold the whole volume (2 x 158 MB at 1 mm).
+
+    >>> world_displacement_float32(torch.ones(2, 3, 4, 3), np.diag([2.0, 1.0, 0.5, 1.0]))[1, 2, 3].tolist()
+    [2.0, 1.0, 0.5]
+    """
     out = np.empty(tuple(disp_vox.shape), dtype=np.float32)
     plane = int(disp_vox.shape[1]) * int(disp_vox.shape[2])
     for sl in slabs(int(disp_vox.shape[0]), plane, max_points=max_points):

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from nir_lightning.coords import identity_grid, normalized_to_voxel, voxel_displacement_to_world, voxel_to_world
+from nir_lightning.coords import identity_grid, normalized_to_voxel, voxel_to_world
 from nir_lightning.data.pair import ImagePair
-from nir_lightning.evaluation.evaluate import RegistrationResult
+from nir_lightning.evaluation.evaluate import RegistrationResult, world_displacement_float32
 from nir_lightning.evaluation.output_files import OUTPUT_FILES
 from nir_lightning.io import save_displacement_itk, save_itk_affine, save_nifti, write_json_atomic
 
@@ -38,7 +38,7 @@ def displacement_world(reg: RegistrationResult, affine: np.ndarray) -> np.ndarra
     """The deformable part ``u`` as RAS millimetres ``(D0, D1, D2, 3)`` float32."""
     if reg.disp_ras_mm is not None:
         return reg.disp_ras_mm
-    return voxel_displacement_to_world(reg.disp_vox.numpy(), affine).astype(np.float32)
+    return world_displacement_float32(reg.disp_vox, affine)
 
 
 def composed_displacement_world(disp_ras_mm: np.ndarray, pair: ImagePair) -> np.ndarray:
@@ -166,7 +166,7 @@ def _write_transform_files(reg: RegistrationResult, pair: ImagePair, out: Path, 
         (out / "composed_displacement.nii.gz").unlink(missing_ok=True)
     save_nifti(reg.det.numpy().astype(np.float32), aff, out / "jacobian_det.nii.gz")
     if reg.inv_disp_vox is not None:
-        inv_mm = voxel_displacement_to_world(reg.inv_disp_vox.numpy(), aff).astype(np.float32)
+        inv_mm = world_displacement_float32(reg.inv_disp_vox, aff)
         save_displacement_itk(inv_mm, aff, out / "inverse_displacement.nii.gz")
     else:  # an --overwrite run must not leave a stale inverse from an earlier diffeomorphic run
         (out / "inverse_displacement.nii.gz").unlink(missing_ok=True)
