@@ -5,7 +5,7 @@ and the benchmark harness (``benchmarks/harness/score.py``, which scores every m
 displacement field, nir_lightning's included) both call these, so a key means the same number
 wherever it appears:
 
-* labels (:func:`score_labels`): ``labels``, ``dice_before``, ``dice_after``,
+* labels (:func:`score_labels`, its part before registration :func:`score_before`): ``labels``, ``dice_before``, ``dice_after``,
   ``dice_per_label``, ``dice_per_label_before`` and, with ``hd95``, ``hd95_before``,
   ``hd95_after``, ``hd95_per_label``; moving labels warped with nearest neighbour
   (:func:`warp_labels_nearest`);
@@ -40,6 +40,7 @@ from nir_lightning.io import finite_or_none
 __all__ = [
     "ScoredTransform",
     "onehot_linear_labels",
+    "score_before",
     "score_deformation",
     "score_labels",
     "score_onehot_linear",
@@ -80,11 +81,46 @@ def warp_labels_nearest(pair: ImagePair, phi: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def score_labels(warped_labels: Tensor, pair: ImagePair, *, hd95: bool = True, before: Tensor | None = None) -> dict[str, Any]:
+def score_before(before: Tensor, pair: ImagePair, *, hd95: bool = True, workers: int | None = None) -> dict[str, Any]:
+    """Dice (and HD95) of the moving labels before registration, ``before`` ``(D0, D1, D2)`` on the
+    fixed grid, against the fixed labels: ``dice_before``, ``dice_per_label_before`` and, with
+    ``hd95``, ``hd95_before`` (the values :func:`score_labels` reports; ``workers``: threads of
+    HD95's KD-tree queries, as in :func:`~nir_lightning.evaluation.metrics.hd95_per_label`).
+
+    >>> import torch
+    >>> from nir_lightning.data.pair import ImagePair
+    >>> lab = torch.zeros(1, 1, 6, 6, 6, dtype=torch.int32); lab[..., 1:4, 1:4, 1:4] = 1
+    >>> pair = ImagePair(fixed=lab.float(), moving=lab.float(), moving_raw=lab.float(), fixed_affine=np.eye(4),
+    ...                  fixed_labels=lab, moving_labels=lab, labels=[1])
+    >>> score_before(lab[0, 0], pair)
+    {'dice_before': 1.0, 'dice_per_label_before': {'1': 1.0}, 'hd95_before': 0.0}
+    """
+    fixed_labels, _ = _labels_of(pair)
+    dice = dice_per_label(before.cpu(), fixed_labels, pair.labels)
+    out: dict[str, Any] = {
+        "dice_before": mean_dice(dice),
+        "dice_per_label_before": {str(k): finite_or_none(v) for k, v in dice.items()},
+    }
+    if hd95:
+        hd = hd95_per_label(before.cpu(), fixed_labels, pair.labels, spacing=pair.spacing, workers=workers)
+        out["hd95_before"] = float(np.nanmean(list(hd.values())))
+    return out
+
+
+def score_labels(
+    warped_labels: Tensor,
+    pair: ImagePair,
+    *,
+    hd95: bool = True,
+    before: Tensor | None = None,
+    before_scores: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Dice (and HD95) of the warped moving labels against the fixed labels, and before registration.
 
     ``before``: the moving labels on the fixed grid as the headers place them ``(D0, D1, D2)``;
     by default ``pair.moving_labels`` (which an affine stage has already aligned).
+    ``before_scores``: :func:`score_before` of them, when already computed (then ``before`` is
+    not read).
 
     Dice is averaged over ``pair.labels`` ignoring labels absent from both maps (NaN); HD95
     (mm, MONAI) is the NaN-ignoring mean over the labels present in both maps.
@@ -95,22 +131,20 @@ def score_labels(warped_labels: Tensor, pair: ImagePair, *, hd95: bool = True, b
         ``hd95_per_label`` (after).
     """
     fixed_labels, moving_labels = _labels_of(pair)
-    if before is not None:
-        moving_labels = before.cpu()
-    dice_before = dice_per_label(moving_labels, fixed_labels, pair.labels)
+    if before_scores is None or (hd95 and "hd95_before" not in before_scores):
+        before_scores = score_before(moving_labels if before is None else before, pair, hd95=hd95)
     after = dice_per_label(warped_labels, fixed_labels, pair.labels)
     metrics: dict[str, Any] = {
         "labels": list(pair.labels),
-        "dice_before": mean_dice(dice_before),
+        "dice_before": before_scores["dice_before"],
         "dice_after": mean_dice(after),
         "dice_per_label": {str(k): finite_or_none(v) for k, v in after.items()},
-        "dice_per_label_before": {str(k): finite_or_none(v) for k, v in dice_before.items()},
+        "dice_per_label_before": before_scores["dice_per_label_before"],
     }
     if hd95:
         hd_after = hd95_per_label(warped_labels, fixed_labels, pair.labels, spacing=pair.spacing)
-        hd_before = hd95_per_label(moving_labels, fixed_labels, pair.labels, spacing=pair.spacing)
         metrics.update(
-            hd95_before=float(np.nanmean(list(hd_before.values()))),
+            hd95_before=before_scores["hd95_before"],
             hd95_after=float(np.nanmean(list(hd_after.values()))),
             hd95_per_label={str(k): finite_or_none(v) for k, v in hd_after.items()},
         )

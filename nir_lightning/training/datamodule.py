@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from nir_lightning.alignment import AffineResult, AffineStage
 from nir_lightning.data.pair import ImagePair, load_pair
 from nir_lightning.errors import InputError
+from nir_lightning.evaluation.evaluate import BeforeScores
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class PairDataModule(pl.LightningDataModule):
         self.affine = affine
         self.affine_result: AffineResult | None = None
         self.pair: ImagePair | None = None
+        self.before_scores: BeforeScores | None = None  # the unregistered pair's scores, on a thread
 
     def setup(self, stage: str | None = None) -> None:
         if self.pair is not None:
@@ -110,6 +112,8 @@ class PairDataModule(pl.LightningDataModule):
         pair, native = self.pair, self.pair.native
         assert native is not None
         if self.affine.kind != "none":
+            if pair.has_labels:  # Dice and HD95 before registration meanwhile: the stage computes on one core
+                self.before_scores = BeforeScores(pair)
             # points come from the user's fixed mask, else the foreground rule (not just > 0,
             # which on a raw scan's noisy background would take most of them), grown
             res = self.affine.fit(

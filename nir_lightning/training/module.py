@@ -455,7 +455,10 @@ class RegistrationModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> RegistrationResult:
         assert self.pair is not None
-        return evaluate(self.transform_field(), self.pair, max_points=self.eval_max_points)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        # scores of the unregistered pair started by the data module, if they are this pair's
+        before = getattr(dm, "before_scores", None) if getattr(dm, "pair", None) is self.pair else None
+        return evaluate(self.transform_field(), self.pair, max_points=self.eval_max_points, before=before)
 
     def configure_optimizers(self) -> Any:
         # One optimizer, one param group per field, all built now: a group added mid-fit would
