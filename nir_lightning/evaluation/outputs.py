@@ -25,7 +25,7 @@ from nir_lightning.coords import identity_grid, normalized_to_voxel, voxel_to_wo
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.evaluation.evaluate import RegistrationResult, world_displacement_float32
 from nir_lightning.evaluation.output_files import OUTPUT_FILES
-from nir_lightning.io import save_displacement_itk, save_itk_affine, save_nifti, write_json_atomic
+from nir_lightning.io import FIELD_COMPRESSLEVEL, save_displacement_itk, save_itk_affine, save_nifti, write_json_atomic
 
 if TYPE_CHECKING:
     from typing import Self  # Python 3.11; the package supports 3.10 (as app/lock.py)
@@ -164,7 +164,7 @@ def _write_transform_files(reg: RegistrationResult, pair: ImagePair, out: Path, 
         save_displacement_itk(composed_displacement_world(disp_mm, pair), aff, out / "composed_displacement.nii.gz")
     else:  # never leave a composed field of an earlier run beside a new transform
         (out / "composed_displacement.nii.gz").unlink(missing_ok=True)
-    save_nifti(reg.det.numpy().astype(np.float32), aff, out / "jacobian_det.nii.gz")
+    save_nifti(reg.det.numpy().astype(np.float32), aff, out / "jacobian_det.nii.gz", compresslevel=FIELD_COMPRESSLEVEL)
     if reg.inv_disp_vox is not None:
         inv_mm = world_displacement_float32(reg.inv_disp_vox, aff)
         save_displacement_itk(inv_mm, aff, out / "inverse_displacement.nii.gz")

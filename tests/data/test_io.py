@@ -135,6 +135,34 @@ def test_displacement_itk_round_trip_and_layout(tmp_path, rng):
     assert np.allclose(aff, affine)
 
 
+def test_fields_are_stored_without_deflation_and_images_with_it(tmp_path, rng):
+    """Displacements go to gzip at level 0 (FIELD_COMPRESSLEVEL): the same header and voxels as at
+    nibabel's level 1, read back by nibabel and SimpleITK, the same bytes on every write; an image
+    that compresses still is."""
+    import gzip
+    import os
+
+    import SimpleITK as sitk
+
+    ras = rng.normal(size=(10, 11, 12, 3)).astype(np.float32)
+    stored, deflated = tmp_path / "stored.nii.gz", tmp_path / "deflated.nii.gz"
+    save_displacement_itk(ras, np.eye(4), stored)
+    lps = ras * np.array([-1, -1, 1], np.float32)
+    save_nifti(lps[:, :, :, None, :], np.eye(4), deflated, intent="vector")  # nibabel's default level
+    raw = gzip.decompress(stored.read_bytes())
+    assert raw == gzip.decompress(deflated.read_bytes())  # header and data identical; only the deflate stream differs
+    assert os.path.getsize(stored) > len(raw) > os.path.getsize(deflated)  # level 0: stored blocks
+    assert np.array_equal(load_displacement_itk(stored)[0], ras)
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(stored))).shape == (12, 11, 10, 3)  # a vector image
+    again = tmp_path / "again.nii.gz"
+    save_displacement_itk(ras, np.eye(4), again)
+    assert again.read_bytes() == stored.read_bytes()  # no time stamp: reproducible files
+    mask = np.zeros((10, 11, 12), np.float32)
+    mask[2:6] = 1.0
+    save_nifti(mask, np.eye(4), tmp_path / "mask.nii.gz")
+    assert os.path.getsize(tmp_path / "mask.nii.gz") < mask.nbytes / 10  # images keep nibabel's deflation
+
+
 def test_load_displacement_itk_rejects_a_plain_image(tmp_path, rng):
     path = save(rng.random((4, 5, 6)).astype(np.float32), np.eye(4), tmp_path / "img.nii.gz")
     with pytest.raises(InputError, match=r"\(X, Y, Z, 1, 3\)"):
