@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -144,9 +145,11 @@ def hd95_per_label(
     does on CPU, instead of building edge masks over the whole volume once per label; an edge
     voxel of both maps is at distance 0 without a query.
 
-    NaN where the label is missing from either map. ``workers``: threads of the KD-tree queries
-    (exact whatever their number; default torch's CPU threads, i.e. ``--threads``): the queries
-    were 60 % of the HD95 time on a 1 mm brain pair with 98 labels.
+    NaN where the label is missing from either map. ``workers``: threads (exact whatever their
+    number; default torch's CPU threads, i.e. ``--threads``). With several labels they take the
+    labels in turn, each label's edges and KD-tree queries on one thread (numpy, scipy's erosion
+    and the queries release the GIL): 1.1-1.4 s -> 0.7-0.8 s on a 1 mm brain pair with 98 labels
+    at 2 threads, where splitting each label's queries alone gave nothing.
 
     >>> a = np.zeros((9, 9, 9), dtype=np.int32); a[2:5, 2:5, 2:5] = 1
     >>> hd95_per_label(np.roll(a, 2, axis=0), a, [1, 2], spacing=(1.0, 1.0, 2.0))
@@ -158,17 +161,22 @@ def hd95_per_label(
     scale = np.broadcast_to(np.asarray(spacing, dtype=np.float64), (p.ndim,))
     threads = torch.get_num_threads() if workers is None else workers
     boxes_p, boxes_t = label_boxes(p, labels), label_boxes(t, labels)
-    out: dict[int, float] = {}
-    for lab in (int(v) for v in labels):
+    todo = [int(v) for v in labels]
+    per_label = 1 if threads > 1 and len(todo) > 1 else threads  # the KD-tree's threads within a label
+
+    def one(lab: int) -> float:
         if lab not in boxes_p or lab not in boxes_t:
-            out[lab] = float("nan")
-            continue
+            return float("nan")
         box = _union(boxes_p[lab], boxes_t[lab])
         ep, et = _edges(p[box] == lab), _edges(t[box] == lab)
         # MONAI: distances as float32, the percentile of each direction by torch.quantile, then the max
-        d_pt, d_tp = _nearest_edge_mm(ep, et, scale, threads), _nearest_edge_mm(et, ep, scale, threads)
-        out[lab] = float(max(torch.quantile(d_pt, 0.95), torch.quantile(d_tp, 0.95)))
-    return out
+        d_pt, d_tp = _nearest_edge_mm(ep, et, scale, per_label), _nearest_edge_mm(et, ep, scale, per_label)
+        return float(max(torch.quantile(d_pt, 0.95), torch.quantile(d_tp, 0.95)))
+
+    if per_label == threads:
+        return {lab: one(lab) for lab in todo}
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="nir-hd95") as pool:
+        return dict(zip(todo, pool.map(one, todo), strict=True))
 
 
 def folding(det: Tensor, mask: Tensor | None = None) -> tuple[int, float]:

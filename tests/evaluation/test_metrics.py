@@ -104,8 +104,12 @@ def test_hd95_equals_monai_on_random_blobs(seed):
     labels, spacing = [1, 2, 3, 4, 5, 6, 9], (1.5, 1.0, 2.5)
     assert_same_hd95(hd95_per_label(b, a, labels, spacing=spacing), monai_hd95(b, a, labels, spacing))
     assert_same_hd95(hd95_per_label(torch.as_tensor(a), torch.as_tensor(b), labels, spacing=spacing), monai_hd95(a, b, labels, spacing))
-    one, two = (hd95_per_label(b, a, labels, spacing=spacing, workers=w) for w in (1, 2))  # the KD-tree queries on 2 threads: exact
-    assert np.array_equal(np.array(list(one.values())), np.array(list(two.values())), equal_nan=True)
+    one, two, three = (hd95_per_label(b, a, labels, spacing=spacing, workers=w) for w in (1, 2, 3))  # labels over threads: exact
+    assert list(one) == list(two) == list(three) == labels
+    for other in (two, three):
+        assert np.array_equal(np.array(list(one.values())), np.array(list(other.values())), equal_nan=True)
+    alone = hd95_per_label(b, a, [3], spacing=spacing, workers=2)  # one label: its queries on the threads
+    assert alone[3] == one[3]
 
 
 @pytest.mark.slow
