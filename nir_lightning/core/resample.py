@@ -40,15 +40,25 @@ def sample_image(
     return out.reshape(c, b, d0, d1, d2).transpose(0, 1)
 
 
+_GRAD_SPLIT_MAX = 1 << 26
+"""Largest ``image.numel() * threads`` that :func:`grid_sample_threads` splits when the image needs
+its gradient: each batch item gets a gradient buffer of the image's size (a 97^3 grid of 4 features
+at 2 threads: 7.3 million floats), summed afterwards."""
+
+
 def grid_sample_threads(image: Tensor, grid: Tensor, *, mode: str = "bilinear", padding_mode: str = "zeros") -> Tensor:
     """``F.grid_sample(image, grid, align_corners=True)`` for ``image`` ``(1, C, D0, D1, D2)`` and
     ``grid`` ``(1, n, 1, 1, 3)``: ``(1, C, n, 1, 1)``, on all of torch's threads.
 
-    torch's 3-D CPU kernel runs one thread per batch item, so a single image sampled at many
-    points ran on one core. On the CPU, when ``image`` needs no gradient, the points are split
-    into one batch item per thread over the same (expanded, not copied) image: every point's
-    value and its gradient with respect to ``grid`` are computed exactly as before (bit for bit),
-    in parallel. Elsewhere it is ``grid_sample`` itself.
+    torch's 3-D CPU kernel (forward and backward) runs one thread per batch item, so a single
+    image sampled at many points ran on one core. On the CPU the points are split into one batch
+    item per thread over the same (expanded, not copied) image: every point's value and its
+    gradient with respect to ``grid`` are computed exactly as before (bit for bit), in parallel.
+    Where ``image`` needs its gradient (a feature grid read off its lattice during a fit), each
+    item's gradient is accumulated on its own and the items' are summed: the same gradient up to
+    the order of that sum (float rounding), 1.7-2x faster forward and backward at 2 threads (a
+    97^3 grid of 4 features, 10^5 to 4*10^5 points); only up to ``_GRAD_SPLIT_MAX`` elements of
+    gradient buffers. Elsewhere it is ``grid_sample`` itself.
 
     >>> img = torch.rand(1, 2, 4, 5, 6)
     >>> pts = torch.rand(1, 4096, 1, 1, 3) * 2 - 1
@@ -60,7 +70,8 @@ def grid_sample_threads(image: Tensor, grid: Tensor, *, mode: str = "bilinear", 
     """
     n = grid.shape[1]
     k = torch.get_num_threads()
-    if image.device.type != "cpu" or k < 2 or n < 4096 or n % k or (image.requires_grad and torch.is_grad_enabled()):
+    grad_image = image.requires_grad and torch.is_grad_enabled()
+    if image.device.type != "cpu" or k < 2 or n < 4096 or n % k or (grad_image and image.numel() * k > _GRAD_SPLIT_MAX):
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)
     out = F.grid_sample(image.expand(k, -1, -1, -1, -1), grid.reshape(k, n // k, 1, 1, 3),
                         mode=mode, padding_mode=padding_mode, align_corners=ALIGN_CORNERS)

@@ -1,4 +1,4 @@
-"""``core/resample``: sampling an image on all threads gives grid_sample's values and gradients bit for bit."""
+"""``core/resample``: sampling an image on all threads gives grid_sample's values and the points' gradients bit for bit (an image's own gradient up to rounding)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,30 @@ def test_grid_sample_threads_is_grid_sample_bit_for_bit_with_its_gradient(two_th
     assert torch.equal(a.grad, b.grad)
 
 
-def test_an_image_that_needs_its_gradient_is_sampled_by_grid_sample_itself(two_threads: None) -> None:
+def test_an_image_that_needs_its_gradient_gets_it_summed_over_the_thread_batches(two_threads: None) -> None:
+    """A feature grid read off its lattice during a fit: values and the points' gradient bit for
+    bit, the image's gradient that of grid_sample up to the order of the sum over the items."""
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 4, 9, 10, 11, generator=g, requires_grad=True)
+    ref_image = image.detach().clone().requires_grad_()
+    pts = (torch.rand(1, 8192, 1, 1, 3, generator=g) * 2 - 1).requires_grad_()
+    ref_pts = pts.detach().clone().requires_grad_()
+    out = grid_sample_threads(image, pts, padding_mode="border")
+    ref = F.grid_sample(ref_image, ref_pts, padding_mode="border", align_corners=True)
+    assert torch.equal(out, ref)
+    w = torch.rand(ref.shape, generator=g)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    assert pts.grad is not None and ref_pts.grad is not None and image.grad is not None and ref_image.grad is not None
+    assert torch.equal(pts.grad, ref_pts.grad)
+    torch.testing.assert_close(image.grad, ref_image.grad, rtol=1e-5, atol=1e-5)
+    assert image.grad.abs().sum() > 100  # a gradient that could be wrong
+
+
+def test_a_large_image_that_needs_its_gradient_is_sampled_by_grid_sample_itself(two_threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nir_lightning.core import resample
+
+    monkeypatch.setattr(resample, "_GRAD_SPLIT_MAX", 1000)  # 2 x 2*6*7*8 gradient elements: above the cap
     image = torch.rand(1, 2, 6, 7, 8, requires_grad=True)
     pts = torch.rand(1, 8192, 1, 1, 3) * 2 - 1
     grid_sample_threads(image, pts).sum().backward()
