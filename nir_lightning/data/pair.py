@@ -128,10 +128,14 @@ class ImagePair:
         if nat.mask is not None:
             self.moving_mask = resample(nat.mask.float()[None, None], "nearest")[0, 0] > 0.5
 
+    def native_on_fixed_grid(self) -> bool:
+        """The native moving image (and its labels) lies on the fixed grid: same shape and affine."""
+        nat = self.native
+        return nat is not None and nat.shape == self.shape and np.allclose(nat.affine, self.fixed_affine, atol=1e-6)
+
     def _moving_on_fixed_grid(self) -> bool:
         """The native moving image is on the fixed grid and there is no affine part: its voxels are the aligned ones."""
-        nat = self.native
-        return nat is not None and nat.shape == self.shape and np.allclose(nat.affine, self.fixed_affine, atol=1e-6) and np.array_equal(self.world, np.eye(4))
+        return self.native_on_fixed_grid() and np.array_equal(self.world, np.eye(4))
 
     def moving_sampling(self) -> tuple[Tensor, np.ndarray | None]:
         """The moving image a fit samples, and the matrix to sample it through.

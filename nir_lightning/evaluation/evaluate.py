@@ -113,8 +113,8 @@ def unregistered_labels(pair: ImagePair, *, max_points: int = DEFAULT_MAX_POINTS
     if pair.native is None or pair.native.labels is None:
         return None
     labels = pair.native.labels[0].float()
-    if pair.native.shape == pair.shape and np.allclose(pair.native.affine, pair.fixed_affine, atol=1e-6):
-        return labels[0].round().to(torch.int32)  # on the fixed grid already: as they are
+    if pair.native_on_fixed_grid():
+        return labels[0].round().to(torch.int32)  # as they are
     out = resample(labels, pair.native.affine, pair.shape, pair.fixed_affine, [], mode="nearest", max_points=max_points)
     return out[0].round().to(torch.int32)
 

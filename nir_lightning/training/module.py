@@ -455,8 +455,7 @@ class RegistrationModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> RegistrationResult:
         assert self.pair is not None
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        # scores of the unregistered pair started by the data module, if they are this pair's
+        dm = getattr(self._trainer, "datamodule", None)  # its scores of the unregistered pair, if they are this pair's
         before = getattr(dm, "before_scores", None) if getattr(dm, "pair", None) is self.pair else None
         return evaluate(self.transform_field(), self.pair, max_points=self.eval_max_points, before=before)
 
