@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from harness.report import (
     CSV_COLUMNS,
     PARETO_COLUMNS,
+    Pareto,
     dominance,
     family,
     is_peer,
@@ -240,6 +241,24 @@ def test_dominance_true_on_nn_false_on_label_interpolation() -> None:
     lone = pareto([r for r in _sweep_rows() if r["method"] in keep and r["pair"] != "p3"])
     (d,) = dominance(lone)
     assert d.above is True and d.worst_margin == pytest.approx(0.80 - (0.74 + 0.05 * 2 / 7)) and d.at_sdlogj == pytest.approx(0.10)
+
+
+def test_dominance_compares_pareto_fronts_not_dominated_settings() -> None:
+    # nir's alpha=3 is rougher than alpha=1 and no more accurate: dominated, it must not pull nir's curve
+    # below ANTs at 0.12, where the front (alpha=1 at 0.10 -> default at 0.20) is above ANTs' points
+    rows = [
+        {"family": "nir", "sdlogj": 0.10, "dice_after": 0.80}, {"family": "nir", "sdlogj": 0.15, "dice_after": 0.70},
+        {"family": "nir", "sdlogj": 0.20, "dice_after": 0.84},
+        {"family": "ants", "sdlogj": 0.08, "dice_after": 0.74}, {"family": "ants", "sdlogj": 0.15, "dice_after": 0.79},
+    ]  # fmt: skip
+    (d,) = dominance(Pareto(rows=rows, pairs=["p1"], dropped={}))
+    assert d.above is True
+    assert d.worst_margin == pytest.approx(0.80 + 0.04 * 0.5 - 0.79) and d.at_sdlogj == pytest.approx(0.15)
+    assert d.own_range == (0.10, 0.20)
+    # with the dominated point counted, the margin at 0.15 would be 0.70 - 0.79 < 0
+    rows[1]["dice_after"] = 0.83  # now on the front: counted
+    (d,) = dominance(Pareto(rows=rows, pairs=["p1"], dropped={}))
+    assert d.worst_margin == pytest.approx(0.83 - 0.79)
 
 
 def test_pareto_section_and_figure(tmp_path: Path) -> None:

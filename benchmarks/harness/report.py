@@ -384,13 +384,26 @@ def _span(a: float, b: float) -> str:
 
 
 def _curve(result: Pareto, fam: str, metric: str) -> list[tuple[float, float]]:
-    """A family's (SDlogJ, Dice) points in SDlogJ order; at equal SDlogJ the best Dice (the frontier)."""
+    """A family's Pareto front: its (SDlogJ, Dice) points in SDlogJ order, without the dominated ones.
+
+    A setting is dominated when another of the family is at most as rough (SDlogJ) and at least as
+    accurate (Dice); no one would choose it, so it does not pull the family's curve down (a sweep
+    along two knobs leaves such points). Along the front both SDlogJ and Dice rise.
+
+    >>> rows = [{"family": "nir", "sdlogj": x, "dice_after": y} for x, y in ((0.2, 0.50), (0.25, 0.48), (0.3, 0.55), (0.3, 0.54))]
+    >>> _curve(Pareto(rows=rows, pairs=[], dropped={}), "nir", "dice_after")
+    [(0.2, 0.5), (0.3, 0.55)]
+    """
     best: dict[float, float] = {}
     for r in result.rows:
         x, y = r.get("sdlogj"), r.get(metric)
         if r["family"] == fam and _num(x) and _num(y):
             best[float(x)] = max(float(y), best.get(float(x), -math.inf))
-    return sorted(best.items())
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(best.items()):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
 
 
 def _interp(curve: Sequence[tuple[float, float]], x: float) -> float:
@@ -404,7 +417,8 @@ def _interp(curve: Sequence[tuple[float, float]], x: float) -> float:
 def dominance(result: Pareto, metric: str = "dice_after") -> list[Dominance]:
     """For each nir family and each peer family with ``metric``: is the nir curve above the peer's?
 
-    Both curves join their settings linearly in SDlogJ order, so their difference is linear
+    Each family's curve is its Pareto front (:func:`_curve`: settings that another of the family
+    beats in both SDlogJ and Dice are left out). Both curves join their settings linearly in SDlogJ order, so their difference is linear
     between the SDlogJ values of either: its minimum over the overlap of the two ranges is at one
     of those or at an end of the overlap, so the worst margin is exact, not sampled. A family with
     one setting is a point, compared only where the other family's range contains its SDlogJ.

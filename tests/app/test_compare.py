@@ -247,3 +247,18 @@ def test_pareto_input_errors_name_the_folder(two_runs: list[Path], tmp_path: Pat
     assert main(["compare", str(good), str(no_sd), "--pareto", png]) == 2
     assert f"'{no_sd / 'metrics.json'}' lacks sdlogj" in capsys.readouterr().err
     assert not Path(png).exists()
+
+
+def test_pareto_figure_joins_each_groups_front_and_draws_dominated_settings_hollow() -> None:
+    from nir_lightning.app.compare.pareto import ParetoPoint, pareto_front
+
+    assert pareto_front([0.1, 0.15, 0.2, 0.2], [0.80, 0.70, 0.84, 0.83]) == [0, 2]
+    assert pareto_front([0.3, 0.1], [0.9, 0.5]) == [1, 0]  # any input order; the front in SDlogJ order
+    pts = [ParetoPoint("nir", name, {"sdlogj": x, "dice_after": y}) for name, x, y in (("a", 0.10, 0.80), ("b", 0.15, 0.70), ("c", 0.20, 0.84))]
+    fig, _ = plot_pareto(pts)
+    (ax,) = fig.axes
+    line, hollow = ax.lines
+    assert (line.get_xdata().tolist(), line.get_ydata().tolist(), line.get_linestyle()) == ([0.10, 0.20], [0.80, 0.84], "-")
+    assert (hollow.get_xdata().tolist(), hollow.get_ydata().tolist(), hollow.get_linestyle()) == ([0.15], [0.70], "None")
+    assert hollow.get_markerfacecolor() == "none" and hollow.get_label() == "_dominated"
+    assert [t.get_text() for t in ax.texts] == ["a", "b", "c"]  # every setting still labelled

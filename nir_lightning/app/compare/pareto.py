@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,8 @@ class ParetoPoint:
     """One point of :func:`plot_pareto`.
 
     Attributes:
-        group: points of one group share a colour and marker and are joined in SDlogJ order
-            (a method's regularisation settings); a group of one is a lone point.
+        group: points of one group share a colour and marker; its Pareto front is joined in SDlogJ
+            order (a method's regularisation settings); a group of one is a lone point.
         label: the annotation next to the point.
         values: ``sdlogj`` and the Dice keys of :data:`PARETO_PANELS` (missing keys: not drawn).
     """
@@ -53,6 +54,21 @@ def pareto_value(values: dict[str, Any], keys: Sequence[str]) -> float | None:
     return None
 
 
+def pareto_front(xs: Sequence[float], ys: Sequence[float | None]) -> list[int]:
+    """Indices of the points on the Pareto front (lower SDlogJ ``xs`` and higher Dice ``ys`` better),
+    in ``xs`` order: a point is left out when another is at most as rough and at least as accurate.
+
+    >>> pareto_front([0.1, 0.15, 0.2, 0.2], [0.80, 0.70, 0.84, 0.83])
+    [0, 2]
+    """
+    value = [-math.inf if y is None else float(y) for y in ys]
+    front: list[int] = []
+    for i in sorted(range(len(xs)), key=lambda i: (xs[i], -value[i])):
+        if value[i] > -math.inf and (not front or value[i] > value[front[-1]]):
+            front.append(i)
+    return front
+
+
 def plot_pareto(
     points: Sequence[ParetoPoint],
     path: str | Path | None = None,
@@ -62,6 +78,9 @@ def plot_pareto(
     dpi: int = 110,
 ) -> tuple[Figure, list[str]]:
     """Dice against SDlogJ, one panel per :data:`PARETO_PANELS` entry some point has; returns the figure and notes.
+
+    Each group's line joins its Pareto front (:func:`pareto_front`); a setting that another of the
+    group beats in both SDlogJ and Dice is drawn hollow, off the line.
 
     The notes name each panel left out because no point has its Dice (e.g. a benchmark run with
     ``--no-onehot``). Raises :class:`InputError` when no point has both SDlogJ and a Dice.
@@ -91,8 +110,14 @@ def plot_pareto(
                 continue
             xs = [p.values[PARETO_X] for p in pts]
             ys = [pareto_value(p.values, keys) for p in pts]
-            (line,) = ax.plot(xs, ys, linestyle="-" if len(pts) > 1 else "none", markersize=6, label=g, **style[g])
+            front = pareto_front(xs, ys)
+            fx, fy = [xs[i] for i in front], [ys[i] for i in front]
+            (line,) = ax.plot(fx, fy, linestyle="-" if len(front) > 1 else "none", markersize=6, label=g, **style[g])
             handles.setdefault(g, line)
+            others = [i for i in range(len(pts)) if i not in front]
+            if others:  # dominated settings: hollow, off the line
+                ax.plot([xs[i] for i in others], [ys[i] for i in others], linestyle="none", markersize=6, markerfacecolor="none",
+                        label="_dominated", **style[g])  # fmt: skip
             for p, xv, yv in zip(pts, xs, ys, strict=True):
                 labels.setdefault((round(xv, 6), round(yv or 0.0, 6)), []).append((p.label, style[g]["color"]))
         for (xv, yv), texts in labels.items():
