@@ -394,16 +394,11 @@ def _curve(result: Pareto, fam: str, metric: str) -> list[tuple[float, float]]:
     >>> _curve(Pareto(rows=rows, pairs=[], dropped={}), "nir", "dice_after")
     [(0.2, 0.5), (0.3, 0.55)]
     """
-    best: dict[float, float] = {}
-    for r in result.rows:
-        x, y = r.get("sdlogj"), r.get(metric)
-        if r["family"] == fam and _num(x) and _num(y):
-            best[float(x)] = max(float(y), best.get(float(x), -math.inf))
-    front: list[tuple[float, float]] = []
-    for x, y in sorted(best.items()):
-        if not front or y > front[-1][1]:
-            front.append((x, y))
-    return front
+    from nir_lightning.app.compare.pareto import pareto_front  # the front `nir compare --pareto` draws
+
+    points = [(float(r["sdlogj"]), float(r[metric])) for r in result.rows if r["family"] == fam and _num(r.get("sdlogj")) and _num(r.get(metric))]
+    front = pareto_front([x for x, _ in points], [y for _, y in points])
+    return [points[i] for i in front]
 
 
 def _interp(curve: Sequence[tuple[float, float]], x: float) -> float:
