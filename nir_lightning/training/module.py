@@ -215,8 +215,12 @@ class RegistrationModule(pl.LightningModule):
         self._voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     # -- data ------------------------------------------------------------------------------
+    def _datamodule(self) -> Any:
+        """The trainer's data module (``None`` outside a trainer, or without one)."""
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = self._datamodule()
         if self.pair is None:
             if dm is None or getattr(dm, "pair", None) is None:
                 raise RuntimeError("RegistrationModule needs a PairDataModule (or call attach_pair first).")
@@ -455,7 +459,7 @@ class RegistrationModule(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> RegistrationResult:
         assert self.pair is not None
-        dm = getattr(self._trainer, "datamodule", None)  # its scores of the unregistered pair, if they are this pair's
+        dm = self._datamodule()  # its scores of the unregistered pair, if they are this pair's
         before = getattr(dm, "before_scores", None) if getattr(dm, "pair", None) is self.pair else None
         return evaluate(self.transform_field(), self.pair, max_points=self.eval_max_points, before=before)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,17 +53,16 @@ def pareto_value(values: dict[str, Any], keys: Sequence[str]) -> float | None:
     return None
 
 
-def pareto_front(xs: Sequence[float], ys: Sequence[float | None]) -> list[int]:
+def pareto_front(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
     """Indices of the points on the Pareto front (lower SDlogJ ``xs`` and higher Dice ``ys`` better),
     in ``xs`` order: a point is left out when another is at most as rough and at least as accurate.
 
     >>> pareto_front([0.1, 0.15, 0.2, 0.2], [0.80, 0.70, 0.84, 0.83])
     [0, 2]
     """
-    value = [-math.inf if y is None else float(y) for y in ys]
     front: list[int] = []
-    for i in sorted(range(len(xs)), key=lambda i: (xs[i], -value[i])):
-        if value[i] > -math.inf and (not front or value[i] > value[front[-1]]):
+    for i in sorted(range(len(xs)), key=lambda i: (xs[i], -ys[i])):
+        if not front or ys[i] > ys[front[-1]]:
             front.append(i)
     return front
 
@@ -109,7 +107,7 @@ def plot_pareto(
             if not pts:
                 continue
             xs = [p.values[PARETO_X] for p in pts]
-            ys = [pareto_value(p.values, keys) for p in pts]
+            ys = [pareto_value(p.values, keys) or 0.0 for p in pts]  # never None: `drawn` holds the points that have one
             front = pareto_front(xs, ys)
             fx, fy = [xs[i] for i in front], [ys[i] for i in front]
             (line,) = ax.plot(fx, fy, linestyle="-" if len(front) > 1 else "none", markersize=6, label=g, **style[g])
@@ -119,7 +117,7 @@ def plot_pareto(
                 ax.plot([xs[i] for i in others], [ys[i] for i in others], linestyle="none", markersize=6, markerfacecolor="none",
                         label="_dominated", **style[g])  # fmt: skip
             for p, xv, yv in zip(pts, xs, ys, strict=True):
-                labels.setdefault((round(xv, 6), round(yv or 0.0, 6)), []).append((p.label, style[g]["color"]))
+                labels.setdefault((round(xv, 6), round(yv, 6)), []).append((p.label, style[g]["color"]))
         for (xv, yv), texts in labels.items():
             label = " / ".join(dict.fromkeys(t for t, _ in texts))
             ax.annotate(label, (xv, yv), textcoords="offset points", xytext=(4, 3), fontsize=7, color=texts[0][1])
