@@ -13,7 +13,7 @@ grids) and reads two grids: that composition and the finest active level
 (:meth:`FeatureGrid.reading_grids`). Composing the finest level too would upsample everything
 to its size, and back-propagate through that, every step: on the default six levels (97^3
 vertices) that cost more than the second read. Lattices are read axis by axis with one gather
-of the two neighbouring slices per coordinate (:func:`level_lattice_read`). Points are read
+of the two neighbouring slices per coordinate (:func:`~nir_lightning.fields.grid_reads.level_lattice_read`). Points are read
 with a written-out gather of the eight corners instead of ``grid_sample`` where the Jacobian
 is wanted, because the same corners give the exact derivative with respect to the point
 (``grid_sample`` has no forward-mode derivative): :meth:`FeatureGrid.forward_with_jacobian`
@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import reduce
 from operator import add
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +33,7 @@ from torch import Tensor, nn
 
 from nir_lightning.core.resample import grid_sample_threads
 from nir_lightning.errors import InputError
-
-# corner c = (c0, c1, c2) in {0, 1}^3, in the order of its index c0 * 4 + c1 * 2 + c2
-_CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
+from nir_lightning.fields.grid_reads import level_lattice_read, trilinear_with_jacobian
 
 
 def level_resolutions(levels: int, coarsest: int) -> list[int]:
@@ -46,208 +43,6 @@ def level_resolutions(levels: int, coarsest: int) -> list[int]:
     [5, 9, 17, 33]
     """
     return [(coarsest - 1) * 2**level + 1 for level in range(levels)]
-
-
-def trilinear_with_jacobian(
-    grid: Tensor, x: Tensor, *, jacobian: bool, channels_first: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """Trilinear interpolation of ``grid`` ``(R0, R1, R2, C)`` at normalized points ``x`` ``(M, 3)``.
-
-    Returns the values ``(M, C)`` and, with ``jacobian``, their derivative with respect to
-    ``x``, ``(M, 3, C)`` (tangent-major: row ``a`` is ``d/dx_a``; normalized units). Outside ``[-1, 1]`` the edge cell is extended
-    linearly. Same values as ``grid_sample(..., align_corners=True)`` inside. ``channels_first``:
-    ``grid`` is ``(C, R0, R1, R2)`` instead (a level's own layout: no transposed copy of it).
-
-    >>> g = torch.arange(8.0).reshape(2, 2, 2, 1)  # value = 4 i0 + 2 i1 + i2 at the vertices
-    >>> v, j = trilinear_with_jacobian(g, torch.zeros(1, 3), jacobian=True)
-    >>> v.tolist(), j[0, :, 0].tolist()  # the centre; d/dx = (4, 2, 1) per vertex step / 2
-    ([[3.5]], [2.0, 1.0, 0.5])
-    """
-    dims = grid.shape[1:4] if channels_first else grid.shape[:3]
-    res = torch.tensor(dims, device=x.device)
-    scale = (res - 1).to(x.dtype) / 2  # vertices per normalized unit
-    p = (x + 1) * scale
-    cell = torch.minimum(torch.floor(p).clamp(min=0), (res - 2).clamp(min=0).to(x.dtype))
-    t = p - cell
-    strides = torch.tensor([dims[1] * dims[2], dims[2], 1], device=x.device)
-    base = (cell.long() * strides).sum(-1)  # (M,)
-    corners = _CORNERS.to(x.device)
-    rows = base[:, None] + (corners * strides).sum(-1)[None]  # (M, 8)
-    if channels_first:
-        c = grid.shape[0]
-        values = _CornerGather.apply(grid, rows.reshape(-1)).reshape(c, *rows.shape).permute(1, 2, 0)  # (M, 8, C)
-    else:
-        values = grid.reshape(-1, grid.shape[-1]).index_select(0, rows.reshape(-1)).reshape(*rows.shape, -1)  # (M, 8, C)
-    lo, hi = 1 - t, t
-    w = [torch.where(corners[:, a].bool()[None], hi[:, a : a + 1], lo[:, a : a + 1]) for a in range(3)]  # 3 x (M, 8)
-    rows_w = [w[0] * w[1] * w[2]]
-    if jacobian:
-        sign = (corners * 2 - 1).to(x.dtype)  # d w_a / d t_a per corner
-        rows_w += [sign[:, a][None] * w[(a + 1) % 3] * w[(a + 2) % 3] * scale[a] for a in range(3)]
-    # one batched product reads the value and the three derivatives: (M, 1 or 4, 8) @ (M, 8, C)
-    read = torch.bmm(torch.stack(rows_w, dim=1).to(values.dtype), values.contiguous())
-    return read[:, 0], (read[:, 1:] if jacobian else None)
-
-
-class _CornerGather(torch.autograd.Function):
-    """``grid.reshape(C, -1).index_select(1, rows)`` for a channels-first ``grid`` ``(C, R0, R1, R2)``,
-    whose backward returns a fresh gradient of ``grid``'s own shape: autograd can then add the
-    lattice read's gradient of the same grid into it in place. Through a reshape (a view) the two
-    full-grid gradients were summed into a third buffer, one more pass over the 97^3 x 4 grid a step.
-    The values and the gradient are those of ``index_select`` bit for bit."""
-
-    @staticmethod
-    def forward(ctx: Any, grid: Tensor, rows: Tensor) -> Tensor:
-        ctx.save_for_backward(rows)
-        ctx.shape = grid.shape
-        return grid.reshape(grid.shape[0], -1).index_select(1, rows)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        (rows,) = ctx.saved_tensors
-        out = grad.new_zeros(ctx.shape)
-        out.view(ctx.shape[0], -1).index_add_(1, rows, grad)
-        return out, None
-
-
-def linear_weights(coords: Tensor, vertices: int, *, derivative: bool = False) -> Tensor:
-    """Linear interpolation (or its derivative) as a matrix: ``(B, d)`` normalized coordinates
-    on one axis -> ``(B, d, vertices)``; row ``i`` reads a grid axis of ``vertices`` at ``coords[:, i]``.
-
-    >>> linear_weights(torch.tensor([[-1.0, 0.0, 0.5]]), 3)[0].tolist()
-    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5]]
-    """
-    scale = (vertices - 1) / 2
-    p = (coords + 1) * scale
-    cell = torch.floor(p).clamp(0, max(vertices - 2, 0))
-    t = p - cell
-    lo, hi = (-scale * torch.ones_like(t), scale * torch.ones_like(t)) if derivative else (1 - t, t)
-    out = torch.zeros(*coords.shape, vertices, dtype=coords.dtype, device=coords.device)
-    idx = cell.long()[..., None]
-    out.scatter_(-1, idx, lo[..., None])
-    return out.scatter_add_(-1, (idx + 1).clamp(max=vertices - 1), hi[..., None])
-
-
-def lattice_points(axes: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-    """The points of separable lattices from their per-axis coordinates ``(B, d_a)``: ``(B, d0, d1, d2, 3)``.
-
-    >>> lattice_points((torch.zeros(1, 2), torch.ones(1, 3), torch.zeros(1, 4))).shape
-    torch.Size([1, 2, 3, 4, 3])
-    """
-    b = axes[0].shape[0]
-    return torch.stack(
-        [
-            axes[0][:, :, None, None].expand(b, -1, axes[1].shape[1], axes[2].shape[1]),
-            axes[1][:, None, :, None].expand(b, axes[0].shape[1], -1, axes[2].shape[1]),
-            axes[2][:, None, None, :].expand(b, axes[0].shape[1], axes[1].shape[1], -1),
-        ],
-        dim=-1,
-    )
-
-
-def lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, derivative: int | None = None) -> Tensor:
-    """Trilinear interpolation of ``grid`` ``(R0, R1, R2, C)`` on separable lattices, axis by axis.
-
-    ``axes``: per-axis normalized coordinates ``(B, d_a)``. Trilinear interpolation is the
-    product of three linear ones, so the read is three small matrix products instead of a
-    gather per point. ``derivative=a`` gives the derivative along axis ``a`` instead.
-    The reference form of the read (interpolation matrices, any layout); fields read with
-    :func:`level_lattice_read`, which gathers instead of multiplying by mostly-zero matrices.
-    Returns ``(B, d0, d1, d2, C)``.
-
-    >>> g = torch.rand(4, 5, 6, 2)
-    >>> ax = tuple(torch.rand(1, n) * 2 - 1 for n in (3, 3, 3))
-    >>> pts = torch.stack(torch.meshgrid(ax[0][0], ax[1][0], ax[2][0], indexing="ij"), -1).reshape(-1, 3)
-    >>> ref = trilinear_with_jacobian(g, pts, jacobian=False)[0]
-    >>> bool(torch.allclose(lattice_read(g, ax).reshape(-1, 2), ref, atol=1e-6))
-    True
-    """
-    w = [linear_weights(axes[a], grid.shape[a], derivative=derivative == a).to(grid.dtype) for a in range(3)]
-    out = torch.einsum("kc,abcf->abkf" if w[2].shape[0] == 1 else "nkc,abcf->nabkf", w[2][0] if w[2].shape[0] == 1 else w[2], grid)
-    if w[2].shape[0] == 1:
-        out = out[None]
-    out = torch.einsum("njb,nabkf->najkf", w[1], out)
-    return torch.einsum("nia,najkf->nijkf", w[0], out)
-
-
-def axis_read(x: Tensor, coords: Tensor, dim: int, *, derivative: bool = False) -> Tensor:
-    """Linear interpolation of ``x`` along ``dim`` (``R`` vertices spanning ``[-1, 1]``) at the
-    normalized ``coords`` ``(d,)``: ``x`` with that axis replaced by ``d`` values (or by the
-    derivative along it, ``derivative``). One gather of the two neighbouring slices per
-    coordinate; outside ``[-1, 1]`` the edge cell is extended linearly, as :func:`linear_weights`.
-
-    >>> axis_read(torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([-1.0, 0.25, 1.0]), 1).tolist()
-    [[0.0, 2.5, 4.0]]
-    >>> axis_read(torch.tensor([[0.0, 2.0, 4.0]]), torch.tensor([0.25]), 1, derivative=True).tolist()
-    [[2.0]]
-    """
-    vertices = x.shape[dim]
-    scale = (vertices - 1) / 2
-    p = (coords + 1) * scale
-    cell = torch.floor(p).clamp(0, max(vertices - 2, 0))
-    i0 = cell.long()
-    i1 = (i0 + 1).clamp(max=vertices - 1)
-    shape = [1] * x.dim()
-    shape[dim] = -1
-    t = (p - cell).to(x.dtype).reshape(shape)
-    if not coords.requires_grad:  # the usual case: only the grid is differentiated
-        return _AxisRead.apply(x, i0, i1, t, dim, scale if derivative else None)
-    both = x.index_select(dim, torch.cat([i0, i1]))
-    lo, hi = both.split(coords.shape[0], dim)
-    return (hi - lo) * scale if derivative else torch.lerp(lo, hi, t)
-
-
-def _take(x: Tensor, dim: int, index: Tensor) -> Tensor:
-    """``x.index_select(dim, index)`` by advanced indexing: the same values, but torch's CPU
-    ``index_select`` copies a slice of an inner dimension on one thread (2 ms on the finest grid's
-    first axis), where the indexing kernel runs on all of them (0.5 ms on two threads)."""
-    return x[(slice(None),) * dim + (index,)]
-
-
-class _AxisRead(torch.autograd.Function):
-    """:func:`axis_read` with a backward written out: two ``index_add_`` of the weighted gradient
-    into one zero tensor, instead of autograd's split, lerp and index-select backward (a step's
-    largest backward cost on the finest grid). The forward is the same arithmetic."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, i0: Tensor, i1: Tensor, t: Tensor, dim: int, scale: float | None) -> Tensor:
-        lo, hi = _take(x, dim, i0), _take(x, dim, i1)
-        ctx.save_for_backward(i0, i1, t)
-        ctx.dim, ctx.scale, ctx.shape = dim, scale, x.shape
-        return (hi - lo) * scale if scale is not None else torch.lerp(lo, hi, t)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        i0, i1, t = ctx.saved_tensors
-        out = grad.new_zeros(ctx.shape)
-        if ctx.scale is not None:
-            g1 = grad * ctx.scale
-            out.index_add_(ctx.dim, i0, -g1).index_add_(ctx.dim, i1, g1)
-        else:
-            out.index_add_(ctx.dim, i0, grad * (1 - t)).index_add_(ctx.dim, i1, grad * t)
-        return out, None, None, None, None, None
-
-
-def level_lattice_read(grid: Tensor, axes: tuple[Tensor, Tensor, Tensor], *, derivative: int | None = None) -> Tensor:
-    """:func:`lattice_read` of one level in its own layout, ``grid`` ``(C, R0, R1, R2)``:
-    ``(B, C, d0, d1, d2)``. Gathers the two neighbouring slices per lattice coordinate, axis by
-    axis (first axis first: its slices are contiguous blocks), instead of multiplying by
-    mostly-zero interpolation matrices: about ``2 d0 R1 R2 C`` reads rather than
-    ``R0 R1 R2 d2 C`` products on the largest level.
-
-    >>> g = torch.rand(2, 4, 5, 6)
-    >>> ax = tuple(torch.rand(2, n) * 2 - 1 for n in (3, 2, 4))
-    >>> ref = lattice_read(g.permute(1, 2, 3, 0), ax, derivative=1).permute(0, 4, 1, 2, 3)
-    >>> bool(torch.allclose(level_lattice_read(g, ax, derivative=1), ref, atol=1e-5))
-    True
-    """
-    out = []
-    for b in range(axes[0].shape[0]):  # lattices of one batch differ in their coordinates only
-        v = grid
-        for a in range(3):
-            v = axis_read(v, axes[a][b], a + 1, derivative=derivative == a)
-        out.append(v)
-    return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
 
 class FeatureGrid(nn.Module):
@@ -416,7 +211,7 @@ class FeatureGrid(nn.Module):
         """Features of separable lattices (per-axis coordinates ``(B, d_a)``): ``(B, d0, d1, d2, features)``
         and, with ``jacobian``, their derivative ``(B, d0, d1, d2, features, 3)``; the values of
         :meth:`forward` at the lattice's points, read axis by axis from each of
-        :meth:`reading_grids` (:func:`level_lattice_read`)."""
+        :meth:`reading_grids` (:func:`~nir_lightning.fields.grid_reads.level_lattice_read`)."""
         mapped = [self._into_domain(axes[a], a) for a in range(3)]
         inner = (mapped[0][0], mapped[1][0], mapped[2][0])
         grids = self.reading_grids()
@@ -450,3 +245,20 @@ class FeatureGrid(nn.Module):
             f"levels={self.levels}, features={self.features}, resolutions={self.resolutions}, active_levels={self.active_levels}"
             + ("" if self._whole_image else f", domain={[[round(v, 4) for v in row] for row in self.domain.tolist()]}")
         )
+
+
+def set_active_levels(root: nn.Module, levels: int | None) -> int:
+    """Let the first ``levels`` levels of every :class:`FeatureGrid` in ``root`` take part (``None``:
+    all); returns how many finest levels are left out (the most of any grid; 0 without grids).
+
+    >>> field = nn.ModuleList([FeatureGrid(levels=3, coarsest=3, features=2), FeatureGrid(levels=2, coarsest=3, features=2)])
+    >>> set_active_levels(field, 1), [g.active_levels for g in field], set_active_levels(field, None)
+    (2, [1, 1], 0)
+    """
+    missing = 0
+    for module in root.modules():
+        if isinstance(module, FeatureGrid):
+            module.clear_cache()  # a fused optimiser step updates the grids without bumping their versions
+            module.active_levels = module.levels if levels is None else max(1, min(levels, module.levels))
+            missing = max(missing, module.levels - module.active_levels)
+    return missing

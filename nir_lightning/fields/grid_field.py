@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from nir_lightning.fields.base import NeuralField
-from nir_lightning.fields.feature_grid import FeatureGrid, lattice_points
+from nir_lightning.fields.feature_grid import FeatureGrid
+from nir_lightning.fields.grid_reads import lattice_points
 from nir_lightning.fields.mlp import CoordinateMLP
 
 

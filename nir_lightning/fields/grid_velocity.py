@@ -13,8 +13,9 @@ from typing import Literal
 from torch import Tensor, nn
 
 from nir_lightning.fields.base import NeuralField
-from nir_lightning.fields.feature_grid import FeatureGrid, lattice_points
+from nir_lightning.fields.feature_grid import FeatureGrid
 from nir_lightning.fields.grid_field import grid_network
+from nir_lightning.fields.grid_reads import lattice_points
 from nir_lightning.fields.velocity import ODEMethod, StationaryVelocity, VelocityField
 
 __all__ = ["GridVelocityField"]

@@ -16,22 +16,19 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import normalized_to_voxel, voxel_spacing
-from nir_lightning.core.jacobian import determinant, jacobian_forward
-from nir_lightning.core.resample import sample_image
+from nir_lightning.coords import voxel_spacing
 from nir_lightning.core.smoothing import gaussian_smooth
-from nir_lightning.data.foreground import foreground
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.errors import InputError
 from nir_lightning.evaluation.evaluate import RegistrationResult, evaluate
-from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
+from nir_lightning.evaluation.validation import validation_metrics
 from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, GridVelocityField, NeuralField
-from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, local_ncc, registration_objective
+from nir_lightning.fields.feature_grid import set_active_levels
+from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, registration_objective
 from nir_lightning.losses.folding import coarse_jacobian_points, scaled_jacobian_points, scaled_margin
 from nir_lightning.sampling import (
     CoordinateSample,
     CoordinateSampler,
-    DownsizeSampler,
     PyramidSampler,
     foreground_domain,
 )
@@ -226,19 +223,7 @@ class RegistrationModule(pl.LightningModule):
                 raise RuntimeError("RegistrationModule needs a PairDataModule (or call attach_pair first).")
             self.attach_pair(dm.pair)
         if stage == "fit" and self.schedule is not None:
-            self._check_schedule(self.schedule)
-
-    def _check_schedule(self, schedule: HybridSchedule) -> None:
-        switch = schedule.resolve_switch_step(self.trainer.max_steps)
-        if self.trainer.max_steps is not None and 0 < self.trainer.max_steps <= switch:
-            log.warning("hybrid schedule: switch_step=%d >= trainer.max_steps=%d, so phase 2 never starts.", switch, self.trainer.max_steps)
-        window = schedule.phase2_window or self.similarity.window
-        patch = getattr(schedule.phase2_sampler, "patch_size", None)
-        if patch is not None and window > patch:
-            raise InputError(
-                f"model.window={window} is larger than the phase-2 mini-patch ({patch}); "
-                "set model.schedule.init_args.phase2_window <= patch_size."
-            )
+            self.schedule.check_fit(self.trainer.max_steps, self.similarity.window)
 
     def attach_pair(self, pair: ImagePair) -> None:
         """Register the pair's images as (non-persistent) buffers so they follow the device."""
@@ -338,15 +323,8 @@ class RegistrationModule(pl.LightningModule):
         return cached
 
     def set_grid_levels(self, levels: int | None) -> int:
-        """Let the first ``levels`` feature-grid levels of the fields take part (``None``: all);
-        returns how many finest levels are left out (the most of any field; 0 without grids)."""
-        missing = 0
-        for module in self.modules():
-            if isinstance(module, FeatureGrid):
-                module.clear_cache()  # a fused optimiser step updates the grids without bumping their versions
-                module.active_levels = module.levels if levels is None else max(1, min(levels, module.levels))
-                missing = max(missing, module.levels - module.active_levels)
-        return missing
+        """:func:`~nir_lightning.fields.feature_grid.set_active_levels` on this module's fields."""
+        return set_active_levels(self, levels)
 
     def model_step(self, sample: CoordinateSample, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """The objective of the current transform on one sample (see :func:`~nir_lightning.losses.registration_objective`)."""
@@ -439,23 +417,17 @@ class RegistrationModule(pl.LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        sampler = DownsizeSampler(stride=min(self.val_stride, min(self.shape)))
-        sample = sampler.sample(self.shape, generator=self._generator(0))
-        phi = self.transform(sample.points)
-        out_vox = normalized_to_voxel(phi, self.shape)
-        assert sample.spacing is not None
-        det = determinant(jacobian_forward(out_vox, sample.spacing))
-        fixed = sample_image(self.fixed, sample.points)
-        warped = sample_image(self.moving, phi)
-        self.log("val/lncc", local_ncc(fixed, warped, window=self.similarity.window))
-        mask = foreground(fixed[:, 0, :-1, :-1, :-1])
-        folded = (det <= 0) & mask
-        self.log("val/folding_percent", 100.0 * folded.sum() / mask.sum().clamp(min=1))
-        if self.pair is not None and self.pair.has_labels:
-            assert self.pair.fixed_labels is not None and self.pair.moving_labels is not None
-            ml = sample_image(self.pair.moving_labels.float().to(self.device), phi, mode="nearest")
-            fl = sample_image(self.pair.fixed_labels.float().to(self.device), sample.points, mode="nearest")
-            self.log("val/dice", mean_dice(dice_per_label(ml.round().cpu(), fl.round().cpu(), self.pair.labels)))
+        pair = self.pair
+        labels = None
+        if pair is not None and pair.has_labels:
+            assert pair.fixed_labels is not None and pair.moving_labels is not None
+            labels = (pair.fixed_labels, pair.moving_labels, pair.labels)
+        metrics = validation_metrics(
+            self.transform, self.fixed, self.moving, stride=self.val_stride, window=self.similarity.window,
+            generator=self._generator(0), labels=labels,
+        )
+        for key, value in metrics.items():
+            self.log(f"val/{key}", value)
 
     def predict_step(self, batch: Any, batch_idx: int) -> RegistrationResult:
         assert self.pair is not None

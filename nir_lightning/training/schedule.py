@@ -19,6 +19,7 @@ optimizers under manual optimization would advance ``global_step`` twice per ste
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +28,8 @@ import torch
 from nir_lightning.errors import InputError
 from nir_lightning.sampling import CoordinateSampler, MinipatchSampler
 from nir_lightning.training.lazy_default import lazy_default
+
+log = logging.getLogger(__name__)
 
 PHASE_1 = 1
 PHASE_2 = 2
@@ -133,6 +136,27 @@ class HybridSchedule:
         if max_steps is None or max_steps < 0:
             raise InputError("the hybrid schedule needs trainer.max_steps (or an explicit model.schedule.init_args.switch_step).")
         return round(self.switch_fraction * max_steps)
+
+    def check_fit(self, max_steps: int | None, window: int) -> None:
+        """Before a fit of ``max_steps`` steps whose phase-1 local NCC window is ``window``: warn
+        when phase 2 would never start; raise when phase 2's window exceeds its mini-patch.
+
+        >>> HybridSchedule(switch_step=10).check_fit(100, window=5)
+        >>> HybridSchedule(phase2_sampler=MinipatchSampler(patch_size=4)).check_fit(100, window=5)
+        Traceback (most recent call last):
+        ...
+        nir_lightning.errors.InputError: model.window=5 is larger than the phase-2 mini-patch (4); set model.schedule.init_args.phase2_window <= patch_size.
+        """
+        switch = self.resolve_switch_step(max_steps)
+        if max_steps is not None and 0 < max_steps <= switch:
+            log.warning("hybrid schedule: switch_step=%d >= trainer.max_steps=%d, so phase 2 never starts.", switch, max_steps)
+        phase2_window = self.phase2_window or window
+        patch = getattr(self.phase2_sampler, "patch_size", None)
+        if patch is not None and phase2_window > patch:
+            raise InputError(
+                f"model.window={phase2_window} is larger than the phase-2 mini-patch ({patch}); "
+                "set model.schedule.init_args.phase2_window <= patch_size."
+            )
 
     def lr_lambdas(self, max_steps: int | None, total_steps: int, final_ratio: float) -> list[Callable[[int], float]]:
         """Per-group LR factors ``[NF1, NF2]`` (see :func:`two_phase_lr_lambdas`)."""

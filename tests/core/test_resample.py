@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from nir_lightning.core.resample import grid_sample_threads, sample_image
-from nir_lightning.fields.feature_grid import _take
+from nir_lightning.fields.grid_reads import _take
 
 
 @pytest.fixture

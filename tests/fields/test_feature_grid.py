@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from nir_lightning.errors import InputError
 from nir_lightning.fields import DisplacementField, FeatureGrid, GridDisplacementField, GridVelocityField
-from nir_lightning.fields.feature_grid import lattice_read, level_resolutions, trilinear_with_jacobian
+from nir_lightning.fields.feature_grid import level_resolutions
+from nir_lightning.fields.grid_reads import lattice_read, trilinear_with_jacobian
 from nir_lightning.sampling import DownsizeSampler, MinipatchSampler, PyramidSampler
 
 

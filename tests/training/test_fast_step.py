@@ -12,7 +12,7 @@ from nir_lightning.core.jacobian import determinant
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.data.phantom import make_phantom
 from nir_lightning.fields import GridDisplacementField
-from nir_lightning.fields.feature_grid import _CornerGather, axis_read
+from nir_lightning.fields.grid_reads import _CornerGather, axis_read
 from nir_lightning.training.module import RegistrationModule
 
 
