@@ -135,9 +135,10 @@ class ProgressLine(Callback):
         left = elapsed / done * max(0, total - step)
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         loss_text = f"{float(loss):.4f}" if loss is not None else "-"
+        threads = torch.get_num_threads()
         print(
             f"nir: step {step}/{total} ({100 * step / total:.0f}%), loss {loss_text}, "
-            f"{_clock(elapsed)} elapsed, ~{_clock(left)} left, {torch.get_num_threads()} threads",
+            f"{_clock(elapsed)} elapsed, ~{_clock(left)} left, {threads} thread{'s' if threads != 1 else ''}",
             file=self.stream or sys.stderr,
             flush=True,
         )
