@@ -289,3 +289,20 @@ def test_velocity_penalty_survives_layering_after_the_displacement_config(
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     cli = NIRCLI(args, run=False)
     assert (cli.model.jacobian_stencil, cli.model.lam, type(cli.model.field).__name__) == (stencil, lam, field)
+
+
+def test_check_fit_warns_when_phase_2_never_starts(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="nir_lightning"):
+        HybridSchedule(switch_step=SWITCH).check_fit(SWITCH, window=5)  # the switch is the last step + 1
+    assert any("phase 2 never starts" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nir_lightning"):
+        HybridSchedule(switch_step=SWITCH).check_fit(TOTAL, window=5)
+    assert not caplog.records
+
+
+def test_check_fit_takes_the_phase_1_window_when_phase_2_has_none() -> None:
+    schedule = HybridSchedule(switch_step=SWITCH, phase2_sampler=MinipatchSampler(patch_size=6))
+    schedule.check_fit(TOTAL, window=5)  # 5 fits a 6-voxel patch
+    with pytest.raises(InputError, match=r"model.window=7 is larger than the phase-2 mini-patch \(6\)"):
+        schedule.check_fit(TOTAL, window=7)
