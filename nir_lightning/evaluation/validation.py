@@ -17,7 +17,7 @@ from nir_lightning.coords import normalized_to_voxel
 from nir_lightning.core.jacobian import determinant, jacobian_forward
 from nir_lightning.core.resample import sample_image
 from nir_lightning.data.foreground import foreground
-from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
+from nir_lightning.evaluation.metrics import dice_per_label, folding, mean_dice
 from nir_lightning.losses import local_ncc
 from nir_lightning.sampling import DownsizeSampler
 
@@ -62,9 +62,7 @@ def validation_metrics(
     det = determinant(jacobian_forward(normalized_to_voxel(phi, shape), sample.spacing))
     fixed_s = sample_image(fixed, sample.points)
     out: dict[str, Tensor | float] = {"lncc": local_ncc(fixed_s, sample_image(moving, phi), window=window)}
-    mask = foreground(fixed_s[:, 0, :-1, :-1, :-1])
-    folded = (det <= 0) & mask
-    out["folding_percent"] = 100.0 * folded.sum() / mask.sum().clamp(min=1)
+    out["folding_percent"] = folding(det, foreground(fixed_s[:, 0, :-1, :-1, :-1]))[1]
     if labels is not None:
         fixed_labels, moving_labels, values = labels
         ml = sample_image(moving_labels.float().to(fixed.device), phi, mode="nearest")
