@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -175,8 +175,9 @@ def _file_role(key: str) -> str:
 
 
 def _data_role(key: str) -> str:
-    """``"moving_labels"`` -> ``"moving"`` (the label checks say "moving label map '...'")."""
-    return key.removesuffix("_labels")
+    """``"moving_labels"`` -> ``"moving"``, ``"fixed_mask"`` -> ``"fixed"`` (the checks say
+    "moving label map '...'", "fixed mask '...'")."""
+    return key.removesuffix("_labels").removesuffix("_mask")
 
 
 def _checker(key: str) -> Any:
@@ -214,7 +215,7 @@ def grid_differences(a: MetaTensor, b: MetaTensor) -> list[str]:
     ax_a, ax_b = "".join(nib.aff2axcodes(aff_a)), "".join(nib.aff2axcodes(aff_b))
     if ax_a != ax_b:
         out.append(f"orientation {ax_a} vs {ax_b}")
-    elif not np.allclose(aff_a[:3, :3], aff_b[:3, :3], atol=1e-4):
+    elif not np.allclose(aff_a[:3, :3] / sp_a, aff_b[:3, :3] / sp_b, atol=1e-4):  # directions, not spacing
         out.append("axes rotated")
     centre_a = aff_a[:3, :3] @ ((np.asarray(a.shape[1:]) - 1) / 2) + aff_a[:3, 3]
     centre_b = aff_b[:3, :3] @ ((np.asarray(b.shape[1:]) - 1) / 2) + aff_b[:3, 3]
@@ -232,6 +233,20 @@ def _coverage(moving: MetaTensor, fixed: MetaTensor, step: int = 4) -> float:
     mv = vox @ to_moving[:3, :3].T + to_moving[:3, 3]
     inside = np.all((mv >= -0.5) & (mv <= np.asarray(moving.shape[1:]) - 0.5), axis=1)
     return float(inside.mean())
+
+
+def _refuse_without_overlap(data: Mapping[str, MetaTensor], paths: Mapping[str, Path]) -> float:
+    """The fraction of the fixed grid inside the moving field of view (:func:`_coverage`); an
+    :class:`InputError` when it is 0 (nothing to compare where the headers place the pair)."""
+    coverage = _coverage(data["moving"], data["fixed"])
+    if coverage == 0.0:
+        raise InputError(
+            f"moving image '{paths['moving']}' does not overlap the fixed image '{paths['fixed']}' in world space "
+            f"(their affines place them apart: {'; '.join(grid_differences(data['moving'], data['fixed']))}). "
+            "Check the NIfTI headers (qform/sform), or let the affine stage align them (--affine rigid or affine: "
+            "it starts from the centres of mass)."
+        )
+    return coverage
 
 
 def present_labels(labels: Tensor) -> set[int]:
@@ -260,6 +275,7 @@ def load_pair(
     fixed_mask: PathLike | None = None,
     moving_mask: PathLike | None = None,
     keep_native: bool = False,
+    stage_aligns: bool = True,
 ) -> ImagePair:
     """Load, check and bring a pair onto the fixed grid.
 
@@ -273,6 +289,11 @@ def load_pair(
     (:meth:`ImagePair.align` with the identity); :meth:`ImagePair.check_labels` is then left to
     the caller, after alignment. Masks (binary NIfTI on their image's grid) restrict the
     similarity; they are checked like every other input.
+
+    ``stage_aligns`` (with ``keep_native``): an affine stage follows, starting from the centres of
+    mass, so the headers may place the moving image outside the fixed field of view (raw scans);
+    ``False`` (``--affine none``): the headers are the alignment, and such a pair is refused as
+    without ``keep_native``.
     """
     if (fixed_labels is None) != (moving_labels is None):
         raise InputError("give both --fixed-labels and --moving-labels, or neither.")
@@ -327,6 +348,8 @@ def load_pair(
     native_keys = [k for k in ("moving", "moving_labels", "moving_mask") if k in data]
     native: dict[str, Any] = {}
     if keep_native:  # the affine stage aligns the pair: nothing is resampled here
+        if not stage_aligns and not _same_grid(data["moving"], data["fixed"]):
+            _refuse_without_overlap(data, paths)
         native = {k: data[k] for k in native_keys}
         native["moving_raw"] = data["moving"]
         if not _same_grid(data["moving"], data["fixed"]):
@@ -337,13 +360,7 @@ def load_pair(
             log.warning(msg)
             notes.append(msg)
     elif not _same_grid(data["moving"], data["fixed"]):
-        coverage = _coverage(data["moving"], data["fixed"])
-        if coverage == 0.0:
-            raise InputError(
-                f"moving image '{paths['moving']}' does not overlap the fixed image '{paths['fixed']}' in world space "
-                f"(their affines place them apart: {'; '.join(grid_differences(data['moving'], data['fixed']))}). "
-                "Check the NIfTI headers (qform/sform) or align the images first, e.g. with a rigid registration."
-            )
+        coverage = _refuse_without_overlap(data, paths)
         msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
                f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "
                "the affines (trilinear; labels nearest neighbour). Resample it yourself beforehand to choose the interpolation.")
@@ -388,7 +405,10 @@ def load_pair(
     elif "moving_mask" in data:
         pair.moving_mask = plain("moving_mask", torch.bool)[0, 0]
     for name in ("fixed", "moving"):
-        if float(getattr(pair, name).max()) <= 0:
+        # before an affine stage, the moving image on its own grid: the headers alone may place it
+        # outside the fixed field of view (raw scans), which the stage's centre-of-mass start undoes
+        scaled = pair.native.image if name == "moving" and pair.native is not None else getattr(pair, name)
+        if float(scaled.max()) <= 0:
             raise InputError(f"{name} image '{paths[name]}' has no intensity above its {lo}th percentile after scaling; widen the percentiles (data.percentiles).")
     if "fixed_labels" in data:
         pair.fixed_labels = plain("fixed_labels", torch.int32)

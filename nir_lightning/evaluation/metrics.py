@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,7 +11,7 @@ from torch import Tensor
 
 from nir_lightning.core.jacobian import jacobian_determinant
 
-__all__ = ["dice_per_label", "folding", "hd95_per_label", "jacobian_determinant", "label_boxes", "mean_dice"]
+__all__ = ["dice_per_label", "folding", "hd95_per_label", "jacobian_determinant", "label_boxes", "mean_dice", "mean_over_labels"]
 
 
 def _as_array(labels: np.ndarray | Tensor) -> np.ndarray:
@@ -61,10 +61,21 @@ def dice_per_label(
     return out
 
 
-def mean_dice(per_label: dict[int, float]) -> float:
-    """Mean over labels, ignoring NaN entries."""
+def mean_over_labels(per_label: Mapping[int, float]) -> float:
+    """Mean of a per-label metric, ignoring NaN entries (labels absent from a map); NaN, without a
+    warning, when every entry is NaN (e.g. HD95 before an affine stage, when the headers place the
+    two label maps apart).
+
+    >>> mean_over_labels({2: 1.0, 3: float("nan"), 4: 2.0}), mean_over_labels({2: float("nan")})
+    (1.5, nan)
+    """
     vals = [v for v in per_label.values() if not np.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def mean_dice(per_label: Mapping[int, float]) -> float:
+    """Mean Dice over labels, ignoring NaN entries (:func:`mean_over_labels`)."""
+    return mean_over_labels(per_label)
 
 
 def label_boxes(labels_map: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...]]:

@@ -34,7 +34,7 @@ from nir_lightning.core.chunked import DEFAULT_MAX_POINTS
 from nir_lightning.core.jacobian import chunked_jacobian_determinant
 from nir_lightning.core.resample import warp_image
 from nir_lightning.data.pair import ImagePair
-from nir_lightning.evaluation.metrics import dice_per_label, folding, hd95_per_label, mean_dice
+from nir_lightning.evaluation.metrics import dice_per_label, folding, hd95_per_label, mean_dice, mean_over_labels
 from nir_lightning.io import finite_or_none
 
 __all__ = [
@@ -103,7 +103,7 @@ def score_before(before: Tensor, pair: ImagePair, *, hd95: bool = True, workers:
     }
     if hd95:
         hd = hd95_per_label(before.cpu(), fixed_labels, pair.labels, spacing=pair.spacing, workers=workers)
-        out["hd95_before"] = float(np.nanmean(list(hd.values())))
+        out["hd95_before"] = mean_over_labels(hd)
     return out
 
 
@@ -145,7 +145,7 @@ def score_labels(
         hd_after = hd95_per_label(warped_labels, fixed_labels, pair.labels, spacing=pair.spacing)
         metrics.update(
             hd95_before=before_scores["hd95_before"],
-            hd95_after=float(np.nanmean(list(hd_after.values()))),
+            hd95_after=mean_over_labels(hd_after),
             hd95_per_label={str(k): finite_or_none(v) for k, v in hd_after.items()},
         )
     return metrics

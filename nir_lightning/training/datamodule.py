@@ -108,6 +108,7 @@ class PairDataModule(pl.LightningDataModule):
             fixed_mask=self.fixed_mask,
             moving_mask=self.moving_mask,
             keep_native=True,  # outputs resample the moving image once, from its own grid
+            stage_aligns=self.affine.kind != "none",
         )
         pair, native = self.pair, self.pair.native
         assert native is not None
