@@ -69,13 +69,16 @@ def mean_over_labels(per_label: Mapping[int, float]) -> float:
     >>> mean_over_labels({2: 1.0, 3: float("nan"), 4: 2.0}), mean_over_labels({2: float("nan")})
     (1.5, nan)
     """
-    vals = [v for v in per_label.values() if not np.isnan(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+    vals = np.asarray(list(per_label.values()), dtype=np.float64)
+    if vals.size == 0 or bool(np.isnan(vals).all()):
+        return float("nan")
+    return float(np.nanmean(vals))  # numpy's sum: the same value as before this guard
 
 
 def mean_dice(per_label: Mapping[int, float]) -> float:
-    """Mean Dice over labels, ignoring NaN entries (:func:`mean_over_labels`)."""
-    return mean_over_labels(per_label)
+    """Mean Dice over labels, ignoring NaN entries."""
+    vals = [v for v in per_label.values() if not np.isnan(v)]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 def label_boxes(labels_map: np.ndarray, labels: Sequence[int]) -> dict[int, tuple[slice, ...]]:
