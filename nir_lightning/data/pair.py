@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import apply_matrix, identity_grid, normalized_chain_matrix, voxel_spacing
+from nir_lightning.coords import (
+    apply_matrix,
+    identity_grid,
+    normalized_chain_matrix,
+    voxel_spacing,
+    voxel_to_normalized,
+)
 from nir_lightning.core.resample import sample_image
 from nir_lightning.data.checks import (
     check_affine,
@@ -26,11 +31,9 @@ from nir_lightning.data.checks import (
     read_image_data,
 )
 from nir_lightning.data.foreground import foreground
+from nir_lightning.data.grids import grid_differences, refuse_without_overlap, same_grid
 from nir_lightning.data.label_checks import check_label_maps
 from nir_lightning.errors import InputError
-
-if TYPE_CHECKING:  # MONAI (seconds to import) only where the loading transforms run: load_pair
-    from monai.data import MetaTensor
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,22 @@ class ImagePair:
         """The native moving image is on the fixed grid and there is no affine part: its voxels are the aligned ones."""
         return self.native_on_fixed_grid() and np.array_equal(self.world, np.eye(4))
 
+    def moving_coverage(self, foreground: Tensor | None = None) -> float:
+        """The fraction of the fixed foreground (``foreground``, by default :meth:`foreground_mask`)
+        whose point, through the affine part, lies inside the moving image's grid (1.0 when the
+        moving image is sampled on the fixed grid). Below 1: the moving scan covers only part of
+        the fixed anatomy."""
+        _, chain = self.moving_sampling()
+        if chain is None:
+            return 1.0
+        fg = self.foreground_mask() if foreground is None else foreground.cpu()
+        vox = torch.nonzero(fg).to(torch.float64)
+        if vox.numel() == 0:
+            return 1.0
+        pts = voxel_to_normalized(vox, self.shape)
+        at = apply_matrix(pts, torch.as_tensor(chain, dtype=torch.float64))
+        return float((at.abs() <= 1.0).all(dim=-1).double().mean())
+
     def moving_sampling(self) -> tuple[Tensor, np.ndarray | None]:
         """The moving image a fit samples, and the matrix to sample it through.
 
@@ -188,65 +207,9 @@ def _checker(key: str) -> Any:
     return check_volume
 
 
-def _same_grid(a: MetaTensor, b: MetaTensor) -> bool:
-    return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(
-        np.asarray(a.affine), np.asarray(b.affine), atol=1e-4
-    )
-
-
-def _fmt(values: Sequence[float]) -> str:
-    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
-
-
 def _few(values: Iterable[int], n: int = 12) -> str:
     vals = sorted(values)
     return "[" + ", ".join(str(v) for v in vals[:n]) + (", ...]" if len(vals) > n else "]")
-
-
-def grid_differences(a: MetaTensor, b: MetaTensor) -> list[str]:
-    """How the grids of two MetaTensors ``(C, D0, D1, D2)`` differ, in words (``a`` first)."""
-    aff_a, aff_b = np.asarray(a.affine, dtype=np.float64), np.asarray(b.affine, dtype=np.float64)
-    out: list[str] = []
-    if tuple(a.shape[1:]) != tuple(b.shape[1:]):
-        out.append(f"shape {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
-    sp_a, sp_b = voxel_spacing(aff_a), voxel_spacing(aff_b)
-    if not np.allclose(sp_a, sp_b, atol=1e-4):
-        out.append(f"spacing {_fmt(sp_a)} vs {_fmt(sp_b)} mm")
-    ax_a, ax_b = "".join(nib.aff2axcodes(aff_a)), "".join(nib.aff2axcodes(aff_b))
-    if ax_a != ax_b:
-        out.append(f"orientation {ax_a} vs {ax_b}")
-    elif not np.allclose(aff_a[:3, :3] / sp_a, aff_b[:3, :3] / sp_b, atol=1e-4):  # directions, not spacing
-        out.append("axes rotated")
-    centre_a = aff_a[:3, :3] @ ((np.asarray(a.shape[1:]) - 1) / 2) + aff_a[:3, 3]
-    centre_b = aff_b[:3, :3] @ ((np.asarray(b.shape[1:]) - 1) / 2) + aff_b[:3, 3]
-    shift = float(np.linalg.norm(centre_a - centre_b))
-    if shift > 1e-3:
-        out.append(f"centres {shift:.1f} mm apart")
-    return out
-
-
-def _coverage(moving: MetaTensor, fixed: MetaTensor, step: int = 4) -> float:
-    """Fraction of (a stride-``step`` subset of) the fixed grid inside the moving field of view."""
-    axes = [np.arange(0, n, step, dtype=np.float64) for n in fixed.shape[1:]]
-    vox = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    to_moving = np.linalg.inv(np.asarray(moving.affine, dtype=np.float64)) @ np.asarray(fixed.affine, dtype=np.float64)
-    mv = vox @ to_moving[:3, :3].T + to_moving[:3, 3]
-    inside = np.all((mv >= -0.5) & (mv <= np.asarray(moving.shape[1:]) - 0.5), axis=1)
-    return float(inside.mean())
-
-
-def _refuse_without_overlap(data: Mapping[str, MetaTensor], paths: Mapping[str, Path]) -> float:
-    """The fraction of the fixed grid inside the moving field of view (:func:`_coverage`); an
-    :class:`InputError` when it is 0 (nothing to compare where the headers place the pair)."""
-    coverage = _coverage(data["moving"], data["fixed"])
-    if coverage == 0.0:
-        raise InputError(
-            f"moving image '{paths['moving']}' does not overlap the fixed image '{paths['fixed']}' in world space "
-            f"(their affines place them apart: {'; '.join(grid_differences(data['moving'], data['fixed']))}). "
-            "Check the NIfTI headers (qform/sform), or let the affine stage align them (--affine rigid or affine: "
-            "it starts from the centres of mass)."
-        )
-    return coverage
 
 
 def present_labels(labels: Tensor) -> set[int]:
@@ -339,7 +302,7 @@ def load_pair(
     for side in ("fixed", "moving"):
         for kind, what, fix in (("labels", "label map", "segmentation"), ("mask", "mask", "mask")):
             key = f"{side}_{kind}"
-            if key in data and not _same_grid(data[key], data[side]):
+            if key in data and not same_grid(data[key], data[side]):
                 raise InputError(
                     f"{side} {what} '{paths[key]}' is not on the {side} image's grid ('{paths[side]}': "
                     f"{'; '.join(grid_differences(data[key], data[side])) or 'different affine'}); "
@@ -348,19 +311,19 @@ def load_pair(
     native_keys = [k for k in ("moving", "moving_labels", "moving_mask") if k in data]
     native: dict[str, Any] = {}
     if keep_native:  # the affine stage aligns the pair: nothing is resampled here
-        if not stage_aligns and not _same_grid(data["moving"], data["fixed"]):
-            _refuse_without_overlap(data, paths)
+        if not stage_aligns and not same_grid(data["moving"], data["fixed"]):
+            refuse_without_overlap(data, paths)
         native = {k: data[k] for k in native_keys}
         native["moving_raw"] = data["moving"]
-        if not _same_grid(data["moving"], data["fixed"]):
+        if not same_grid(data["moving"], data["fixed"]):
             msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
                    f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "
                    "the affines (and the affine stage's transform, if it runs), once, from its own grid (trilinear; labels nearest "
                    "neighbour; the outputs label-interpolated).")
             log.warning(msg)
             notes.append(msg)
-    elif not _same_grid(data["moving"], data["fixed"]):
-        coverage = _refuse_without_overlap(data, paths)
+    elif not same_grid(data["moving"], data["fixed"]):
+        coverage = refuse_without_overlap(data, paths)
         msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
                f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "
                "the affines (trilinear; labels nearest neighbour). Resample it yourself beforehand to choose the interpolation.")

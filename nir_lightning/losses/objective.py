@@ -37,6 +37,7 @@ def registration_objective(
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
     moving_chain: Tensor | None = None,
+    moving_fov: bool = False,
     transform_with_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     transform_lattice: Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None = None,
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
@@ -61,6 +62,10 @@ def registration_objective(
             coordinates (:func:`~nir_lightning.coords.normalized_chain_matrix`), when ``moving``
             is the native moving image: it is sampled at ``M phi(x)`` (the affine part after the
             deformable one, :mod:`nir_lightning.coords`). ``None``: ``moving`` is on the fixed grid.
+        moving_fov: count a sample only where it lands inside ``moving``'s grid (``|M phi(x)| <= 1``
+            in its normalized coordinates), as ITK's metrics do: a moving scan that covers only
+            part of the fixed anatomy (a slab, a cut-off head) is then not compared with its zero
+            padding, which the field would otherwise stretch the scan's edge to fill.
         transform_with_jacobian: ``phi`` and its exact Jacobian, for ``folding.stencil == "analytic"``.
         transform_lattice: ``phi`` on a separable lattice from its per-axis coordinates (the
             same values as ``transform`` on its points, faster); used when the sample is one.
@@ -102,7 +107,8 @@ def registration_objective(
             smooth = smoothness.points(jac)
     if generator is not None and folding.needs_extra_points(sample):
         reg = reg + folding.extra(transform, shape, mask, generator, transform_with_jacobian)
-    warped = sample_image(moving, phi if moving_chain is None else apply_matrix(phi, moving_chain))
+    at = phi if moving_chain is None else apply_matrix(phi, moving_chain)
+    warped = sample_image(moving, at)
     fixed_s = sample.read(fixed)
     weight = None
     if fixed_mask is not None:
@@ -110,6 +116,9 @@ def registration_objective(
     if moving_mask is not None:
         w_m = sample_image(moving_mask, phi.detach(), mode="nearest")
         weight = w_m if weight is None else weight * w_m
+    if moving_fov:  # (B, 1, ...) as the sampled image; no gradient pulls the field of view's edge
+        inside = (at.detach().abs() <= 1.0).all(dim=-1).unsqueeze(1).to(warped.dtype)
+        weight = inside if weight is None else weight * inside
     sim = similarity(fixed_s, warped, is_grid=sample.is_grid, weight=weight)
     loss = sim + lam * reg
     if smooth_on:

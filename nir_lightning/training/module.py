@@ -210,6 +210,7 @@ class RegistrationModule(pl.LightningModule):
         self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
         self._source_sigma_scale = (1.0, 1.0, 1.0)
         self._voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
+        self._moving_fov = False  # attach_pair: the moving scan does not cover the fixed foreground
 
     # -- data ------------------------------------------------------------------------------
     def _datamodule(self) -> Any:
@@ -251,6 +252,14 @@ class RegistrationModule(pl.LightningModule):
             self._source_sigma_scale = (fs[0] / ns[0], fs[1] / ns[1], fs[2] / ns[2])
         fg = pair.foreground_mask()
         self.register_buffer("mask", fg, persistent=False)
+        coverage = pair.moving_coverage(fg)
+        self._moving_fov = coverage < 1.0  # a partial scan: the similarity counts only inside it
+        if self._moving_fov:
+            note = (f"the moving image covers {100 * coverage:.1f}% of the fixed foreground after the affine stage; "
+                    "the similarity counts only the points that land inside its field of view.")
+            log.warning(note)
+            if note not in pair.notes:
+                pair.notes.append(note)
         # The user's masks: samplers draw inside the fixed one, the similarity counts inside both.
         # Without one the samplers share the foreground tensor, and so its cached index and box.
         sample_mask = pair.fixed_mask if pair.fixed_mask is not None else fg
@@ -334,7 +343,7 @@ class RegistrationModule(pl.LightningModule):
             self.transform, fixed, moving, sample,
             similarity=self.similarity, folding=self._folding_for(missing), lam=self.lam, smoothness=self.smoothness, alpha=self.alpha,
             mask=self.mask, generator=generator,
-            fixed_mask=self.fixed_mask, moving_mask=self.moving_mask, moving_chain=self.moving_chain,
+            fixed_mask=self.fixed_mask, moving_mask=self.moving_mask, moving_chain=self.moving_chain, moving_fov=self._moving_fov,
             transform_with_jacobian=self.transform_with_jacobian if self.folding.stencil == "analytic" else None,
             transform_lattice=self.transform_lattice(),
             voxel_size=self._voxel_size,

@@ -274,3 +274,32 @@ def test_headers_apart_register_and_report_no_hd95_before(tmp_path, pair_writer,
     err = capsys.readouterr().err
     assert "far_moving.nii.gz' does not overlap the fixed image" in err and "--affine rigid or affine" in err, err
     assert not (tmp_path / "none" / "metrics.json").exists()
+
+
+def test_a_partial_moving_scan_switches_the_field_of_view_weight_on_and_says_so(tmp_path, pair_writer):
+    """A slab (the moving scan cut to its last 14 of 24 slices, at its true place in the world):
+    the module counts only points inside it, and metrics.json's notes say why; a whole scan keeps
+    the plain objective (bit for bit the earlier one)."""
+    from nir_lightning.training.module import RegistrationModule
+
+    files = pair_writer(tmp_path / "inputs", (24, 26, 22), seed=1)
+    img = nib.load(str(files["moving"]))
+    aff = img.affine.copy()
+    aff[:3, 3] += aff[:3, :3] @ np.array([10.0, 0.0, 0.0])
+    slab = tmp_path / "inputs" / "slab.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[10:], aff), str(slab))
+    whole = load_pair(files["fixed"], files["moving"], keep_native=True)
+    part = load_pair(files["fixed"], slab, keep_native=True)
+    assert whole.moving_coverage() == 1.0
+    assert 0.2 < part.moving_coverage() < 0.9, part.moving_coverage()
+    module = RegistrationModule()
+    module.attach_pair(whole)
+    assert not module._moving_fov
+    module = RegistrationModule()
+    module.attach_pair(part)
+    assert module._moving_fov and any("covers" in n and "field of view" in n for n in part.notes), part.notes
+    out = tmp_path / "out"
+    assert main(["register", "--fixed", str(files["fixed"]), "--moving", str(slab), "--affine", "none",
+                 "--output", str(out), "--trainer.max_steps=2"]) == 0
+    notes = json.loads((out / "metrics.json").read_text())["notes"]
+    assert any("similarity counts only the points that land inside its field of view" in n for n in notes), notes

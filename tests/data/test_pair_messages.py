@@ -10,7 +10,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from nir_lightning.data.pair import grid_differences, load_pair
+from nir_lightning.data.grids import grid_differences
+from nir_lightning.data.pair import load_pair
 from nir_lightning.errors import InputError
 
 
