@@ -156,6 +156,18 @@ class ImagePair:
         at = apply_matrix(pts, torch.as_tensor(chain, dtype=torch.float64))
         return float((at.abs() <= 1.0).all(dim=-1).double().mean())
 
+    def partial_moving_scan(self, foreground: Tensor | None = None) -> bool:
+        """Whether the moving scan covers only part of the fixed foreground (:meth:`moving_coverage`
+        below 1); if so, a warning and a note (once) say that the fit compares only inside it."""
+        coverage = self.moving_coverage(foreground)
+        if coverage < 1.0:
+            note = (f"the moving image covers {100 * coverage:.1f}% of the fixed foreground after the affine stage; "
+                    "the similarity counts only the points that land inside its field of view.")
+            if note not in self.notes:
+                log.warning(note)
+                self.notes.append(note)
+        return coverage < 1.0
+
     def moving_sampling(self) -> tuple[Tensor, np.ndarray | None]:
         """The moving image a fit samples, and the matrix to sample it through.
 

@@ -252,14 +252,7 @@ class RegistrationModule(pl.LightningModule):
             self._source_sigma_scale = (fs[0] / ns[0], fs[1] / ns[1], fs[2] / ns[2])
         fg = pair.foreground_mask()
         self.register_buffer("mask", fg, persistent=False)
-        coverage = pair.moving_coverage(fg)
-        self._moving_fov = coverage < 1.0  # a partial scan: the similarity counts only inside it
-        if self._moving_fov:
-            note = (f"the moving image covers {100 * coverage:.1f}% of the fixed foreground after the affine stage; "
-                    "the similarity counts only the points that land inside its field of view.")
-            log.warning(note)
-            if note not in pair.notes:
-                pair.notes.append(note)
+        self._moving_fov = pair.partial_moving_scan(fg)  # the similarity then counts only inside the scan
         # The user's masks: samplers draw inside the fixed one, the similarity counts inside both.
         # Without one the samplers share the foreground tensor, and so its cached index and box.
         sample_mask = pair.fixed_mask if pair.fixed_mask is not None else fg
