@@ -1,6 +1,6 @@
 """How the grids of two loaded images relate: the same grid, their differences in words, overlap.
 
-The images are MONAI ``MetaTensor`` s ``(C, D0, D1, D2)`` with their voxel-to-world ``affine``
+The images are MONAI MetaTensors ``(C, D0, D1, D2)`` with their voxel-to-world ``affine``
 (:mod:`nir_lightning.coords`); :func:`~nir_lightning.data.pair.load_pair` uses these to decide
 whether to resample and to word its notes and errors.
 """
@@ -24,6 +24,7 @@ __all__ = ["fov_coverage", "grid_differences", "refuse_without_overlap", "same_g
 
 
 def same_grid(a: MetaTensor, b: MetaTensor) -> bool:
+    """The same shape and the same affine (to 1e-4): one grid, nothing to resample."""
     return tuple(a.shape[1:]) == tuple(b.shape[1:]) and np.allclose(
         np.asarray(a.affine), np.asarray(b.affine), atol=1e-4
     )
