@@ -249,6 +249,8 @@ def test_headers_apart_with_no_overlap_are_brought_together_by_the_affine_stage(
 
 
 def test_headers_apart_register_and_report_no_hd95_before(tmp_path, pair_writer, recwarn, capsys):
+    """The same pair through ``nir register``: HD95 before is null (no label near its match), the
+    affine stage reaches the unmoved run's Dice, and ``--affine none`` refuses the pair."""
     files = pair_writer(tmp_path / "inputs", (24, 26, 22), seed=1)
     far = _moved_far(files, tmp_path / "inputs")
     out = tmp_path / "out"
@@ -279,7 +281,7 @@ def test_headers_apart_register_and_report_no_hd95_before(tmp_path, pair_writer,
 def test_a_partial_moving_scan_switches_the_field_of_view_weight_on_and_says_so(tmp_path, pair_writer):
     """A slab (the moving scan cut to its last 14 of 24 slices, at its true place in the world):
     the module counts only points inside it, and metrics.json's notes say why; a whole scan keeps
-    the plain objective (bit for bit the earlier one)."""
+    the plain objective."""
     from nir_lightning.training.module import RegistrationModule
 
     files = pair_writer(tmp_path / "inputs", (24, 26, 22), seed=1)
