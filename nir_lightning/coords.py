@@ -69,6 +69,17 @@ def voxel_to_normalized(voxel: Tensor, shape: Sequence[int]) -> Tensor:
     return voxel * scale - (n > 1).to(voxel.dtype)
 
 
+def inside_grid(x: Tensor) -> Tensor:
+    """Whether normalized points ``(..., 3)`` lie within the grid's voxel centres, ``|x| <= 1`` on
+    every axis: where a sample reads the image, not the zero padding beyond its field of view
+    (``(...)`` bool; the affine stage's and the fit's test of the moving field of view).
+
+    >>> inside_grid(torch.tensor([[0.0, 1.0, -1.0], [0.0, 1.01, 0.0]])).tolist()
+    [True, False]
+    """
+    return (x.abs() <= 1.0).all(dim=-1)
+
+
 def normalized_to_voxel(x: Tensor, shape: Sequence[int]) -> Tensor:
     """Normalized coordinates ``(..., 3)`` to (fractional) voxel indices.
 

@@ -43,7 +43,7 @@ from nir_lightning.alignment.moments import center_of_mass, initial_world_matrix
 from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
 from nir_lightning.alignment.pyramid import MIN_LEVEL_VOXELS, Level, build_level, torch64
 from nir_lightning.alignment.validation import OWNER, check_inputs, is_int
-from nir_lightning.coords import voxel_to_normalized
+from nir_lightning.coords import inside_grid, voxel_to_normalized
 from nir_lightning.core.resample import sample_image
 from nir_lightning.errors import InputError
 from nir_lightning.losses.mutual_information import mutual_information
@@ -225,7 +225,7 @@ class AffineStage:
         moved = points @ lin.T + chain[:3, 3].to(points.dtype)
         grid = moved.reshape(1, -1, 1, 1, 3)
         moving_values = sample_image(level.moving, grid).reshape(-1)
-        weight = (moved.detach().abs() <= 1.0).all(dim=-1).to(moving_values.dtype)
+        weight = inside_grid(moved.detach()).to(moving_values.dtype)
         if level.moving_mask is not None:
             weight = weight * sample_image(level.moving_mask, grid.detach()).reshape(-1)
         return self._similarity(fixed_values, moving_values, weight)

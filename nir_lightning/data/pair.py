@@ -16,6 +16,7 @@ from torch import Tensor
 from nir_lightning.coords import (
     apply_matrix,
     identity_grid,
+    inside_grid,
     normalized_chain_matrix,
     voxel_spacing,
     voxel_to_normalized,
@@ -154,7 +155,7 @@ class ImagePair:
             return 1.0
         pts = voxel_to_normalized(vox, self.shape)
         at = apply_matrix(pts, torch.as_tensor(chain, dtype=torch.float64))
-        return float((at.abs() <= 1.0).all(dim=-1).double().mean())
+        return float(inside_grid(at).double().mean())  # the fit's own test (registration_objective)
 
     def partial_moving_scan(self, foreground: Tensor | None = None) -> bool:
         """Whether the moving scan covers only part of the fixed foreground (:meth:`moving_coverage`
@@ -322,19 +323,20 @@ def load_pair(
                 )
     native_keys = [k for k in ("moving", "moving_labels", "moving_mask") if k in data]
     native: dict[str, Any] = {}
+    on_fixed_grid = same_grid(data["moving"], data["fixed"])
     if keep_native:  # the affine stage aligns the pair: nothing is resampled here
-        if not stage_aligns and not same_grid(data["moving"], data["fixed"]):
-            refuse_without_overlap(data, paths)
         native = {k: data[k] for k in native_keys}
         native["moving_raw"] = data["moving"]
-        if not same_grid(data["moving"], data["fixed"]):
+        if not on_fixed_grid:
+            if not stage_aligns:
+                refuse_without_overlap(data, paths)
             msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
                    f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "
                    "the affines (and the affine stage's transform, if it runs), once, from its own grid (trilinear; labels nearest "
                    "neighbour; the outputs label-interpolated).")
             log.warning(msg)
             notes.append(msg)
-    elif not same_grid(data["moving"], data["fixed"]):
+    elif not on_fixed_grid:
         coverage = refuse_without_overlap(data, paths)
         msg = (f"moving image '{paths['moving']}' is on a different grid than the fixed image "
                f"({'; '.join(grid_differences(data['moving'], data['fixed']))}); resampled it onto the fixed grid through "

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import apply_matrix, normalized_to_voxel, voxel_to_normalized
+from nir_lightning.coords import apply_matrix, inside_grid, normalized_to_voxel, voxel_to_normalized
 from nir_lightning.core.jacobian import determinant, jacobian_forward
 from nir_lightning.core.resample import sample_image
 from nir_lightning.losses.folding import FoldingPenalty, forward_stencil_jacobian
@@ -117,7 +117,7 @@ def registration_objective(
         w_m = sample_image(moving_mask, phi.detach(), mode="nearest")
         weight = w_m if weight is None else weight * w_m
     if moving_fov:  # (B, 1, ...) as the sampled image; no gradient pulls the field of view's edge
-        inside = (at.detach().abs() <= 1.0).all(dim=-1).unsqueeze(1).to(warped.dtype)
+        inside = inside_grid(at.detach()).unsqueeze(1).to(warped.dtype)
         weight = inside if weight is None else weight * inside
     sim = similarity(fixed_s, warped, is_grid=sample.is_grid, weight=weight)
     loss = sim + lam * reg
