@@ -62,6 +62,7 @@ from nir_lightning.app.register import register_pair
 from nir_lightning.app.startup import RankCollector
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.errors import InputError, NIRError
+from nir_lightning.evaluation.output_files import refuse_inputs_among_outputs
 from nir_lightning.io import write_text_atomic
 
 __all__ = ["CSV_COLUMNS", "ERROR_FILE", "SUMMARY_FIELDS", "PairSpec", "main", "read_pairs", "register_many", "run_pair", "wandb_project"]
@@ -98,6 +99,13 @@ def run_pair(
             if row["status"] in ("completed", "failed"):
                 row["by_other"] = True
                 return row
+        try:  # before clear_pair: an input in the pair's folder named like an output is left as it is
+            refuse_inputs_among_outputs(pair_dir, {
+                "fixed image": spec.fixed, "moving image": spec.moving,
+                "fixed label map": spec.fixed_labels, "moving label map": spec.moving_labels,
+            }, writer=f"pair '{spec.id}' of --output", also=(ERROR_FILE,))
+        except InputError as exc:
+            return summary_row(spec, "failed", seconds=0.0, error=str(exc))
         clear_pair(pair_dir)
         if spec.problem:
             return summary_row(spec, "failed", seconds=0.0, error=spec.problem)

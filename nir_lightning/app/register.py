@@ -31,6 +31,7 @@ from nir_lightning.app.startup import StartupCollector
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.data.checks import check_image_file, parse_labels
 from nir_lightning.errors import InputError
+from nir_lightning.evaluation.output_files import refuse_inputs_among_outputs
 
 if TYPE_CHECKING:  # heavy: imported when a registration really runs
 
@@ -209,6 +210,11 @@ def register_pair(
     lock = lock_folder(out, what=f"--output '{out}'", force=force_unlock, fix=" (or pass --force-unlock)")
     collector: StartupCollector | None = None
     try:
+        # before the look for earlier results: an input named like one of them is not one
+        refuse_inputs_among_outputs(out, {
+            "fixed image": fixed, "moving image": moving, "fixed label map": fixed_labels, "moving label map": moving_labels,
+            "fixed mask": fixed_mask, "moving mask": moving_mask, "--labels file": labels,
+        })
         check_output_folder(out, resume=resume, overwrite=overwrite)
         inputs: Path | None = None
         if not demo:

@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter, Callback, TQDMProg
 
 from nir_lightning.errors import InputError
 from nir_lightning.evaluation.evaluate import RegistrationResult
+from nir_lightning.evaluation.output_files import refuse_inputs_among_outputs
 from nir_lightning.evaluation.outputs import write_outputs
 
 
@@ -32,6 +33,13 @@ class NiftiWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.qc = qc
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Before the fit or prediction: refuse an ``output_dir`` where writing would replace an input."""
+        super().setup(trainer, pl_module, stage)
+        dm = getattr(trainer, "datamodule", None)
+        roles = ("fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
+        refuse_inputs_among_outputs(self.output_dir, {f"data.{r}": getattr(dm, r, None) for r in roles}, writer="NiftiWriter's output_dir")
 
     def write_on_batch_end(
         self,
