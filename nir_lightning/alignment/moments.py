@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import Tensor
 
 InitMode = Literal["none", "com", "moments"]
 
-__all__ = ["InitMode", "center_of_mass", "initial_world_matrix", "principal_axes", "rotation_candidates"]
+__all__ = ["InitMode", "Moments", "center_of_mass", "image_moments", "initial_world_matrix", "principal_axes", "rotation_candidates"]
 
 
 def _weights(image: Tensor, mask: Tensor | None) -> Tensor:
@@ -55,6 +56,37 @@ def _voxel_moments(w: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return mean.cpu().numpy(), cov.cpu().numpy()
 
 
+@dataclass(frozen=True)
+class Moments:
+    """An image's intensity-weighted moments in world coordinates (:func:`image_moments`).
+
+    Attributes:
+        centre: the centre of mass ``(3,)``, RAS mm.
+        values: eigenvalues ``(3,)`` of the second central moments (ascending, mm^2).
+        axes: their eigenvectors ``(3, 3)`` (columns, unit, RAS).
+    """
+
+    centre: np.ndarray
+    values: np.ndarray
+    axes: np.ndarray
+
+
+def image_moments(image: Tensor, affine: np.ndarray, mask: Tensor | None = None) -> Moments:
+    """:func:`center_of_mass` and :func:`principal_axes` of ``image`` ``(D0, D1, D2)`` from one pass
+    over it (the same numbers: on a 1 mm brain each pass costs ~0.1 s).
+
+    >>> img = torch.zeros(9, 9, 9); img[1:8, 4, 4] = 1.0
+    >>> m = image_moments(img, np.eye(4))
+    >>> m.centre.tolist(), np.abs(m.axes[:, 2]).round(6).tolist()
+    ([4.0, 4.0, 4.0], [1.0, 0.0, 0.0])
+    """
+    mean, cov = _voxel_moments(_weights(image, mask))
+    lin = np.asarray(affine, dtype=np.float64)
+    world = lin[:3, :3] @ cov @ lin[:3, :3].T
+    vals, vecs = np.linalg.eigh(0.5 * (world + world.T))
+    return Moments(centre=lin[:3, :3] @ mean + lin[:3, 3], values=vals, axes=vecs)
+
+
 def center_of_mass(image: Tensor, affine: np.ndarray, mask: Tensor | None = None) -> np.ndarray:
     """Intensity-weighted centre of mass of ``image`` ``(D0, D1, D2)`` in world mm ``(3,)``.
 
@@ -65,9 +97,7 @@ def center_of_mass(image: Tensor, affine: np.ndarray, mask: Tensor | None = None
     >>> center_of_mass(img, np.diag([2.0, 2.0, 2.0, 1.0])).tolist()
     [6.0, 2.0, 4.0]
     """
-    mean, _ = _voxel_moments(_weights(image, mask))
-    a = np.asarray(affine, dtype=np.float64)
-    return a[:3, :3] @ mean + a[:3, 3]
+    return image_moments(image, affine, mask).centre
 
 
 def principal_axes(image: Tensor, affine: np.ndarray, mask: Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -79,11 +109,8 @@ def principal_axes(image: Tensor, affine: np.ndarray, mask: Tensor | None = None
     >>> np.abs(vecs[:, 2]).round(6).tolist()  # the largest axis
     [1.0, 0.0, 0.0]
     """
-    _, cov = _voxel_moments(_weights(image, mask))
-    lin = np.asarray(affine, dtype=np.float64)[:3, :3]
-    world = lin @ cov @ lin.T
-    vals, vecs = np.linalg.eigh(0.5 * (world + world.T))
-    return vals, vecs
+    m = image_moments(image, affine, mask)
+    return m.values, m.axes
 
 
 def rotation_candidates(fixed_axes: np.ndarray, moving_axes: np.ndarray) -> list[np.ndarray]:
@@ -121,11 +148,13 @@ def initial_world_matrix(
     similarity_fn: Callable[[np.ndarray], float] | None = None,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
+    fixed_moments: Moments | None = None,
 ) -> np.ndarray:
     """A starting world matrix ``W`` (4x4 float64, fixed RAS mm -> moving RAS mm).
 
     ``fixed``/``moving`` are ``(1, 1, D0, D1, D2)`` (or ``(D0, D1, D2)``) on their own grids,
-    with their NIfTI affines; masks are bool on their image's grid.
+    with their NIfTI affines; masks are bool on their image's grid. ``fixed_moments``: the fixed
+    image's :func:`image_moments` (with ``fixed_mask``) when the caller has them already.
 
     * ``"none"``: the identity (aligned by the headers).
     * ``"com"``: the translation that maps the fixed centre of mass onto the moving one.
@@ -146,15 +175,14 @@ def initial_world_matrix(
         return np.eye(4)
     f = fixed.reshape(fixed.shape[-3:])
     m = moving.reshape(moving.shape[-3:])
-    c_f = center_of_mass(f, fixed_affine, fixed_mask)
-    c_m = center_of_mass(m, moving_affine, moving_mask)
-    com = _about(np.eye(3), c_f, c_m)
+    if mode == "moments" and similarity_fn is None:
+        raise ValueError("mode 'moments' needs a similarity_fn to choose among the rotation candidates")
+    fm = fixed_moments if fixed_moments is not None else image_moments(f, fixed_affine, fixed_mask)
+    mm = image_moments(m, moving_affine, moving_mask)
+    com = _about(np.eye(3), fm.centre, mm.centre)
     if mode == "com":
         return com
-    if similarity_fn is None:
-        raise ValueError("mode 'moments' needs a similarity_fn to choose among the rotation candidates")
-    _, e_f = principal_axes(f, fixed_affine, fixed_mask)
-    _, e_m = principal_axes(m, moving_affine, moving_mask)
-    candidates = [np.eye(4), com] + [_about(r, c_f, c_m) for r in rotation_candidates(e_f, e_m)]
+    assert similarity_fn is not None
+    candidates = [np.eye(4), com] + [_about(r, fm.centre, mm.centre) for r in rotation_candidates(fm.axes, mm.axes)]
     scores = [float(similarity_fn(w)) for w in candidates]
     return candidates[int(np.argmin(scores))]

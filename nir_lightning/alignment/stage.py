@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from nir_lightning.alignment.cpu import stage_arithmetic
-from nir_lightning.alignment.moments import center_of_mass, initial_world_matrix, principal_axes
+from nir_lightning.alignment.moments import image_moments, initial_world_matrix
 from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
 from nir_lightning.alignment.pyramid import MIN_LEVEL_VOXELS, Level, build_level, torch64
 from nir_lightning.alignment.validation import OWNER, check_inputs, is_int
@@ -315,8 +315,9 @@ class AffineStage:
         assert support is not None
         fmask = support.to(device)
         mmask = moving_mask.to(device) if moving_mask is not None else None
-        centre = center_of_mass(f3, fixed_affine, fmask)
-        radius = float(np.sqrt(max(float(principal_axes(f3, fixed_affine, fmask)[0].sum()), 1e-6)))
+        moments = image_moments(f3, fixed_affine, fmask)  # once: the candidates of init use them too
+        centre = moments.centre
+        radius = float(np.sqrt(max(float(moments.values.sum()), 1e-6)))
 
         def probe(world: np.ndarray) -> float:
             """The loss after a short refinement from ``world`` (multi-start for ``init="moments"``)."""
@@ -331,7 +332,7 @@ class AffineStage:
 
         initial = initial_world_matrix(
             fixed, fixed_affine, moving, moving_affine, mode=self.init, similarity_fn=probe,
-            fixed_mask=fmask, moving_mask=mmask,
+            fixed_mask=fmask, moving_mask=mmask, fixed_moments=moments,
         )
 
         history: list[LevelHistory] = []
