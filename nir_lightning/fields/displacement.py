@@ -6,14 +6,12 @@ All points are normalized coordinates ``(..., 3)`` in array-axis order (see
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from nir_lightning.fields.base import NeuralField
 from nir_lightning.fields.encoding import FourierFeatures
-from nir_lightning.fields.mlp import CoordinateMLP
+from nir_lightning.fields.mlp import Activation, CoordinateMLP
 
 
 def coordinate_network(
@@ -22,7 +20,7 @@ def coordinate_network(
     sigma: float,
     width: int,
     depth: int,
-    activation: Literal["sine", "relu"],
+    activation: Activation,
     omega0: float,
     encoding_seed: int,
 ) -> tuple[FourierFeatures, CoordinateMLP]:
@@ -76,7 +74,7 @@ class DisplacementField(NeuralField):
         sigma: float = 2.0,
         width: int = 128,
         depth: int = 3,
-        activation: Literal["sine", "relu"] = "sine",
+        activation: Activation = "sine",
         omega0: float = 30.0,
         encoding_seed: int = 0,
     ) -> None:

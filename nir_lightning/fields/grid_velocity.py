@@ -8,14 +8,13 @@ axis (:meth:`GridVelocityField.on_lattice`).
 
 from __future__ import annotations
 
-from typing import Literal
-
 from torch import Tensor, nn
 
 from nir_lightning.fields.base import NeuralField
 from nir_lightning.fields.feature_grid import FeatureGrid
 from nir_lightning.fields.grid_field import grid_network
 from nir_lightning.fields.grid_reads import lattice_points
+from nir_lightning.fields.mlp import Activation
 from nir_lightning.fields.velocity import ODEMethod, StationaryVelocity, VelocityField
 
 __all__ = ["GridVelocityField"]
@@ -70,7 +69,7 @@ class GridVelocityField(VelocityField):
         features: int = 4,
         width: int = 32,
         depth: int = 1,
-        activation: Literal["sine", "relu"] = "relu",
+        activation: Activation = "relu",
         init_scale: float = 1e-4,
         seed: int = 0,
         scale: float = 1.0,

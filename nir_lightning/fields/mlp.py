@@ -1,4 +1,4 @@
-"""Coordinate MLPs: SIREN (sine activations) and a ReLU baseline."""
+"""Coordinate MLPs: SIREN (sine activations), ReLU, and SiLU hidden layers."""
 
 from __future__ import annotations
 
@@ -7,6 +7,15 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+
+Activation = Literal["sine", "relu", "silu"]
+ACTIVATIONS: tuple[str, ...] = ("sine", "relu", "silu")
+
+
+def _silu_derivative(pre: Tensor) -> Tensor:
+    """d/dx of ``x sigmoid(x)`` at ``pre``."""
+    s = torch.sigmoid(pre)
+    return s * (1 + pre * (1 - s))
 
 
 class SineLayer(nn.Module):
@@ -56,15 +65,15 @@ class CoordinateMLP(nn.Module):
         out_features: int = 3,
         width: int = 256,
         depth: int = 3,
-        activation: Literal["sine", "relu"] = "sine",
+        activation: Activation = "sine",
         omega0: float = 30.0,
         output_scale: float = 1e-3,
     ) -> None:
         super().__init__()
         if width < 1 or depth < 1:
             raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
-        if activation not in ("sine", "relu"):
-            raise ValueError(f"activation must be 'sine' or 'relu', got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         if activation == "sine" and not omega0 > 0:
             raise ValueError(f"omega0 must be > 0, got {omega0}")
         layers: list[nn.Module] = []
@@ -73,7 +82,7 @@ class CoordinateMLP(nn.Module):
             if activation == "sine":
                 layers.append(SineLayer(n_in, width, omega0=omega0, first=i == 0))
             else:
-                layers += [nn.Linear(n_in, width), nn.ReLU()]
+                layers += [nn.Linear(n_in, width), nn.ReLU() if activation == "relu" else nn.SiLU()]
             n_in = width
         self.hidden = nn.Sequential(*layers)
         self.output = nn.Linear(width, out_features)
@@ -127,7 +136,10 @@ class CoordinateMLP(nn.Module):
                 x, dx = layer.forward_with_jacobian(x, dx)
             elif isinstance(layer, nn.Linear):
                 x, dx = layer(x), dx @ layer.weight.T
-            else:  # ReLU
+            elif isinstance(layer, nn.ReLU):  # its derivative from the output: the same mask
                 x = layer(x)
                 dx = dx * (x > 0).to(dx.dtype)[:, None, :]
+            else:  # SiLU
+                dx = dx * _silu_derivative(x)[:, None, :]
+                x = layer(x)
         return self.output(x), dx @ self.output.weight.T

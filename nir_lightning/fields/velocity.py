@@ -48,7 +48,7 @@ from nir_lightning.fields.base import ComposedField, NeuralField
 from nir_lightning.fields.displacement import coordinate_network
 from nir_lightning.fields.encoding import FourierFeatures
 from nir_lightning.fields.feature_grid import FeatureGrid
-from nir_lightning.fields.mlp import CoordinateMLP
+from nir_lightning.fields.mlp import Activation, CoordinateMLP
 
 ODEMethod = Literal["euler", "midpoint", "rk4", "dopri5"]
 FIXED_STEP_METHODS: tuple[str, ...] = ("euler", "midpoint", "rk4")
@@ -169,7 +169,7 @@ class VelocityField(NeuralField):
         sigma: float = 2.0,
         width: int = 128,
         depth: int = 3,
-        activation: Literal["sine", "relu"] = "sine",
+        activation: Activation = "sine",
         omega0: float = 30.0,
         encoding_seed: int = 0,
         scale: float = 1.0,

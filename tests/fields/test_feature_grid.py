@@ -68,13 +68,13 @@ def test_encoding_gradient_with_respect_to_grid_and_point():
     assert all(level.grad is not None and float(level.grad.abs().sum()) > 0 for level in enc.grids)
 
 
-@pytest.mark.parametrize("field_cls", [GridDisplacementField, DisplacementField])
-def test_analytic_jacobian_equals_finite_differences_on_a_smooth_field(field_cls):
+@pytest.mark.parametrize("field_cls,activation", [(GridDisplacementField, "silu"), (GridDisplacementField, "relu"), (DisplacementField, "sine")])
+def test_analytic_jacobian_equals_finite_differences_on_a_smooth_field(field_cls, activation):
     """forward_with_jacobian is the derivative of forward: central differences of h = 1e-6 in
     float64 agree to 1e-6 (the grid field is trilinear per cell; points within a cell of h)."""
     torch.manual_seed(0)
     if field_cls is GridDisplacementField:
-        field = GridDisplacementField(levels=3, coarsest=3, features=4, width=16, init_scale=0.2).double()
+        field = GridDisplacementField(levels=3, coarsest=3, features=4, width=16, init_scale=0.2, activation=activation).double()
     else:
         field = DisplacementField(num_frequencies=8, width=16, depth=2).double()
         with torch.no_grad():
