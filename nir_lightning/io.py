@@ -72,7 +72,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         suffix = "".join(target.suffixes) or ".tmp"
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(target.name), suffix=suffix, dir=target.parent)
     except OSError as exc:
         if exc.errno in _WRITE_ERRORS:
             raise _output_error(exc, target) from exc
@@ -95,6 +95,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+def temporary_prefix(name: str) -> str:
+    """How the temporaries of :func:`atomic_path` for a file called ``name`` begin.
+
+    >>> temporary_prefix("warped.nii.gz")
+    '.warped.nii.gz.'
+    """
+    return f".{name}."
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
     """Delete temporaries that :func:`atomic_path` left for ``names`` in ``folder`` when a
     process was killed mid-write (SIGKILL skips clean-up); returns what was removed."""
@@ -103,7 +112,7 @@ def remove_stale_temporaries(folder: str | os.PathLike[str], names: Iterable[str
     if not base.is_dir():
         return removed
     for name in names:
-        for tmp in base.glob(f".{name}.*"):
+        for tmp in base.glob(f"{temporary_prefix(name)}*"):
             if tmp.is_file():
                 tmp.unlink(missing_ok=True)
                 removed.append(tmp)

@@ -175,14 +175,13 @@ def initial_world_matrix(
         return np.eye(4)
     f = fixed.reshape(fixed.shape[-3:])
     m = moving.reshape(moving.shape[-3:])
-    if mode == "moments" and similarity_fn is None:
-        raise ValueError("mode 'moments' needs a similarity_fn to choose among the rotation candidates")
     fm = fixed_moments if fixed_moments is not None else image_moments(f, fixed_affine, fixed_mask)
     mm = image_moments(m, moving_affine, moving_mask)
     com = _about(np.eye(3), fm.centre, mm.centre)
     if mode == "com":
         return com
-    assert similarity_fn is not None
+    if similarity_fn is None:
+        raise ValueError("mode 'moments' needs a similarity_fn to choose among the rotation candidates")
     candidates = [np.eye(4), com] + [_about(r, fm.centre, mm.centre) for r in rotation_candidates(fm.axes, mm.axes)]
     scores = [float(similarity_fn(w)) for w in candidates]
     return candidates[int(np.argmin(scores))]

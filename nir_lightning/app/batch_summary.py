@@ -17,7 +17,7 @@ from typing import Any
 
 from nir_lightning.app.lock import folder_lock_path, holder_alive, lock_file, read_lock
 from nir_lightning.app.pairs_csv import PairSpec
-from nir_lightning.evaluation.output_files import CORE_FILES, OUTPUT_FILES
+from nir_lightning.evaluation.output_files import CORE_FILES, LOG_DIR, OUTPUT_FILES
 from nir_lightning.io import finite_or_none, remove_stale_temporaries, write_text_atomic
 
 __all__ = [
@@ -93,7 +93,7 @@ def clear_pair(pair_dir: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             (pair_dir / name).unlink()
     remove_stale_temporaries(pair_dir, OUTPUT_FILES)  # temporaries of atomic writes cut short
-    shutil.rmtree(pair_dir / "logs", ignore_errors=True)
+    shutil.rmtree(pair_dir / LOG_DIR, ignore_errors=True)
 
 
 def summary_row(spec: PairSpec, status: str, metrics: dict[str, Any] | None = None, seconds: float | None = None, error: str = "") -> dict[str, Any]:

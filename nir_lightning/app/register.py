@@ -31,7 +31,7 @@ from nir_lightning.app.startup import StartupCollector
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.data.checks import check_image_file, parse_labels
 from nir_lightning.errors import InputError
-from nir_lightning.evaluation.output_files import refuse_inputs_among_outputs
+from nir_lightning.evaluation.output_files import LOG_DIR, refuse_inputs_among_outputs
 
 if TYPE_CHECKING:  # heavy: imported when a registration really runs
 
@@ -318,7 +318,7 @@ def _run(
         callbacks.append(ProgressLine())
     defaults = {
         "default_root_dir": str(out),
-        "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": "logs"}},
+        "logger": {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(out), "name": LOG_DIR}},
         "enable_checkpointing": checkpoint_every > 0,
         "callbacks": callbacks,
         "enable_progress_bar": sys.stderr.isatty() and not show_line,
@@ -343,7 +343,7 @@ def _run(
     if not demo:
         dm.setup("fit")  # load and check every voxel before the output folder is touched
     if overwrite:
-        shutil.rmtree(out / "logs", ignore_errors=True)  # --overwrite replaces the run's logs
+        shutil.rmtree(out / LOG_DIR, ignore_errors=True)  # --overwrite replaces the run's logs
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out, OUTPUT_FILES)  # left by a run killed mid-write
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # a kill mid-save leaves the previous last.ckpt

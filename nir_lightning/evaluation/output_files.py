@@ -39,7 +39,11 @@ CORE_FILES: tuple[str, ...] = ("warped.nii.gz", "displacement.nii.gz", "affine.m
 
 WRITTEN_FILES: tuple[str, ...] = (*OUTPUT_FILES, "qc.png")
 """Files of the output folder that a run writes or removes (``register-many`` adds its ``error.txt``)."""
-CLEARED_FOLDERS: tuple[str, ...] = ("logs", "checkpoints")
+LOG_DIR = "logs"
+"""The run's CSV logs (``--overwrite`` and ``register-many`` replace them)."""
+CHECKPOINT_DIR = "checkpoints"
+"""``last.ckpt`` and ``run.json`` while a fit runs (:mod:`nir_lightning.training.checkpoints`)."""
+CLEARED_FOLDERS: tuple[str, ...] = (LOG_DIR, CHECKPOINT_DIR)
 """Folders of the output folder whose contents a run replaces (``--overwrite``, ``--resume``)."""
 
 
@@ -47,8 +51,10 @@ def _at_risk(path: Path, out: Path, written: tuple[str, ...]) -> str | None:
     """The output that would replace or remove ``path`` (an existing file), or ``None``."""
     real = path.resolve()
     if real.parent == out:
+        from nir_lightning.io import temporary_prefix  # imports torch: only for an input in the output folder
+
         name = real.name
-        if name in written or any(name.startswith(f".{w}.") for w in OUTPUT_FILES):  # atomic writes' temporaries
+        if name in written or any(name.startswith(temporary_prefix(w)) for w in OUTPUT_FILES):  # atomic writes' temporaries
             return name
     for folder in CLEARED_FOLDERS:
         if real.is_relative_to(out / folder):

@@ -21,11 +21,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from nir_lightning.errors import InputError
+from nir_lightning.evaluation.output_files import CHECKPOINT_DIR
 from nir_lightning.io import atomic_path, remove_stale_temporaries, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 RUN_FILE = "run.json"
 
