@@ -12,7 +12,7 @@ world point (``moving(W p) ~ fixed(p)``), see :mod:`nir_lightning.coords`.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,7 +145,7 @@ def initial_world_matrix(
     moving_affine: np.ndarray,
     *,
     mode: InitMode,
-    similarity_fn: Callable[[np.ndarray], float] | None = None,
+    similarity_fn: Callable[[list[np.ndarray]], Sequence[float]] | None = None,
     fixed_mask: Tensor | None = None,
     moving_mask: Tensor | None = None,
     fixed_moments: Moments | None = None,
@@ -160,7 +160,8 @@ def initial_world_matrix(
     * ``"com"``: the translation that maps the fixed centre of mass onto the moving one.
     * ``"moments"``: the 4 principal-axes rotations (:func:`rotation_candidates`) about the
       centres of mass, plus the ``"com"`` translation and the identity; the candidate with
-      the lowest ``similarity_fn(W)`` (a loss) wins. The similarity resolves the sign
+      the lowest score wins, ``similarity_fn(candidates)`` giving one score (a loss) per
+      candidate (all at once, so that a caller can refine them together). The similarity resolves the sign
       ambiguity of the axes, and since ``"com"`` and the headers are candidates, the result is
       never worse than either by that measure (principal axes mislead when the fields of view
       differ, e.g. a scan with the neck against a cropped brain).
@@ -183,5 +184,7 @@ def initial_world_matrix(
     if similarity_fn is None:
         raise ValueError("mode 'moments' needs a similarity_fn to choose among the rotation candidates")
     candidates = [np.eye(4), com] + [_about(r, fm.centre, mm.centre) for r in rotation_candidates(fm.axes, mm.axes)]
-    scores = [float(similarity_fn(w)) for w in candidates]
+    scores = [float(v) for v in similarity_fn(candidates)]
+    if len(scores) != len(candidates):
+        raise ValueError(f"similarity_fn returned {len(scores)} scores for {len(candidates)} candidates")
     return candidates[int(np.argmin(scores))]

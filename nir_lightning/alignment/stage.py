@@ -42,10 +42,9 @@ from nir_lightning.alignment.cpu import stage_arithmetic
 from nir_lightning.alignment.moments import image_moments, initial_world_matrix
 from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
 from nir_lightning.alignment.pyramid import MIN_LEVEL_VOXELS, Level, build_level, torch64
-from nir_lightning.alignment.validation import OWNER, check_inputs, is_int
+from nir_lightning.alignment.validation import check_inputs, check_stage_options
 from nir_lightning.coords import inside_grid, voxel_to_normalized
 from nir_lightning.core.resample import sample_image
-from nir_lightning.errors import InputError
 from nir_lightning.losses.mutual_information import mutual_information
 from nir_lightning.losses.similarity import global_ncc
 
@@ -174,42 +173,7 @@ class AffineStage:
     early_stop: bool = True
 
     def __post_init__(self) -> None:
-        def bad(param: str, message: str) -> InputError:
-            value = getattr(self, param)
-            return InputError(f"{OWNER}.{param} {message}", owner=OWNER, param=param, value=value)
-
-        choices = {"kind": ("none", "rigid", "affine"), "init": ("none", "com", "moments"), "similarity": ("mi", "ncc")}
-        for param, allowed in choices.items():
-            if getattr(self, param) not in allowed:
-                listed = ", ".join(repr(a) for a in allowed)
-                raise bad(param, f"must be one of {listed}, got {getattr(self, param)!r}.")
-        if not is_int(self.num_bins) or self.num_bins < 4:
-            raise bad("num_bins", f"must be an integer >= 4, got {self.num_bins!r}; 32 bins suit images scaled to [0, 1].")
-        for param in ("shrink_factors", "rigid_iterations", "affine_iterations"):
-            value = getattr(self, param)
-            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) == 0:
-                raise bad(param, f"must be a non-empty list of integers, got {value!r}.")
-            if not all(is_int(v) for v in value):
-                raise bad(param, f"must be a list of integers, got {value!r}.")
-            object.__setattr__(self, param, tuple(int(v) for v in value))
-        if any(s < 1 for s in self.shrink_factors):
-            raise bad("shrink_factors", f"must all be >= 1 (1 = the fixed image's voxel size), got {list(self.shrink_factors)}; e.g. [4, 2, 1].")
-        for param in ("rigid_iterations", "affine_iterations"):
-            value = getattr(self, param)
-            if len(value) != len(self.shrink_factors):
-                raise bad(param, f"needs one entry per shrink factor ({len(self.shrink_factors)}: {list(self.shrink_factors)}), got {list(value)}.")
-            if any(v < 0 for v in value):
-                raise bad(param, f"must all be >= 0, got {list(value)}.")
-        if not is_int(self.num_points) or self.num_points < 64:
-            raise bad("num_points", f"must be an integer >= 64, got {self.num_points!r}; e.g. 8192 points per step.")
-        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin < math.inf:
-            raise bad("margin", f"must be a number of millimetres >= 0, got {self.margin!r}; e.g. 10.")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or not 0 < self.lr <= 1:
-            raise bad("lr", f"must be a number in (0, 1], got {self.lr!r}; e.g. 0.02.")
-        if not is_int(self.seed):
-            raise bad("seed", f"must be an integer, got {self.seed!r}.")
-        if not isinstance(self.early_stop, bool):
-            raise bad("early_stop", f"must be true or false, got {self.early_stop!r}.")
+        check_stage_options(self)  # InputError naming the option; lists become tuples
 
     # -- the loss -------------------------------------------------------------------------------
     def _similarity(self, fixed_values: Tensor, moving_values: Tensor, weight: Tensor) -> Tensor:
@@ -220,15 +184,23 @@ class AffineStage:
 
     def _loss(self, level: Level, world: Tensor, points: Tensor, fixed_values: Tensor) -> Tensor:
         """Similarity of fixed values at level-normalized ``points`` ``(N, 3)`` and the moving image at ``W``."""
-        chain = level.left @ world @ level.right
-        lin = chain[:3, :3].to(points.dtype)
-        moved = points @ lin.T + chain[:3, 3].to(points.dtype)
-        grid = moved.reshape(1, -1, 1, 1, 3)
-        moving_values = sample_image(level.moving, grid).reshape(-1)
-        weight = inside_grid(moved.detach()).to(moving_values.dtype)
+        return self._losses(level, [world], points, fixed_values)[0]
+
+    def _losses(self, level: Level, worlds: Sequence[Tensor], points: Tensor, fixed_values: Tensor) -> list[Tensor]:
+        """:meth:`_loss` for each of several world matrices on the same points, the moving image
+        read once for all (each point's read is independent of the others: the same numbers)."""
+        moved = []
+        for world in worlds:
+            chain = level.left @ world @ level.right
+            lin = chain[:3, :3].to(points.dtype)
+            moved.append(points @ lin.T + chain[:3, 3].to(points.dtype))
+        every = torch.cat(moved) if len(moved) > 1 else moved[0]
+        grid = every.reshape(1, -1, 1, 1, 3)
+        moving_values = sample_image(level.moving, grid).reshape(len(moved), -1)
+        weight = inside_grid(every.detach()).to(moving_values.dtype).reshape(len(moved), -1)
         if level.moving_mask is not None:
-            weight = weight * sample_image(level.moving_mask, grid.detach()).reshape(-1)
-        return self._similarity(fixed_values, moving_values, weight)
+            weight = weight * sample_image(level.moving_mask, grid.detach()).reshape(len(moved), -1)
+        return [self._similarity(fixed_values, v, w) for v, w in zip(moving_values, weight, strict=True)]
 
     def _draw(self, level: Level, generator: torch.Generator, num_points: int | None = None) -> tuple[Tensor, Tensor]:
         """Random fixed points (level-normalized, ``(N, 3)``) in the sampling region and their values."""
@@ -319,16 +291,16 @@ class AffineStage:
         centre = moments.centre
         radius = float(np.sqrt(max(float(moments.values.sum()), 1e-6)))
 
-        def probe(world: np.ndarray) -> float:
-            """The loss after a short refinement from ``world`` (multi-start for ``init="moments"``)."""
-            params: RigidParameters | AffineParameters
-            if self.kind == "affine":
-                params = AffineParameters(centre, scale=radius, base=world, device=device)
-            else:
-                params = RigidParameters(centre, scale=radius, base=world, device=device)
+        def probe(candidates: list[np.ndarray]) -> list[float]:
+            """Each candidate's loss after a short refinement from it (multi-start for ``init="moments"``)."""
+            params: list[RigidParameters | AffineParameters] = [
+                AffineParameters(centre, scale=radius, base=w, device=device) if self.kind == "affine"
+                else RigidParameters(centre, scale=radius, base=w, device=device)
+                for w in candidates
+            ]
             probe_generator = torch.Generator(device=device).manual_seed(int(self.seed) + 2)
-            self._optimise("probe", levels[0], params, _PROBE_STEPS, _PROBE_LR_FACTOR * self.lr, probe_generator, num_points=max(64, self.num_points // 4))
-            return evaluate(levels[-1], fine_eval, params.numpy())
+            self._refine_together(levels[0], params, _PROBE_STEPS, _PROBE_LR_FACTOR * self.lr, probe_generator, max(64, self.num_points // 4))
+            return [evaluate(levels[-1], fine_eval, p.numpy()) for p in params]
 
         initial = initial_world_matrix(
             fixed, fixed_affine, moving, moving_affine, mode=self.init, similarity_fn=probe,
@@ -377,6 +349,25 @@ class AffineStage:
             history=tuple(history),
             initial=initial,
         )
+
+    def _refine_together(
+        self, level: Level, params: Sequence[RigidParameters | AffineParameters], steps: int, lr: float,
+        generator: torch.Generator, num_points: int,
+    ) -> None:
+        """:meth:`_optimise` (full budget, no early stop) of several starts at once: each step draws
+        one sample for all of them and reads the moving image once, and their losses are summed
+        for one backward pass (no loss depends on another's parameters, so each start's steps are
+        those it would take alone, from a generator seeded as ``generator``)."""
+        optimiser = torch.optim.Adam([p for start in params for p in start.parameters()], lr=lr)
+        for step in range(steps):
+            cosine = 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps - 1)))
+            for group in optimiser.param_groups:
+                group["lr"] = lr * (_FINAL_LR_FRACTION + (1.0 - _FINAL_LR_FRACTION) * cosine)
+            points, values = self._draw(level, generator, num_points)
+            optimiser.zero_grad(set_to_none=True)
+            losses = self._losses(level, [start.matrix() for start in params], points, values)
+            torch.stack(losses).sum().backward()
+            optimiser.step()
 
     def _optimise(
         self,

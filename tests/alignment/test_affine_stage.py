@@ -309,3 +309,27 @@ def test_the_grown_region_is_the_same_by_running_maximum_and_by_pooling():
         got = _grown(mask, steps)
         assert got.dtype == torch.bool and torch.equal(got, want)
     assert int(_grown(mask, [1, 1, 1]).sum()) > int(mask.sum()) > 0
+
+
+@pytest.mark.parametrize("kind", ["rigid", "affine"])
+def test_starts_refined_together_take_the_steps_each_would_take_alone(phantom, kind):
+    """The ``init="moments"`` probes run as one batch: each start's parameters after the batch
+    equal, bit for bit, those of its own refinement (same draws, its own loss and Adam state)."""
+    image, affine, centre = phantom
+    moving, moving_affine = moving_for("resampled", image, affine, true_rigid())
+    stage = AffineStage(kind=kind, **FAST)
+    fixed = tensor(image)
+    level = build_level(4, fixed, affine, moving, moving_affine, None, None, fixed[0, 0] > 0, stage.margin)
+    starts = [np.eye(4), true_rigid(), np.linalg.inv(true_rigid())]
+    make = AffineParameters if kind == "affine" else RigidParameters
+
+    def fresh() -> list:
+        return [make(centre, scale=40.0, base=w, device="cpu") for w in starts]
+
+    together = fresh()
+    stage._refine_together(level, together, 12, 0.04, torch.Generator().manual_seed(5), 1024)
+    for start, refined in zip(fresh(), together, strict=True):
+        stage._optimise("probe", level, start, 12, 0.04, torch.Generator().manual_seed(5), num_points=1024)
+        np.testing.assert_array_equal(refined.numpy(), start.numpy())
+    moved = [p.numpy() for p in together]
+    assert not np.array_equal(moved[0], starts[0])  # the refinement moved them
