@@ -15,28 +15,31 @@ from nir_lightning.fields.feature_grid import FeatureGrid
 from nir_lightning.fields.grid_field import grid_network
 from nir_lightning.fields.grid_reads import lattice_points
 from nir_lightning.fields.mlp import Activation
-from nir_lightning.fields.velocity import ODEMethod, StationaryVelocity, VelocityField
+from nir_lightning.fields.velocity import ODEMethod, StationaryVelocity, VelocityField, _Negated
 
 __all__ = ["GridVelocityField"]
 
 
 class _KnownStart(nn.Module):
-    """``v``, except at the initial state ``y0`` itself, where ``v0`` (already computed) is returned.
+    """``v`` (``-v`` with ``negated``), except at the initial state ``y0`` itself, where ``v0``
+    (already computed, with its sign) is returned.
 
-    Every fixed-step solver of torchdiffeq evaluates ``v(y0)`` first, with the very tensor it was
-    given; a lattice computes that first evaluation axis by axis instead (:meth:`GridVelocityField.on_lattice`).
-    Any other argument, a copy of ``y0`` included, is evaluated as usual, so the result cannot
-    depend on the shortcut being taken. Wraps without owning.
+    Every fixed-step solver of torchdiffeq evaluates the function at ``y0`` first, with the very
+    tensor it was given; a lattice computes that first evaluation axis by axis instead
+    (:meth:`GridVelocityField.on_lattice`). Any other argument, a copy of ``y0`` included, is
+    evaluated as usual, so the result cannot depend on the shortcut being taken. Wraps without owning.
     """
 
-    def __init__(self, velocity: StationaryVelocity, y0: Tensor, v0: Tensor) -> None:
+    def __init__(self, velocity: StationaryVelocity, y0: Tensor, v0: Tensor, *, negated: bool = False) -> None:
         super().__init__()
         self.inner = [velocity]
-        self.y0, self.v0 = y0, v0
+        self.y0, self.v0, self.negated = y0, v0, negated
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         if y is self.y0:
             return self.v0
+        if self.negated:
+            return -self.inner[0].velocity(y)  # as the inverse's _Negated
         return self.inner[0].velocity(y)
 
 
@@ -88,9 +91,10 @@ class GridVelocityField(VelocityField):
         self._setup_flow(StationaryVelocity(encoding, mlp, scale=scale), scale=scale, T=T, method=method,
                          step_size=step_size, adjoint=adjoint, rtol=rtol, atol=atol)
 
-    def on_lattice(self, axes: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    def on_lattice(self, axes: tuple[Tensor, Tensor, Tensor], *, inverse: bool = False) -> Tensor:
         """``phi`` on separable lattices given per axis (``(B, d_a)`` normalized coordinates):
-        ``(B, d0, d1, d2, 3)``, the values of :meth:`forward` at their points (to rounding).
+        ``(B, d0, d1, d2, 3)``, the values of :meth:`forward` at their points (to rounding);
+        with ``inverse``, ``phi^-1`` (the flow of ``-v``), the values of :meth:`inverse`.
 
         The first velocity evaluation, at the lattice points themselves, reads the grids axis
         by axis (:meth:`~nir_lightning.fields.feature_grid.FeatureGrid.on_lattice`); torchdiffeq
@@ -104,13 +108,17 @@ class GridVelocityField(VelocityField):
         >>> pts = torch.stack(torch.meshgrid(*(a[0] for a in axes), indexing="ij"), -1)[None]
         >>> bool(torch.allclose(field.on_lattice(axes), field(pts), atol=1e-6))
         True
+        >>> bool(torch.allclose(field.on_lattice(axes, inverse=True), field.inverse(pts), atol=1e-6))
+        True
         """
         ident = lattice_points(axes)
         flat = ident.reshape(-1, 3)
         if self.adjoint:
-            return self._integrate(flat, self.velocity_net).reshape(ident.shape)
+            func = _Negated(self.velocity_net) if inverse else self.velocity_net
+            return self._integrate(flat, func).reshape(ident.shape)
         encoding = self.velocity_net.encoding
         assert isinstance(encoding, FeatureGrid)
         feats, _ = encoding.on_lattice(axes)
         v0 = self.velocity_net.from_features(feats.reshape(-1, feats.shape[-1]))
-        return self._integrate(flat, _KnownStart(self.velocity_net, flat, v0)).reshape(ident.shape)
+        start = _KnownStart(self.velocity_net, flat, -v0 if inverse else v0, negated=inverse)
+        return self._integrate(flat, start).reshape(ident.shape)

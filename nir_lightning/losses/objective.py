@@ -1,7 +1,8 @@
 """The training objective as a pure function of transform, images and sample.
 
 ``loss = similarity(fixed(x), moving(phi(x))) + lam * folding(phi) + alpha * smoothness(phi)``
-over the sampled fixed points ``x``. The LightningModule's ``training_step`` and ``benchmarks/profile_step.py`` both
+over the sampled fixed points ``x``; symmetric (an invertible ``phi``), ``similarity(moving(x),
+fixed(phi^-1(x)))`` on the same points is added: each image compared with the other warped onto it. The LightningModule's ``training_step`` and ``benchmarks/profile_step.py`` both
 call :func:`registration_objective`, so what is profiled is what is trained.
 """
 
@@ -41,6 +42,8 @@ def registration_objective(
     transform_with_jacobian: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     transform_lattice: Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None = None,
     voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    inverse: Callable[[Tensor], Tensor] | None = None,
+    inverse_lattice: Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Similarity and folding penalty of ``transform`` on one coordinate sample.
 
@@ -71,10 +74,19 @@ def registration_objective(
             same values as ``transform`` on its points, faster); used when the sample is one.
         voxel_size: the fixed image's voxel size in mm along each array axis: the smoothness
             prior is taken per millimetre (``(1, 1, 1)``: per voxel).
+        inverse: ``phi^-1`` on normalized points: the objective becomes symmetric, the sum of the
+            forward similarity and ``similarity(moving(x), fixed(phi^-1(x)))`` at the same points
+            ``x`` (each image compared with the other warped onto it, as SyN compares them,
+            though not at a midpoint; each direction weighs as the forward one does alone, so
+            ``lam`` and ``alpha`` hold the field back half as much against the two). Masks and
+            ``moving_fov`` weigh the second term at the points where each image is read.
+            ``None``: the forward similarity alone.
+        inverse_lattice: ``phi^-1`` on a separable lattice (as ``transform_lattice``).
 
     Returns:
-        ``{"loss", "sim", "jedt", "smooth"}`` scalars (``jedt``: the whole folding term before
-        ``lam``; ``smooth``: the smoothness prior before ``alpha``).
+        ``{"loss", "sim", "sim_inverse", "jedt", "smooth"}`` scalars (``sim``: the forward
+        similarity, ``sim_inverse`` the second term, 0 when not symmetric; ``jedt``: the whole
+        folding term before ``lam``; ``smooth``: the smoothness prior before ``alpha``).
 
     >>> from nir_lightning.sampling import DownsizeSampler
     >>> img = torch.rand(1, 1, 8, 8, 8)
@@ -83,6 +95,10 @@ def registration_objective(
     ...                              folding=FoldingPenalty(), lam=10.0)
     >>> round(float(out["sim"]), 4), float(out["jedt"]), float(out["smooth"])
     (-1.0, 0.0, 0.0)
+    >>> out = registration_objective(lambda x: x, img, img, s, similarity=Similarity("lncc", window=3),
+    ...                              folding=FoldingPenalty(), lam=10.0, inverse=lambda y: y)
+    >>> round(float(out["sim_inverse"]), 4), round(float(out["loss"]), 4)
+    (-1.0, -2.0)
     """
     shape = (int(fixed.shape[-3]), int(fixed.shape[-2]), int(fixed.shape[-1]))
     pts = sample.points
@@ -120,7 +136,48 @@ def registration_objective(
         inside = inside_grid(at.detach()).unsqueeze(1).to(warped.dtype)
         weight = inside if weight is None else weight * inside
     sim = similarity(fixed_s, warped, is_grid=sample.is_grid, weight=weight)
-    loss = sim + lam * reg
+    sim_inverse = pts.new_zeros(())
+    if inverse is None:
+        loss = sim + lam * reg
+    else:
+        sim_inverse = _inverse_similarity(
+            inverse, inverse_lattice, fixed, moving, sample, similarity,
+            fixed_mask=fixed_mask, moving_mask=moving_mask, moving_chain=moving_chain, moving_fov=moving_fov,
+        )
+        loss = sim + sim_inverse + lam * reg
     if smooth_on:
         loss = loss + alpha * smooth
-    return {"loss": loss, "sim": sim, "jedt": reg, "smooth": smooth}
+    return {"loss": loss, "sim": sim, "sim_inverse": sim_inverse, "jedt": reg, "smooth": smooth}
+
+
+def _inverse_similarity(
+    inverse: Callable[[Tensor], Tensor],
+    inverse_lattice: Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None,
+    fixed: Tensor,
+    moving: Tensor,
+    sample: CoordinateSample,
+    similarity: Similarity,
+    *,
+    fixed_mask: Tensor | None,
+    moving_mask: Tensor | None,
+    moving_chain: Tensor | None,
+    moving_fov: bool,
+) -> Tensor:
+    """``similarity(moving(x), fixed(phi^-1(x)))`` at the sample's points ``x``: the moving image
+    (affinely aligned) read where it lies, the fixed one pulled back through the inverse."""
+    pts = sample.points
+    axes = sample.axes if sample.is_grid else None
+    psi = inverse_lattice(axes) if inverse_lattice is not None and axes is not None else inverse(pts)
+    fixed_back = sample_image(fixed, psi)
+    at = None if moving_chain is None else apply_matrix(pts, moving_chain)
+    moving_s = sample.read(moving) if at is None else sample_image(moving, at)
+    weight = None
+    if fixed_mask is not None:
+        weight = sample_image(fixed_mask, psi.detach(), mode="nearest")
+    if moving_mask is not None:  # on the fixed grid, as the moving image's affine part leaves it
+        w_m = sample.read(moving_mask, mode="nearest")
+        weight = w_m if weight is None else weight * w_m
+    if moving_fov and at is not None:
+        inside = inside_grid(at).unsqueeze(1).to(moving_s.dtype)
+        weight = inside if weight is None else weight * inside
+    return similarity(moving_s, fixed_back, is_grid=sample.is_grid, weight=weight)

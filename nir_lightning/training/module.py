@@ -8,6 +8,7 @@ objective in :mod:`nir_lightning.losses.objective`, dense evaluation in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Literal
@@ -34,8 +35,8 @@ from nir_lightning.sampling import (
 )
 from nir_lightning.training.lazy_default import lazy_default
 from nir_lightning.training.options import check_options
-from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, build_adam, linear_decay
-from nir_lightning.training.tracking import logging_step
+from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, optimizer_config
+from nir_lightning.training.tracking import log_objective
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class RegistrationModule(pl.LightningModule):
             on the choosing pairs, a fifth less fit time). 1: every stage draws the full count,
             as the diffeomorphic config does (its coarse stages shape the flow: a quarter cost
             it 0.009 of Dice there).
+        symmetric: add ``similarity(moving(x), fixed(phi^-1(x)))`` to ``similarity(fixed(x),
+            moving(phi(x)))`` (:func:`~nir_lightning.losses.registration_objective`); needs an
+            invertible field (``configs/model/symmetric.yaml`` on the diffeomorphic config; ~1.5x its time).
         domain_margin: the fields' feature grids span the fixed foreground's bounding box (the
             user's fixed mask's, if given) grown by this many millimetres, so their cells are as
             fine in millimetres on a raw scan, whose head fills half the field of view, as on a
@@ -159,6 +163,7 @@ class RegistrationModule(pl.LightningModule):
         eval_max_points: int = 2**18,
         domain_margin: float | None = 16.0,
         coarse_jacobian_ratio: float = 0.25,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
         # Python builds a default argument once: without a new one, every module made without a
@@ -171,7 +176,7 @@ class RegistrationModule(pl.LightningModule):
             lam=lam, alpha=alpha, lr=lr, lr_final_ratio=lr_final_ratio, window=window, sampler=sampler,
             field=field, field2=field2, schedule=schedule, jacobian_stencil=jacobian_stencil,
             coarse_jacobian_ratio=coarse_jacobian_ratio, val_stride=val_stride, eval_max_points=eval_max_points,
-            domain_margin=domain_margin,
+            domain_margin=domain_margin, symmetric=symmetric,
         )
         try:
             # margin None: by the fixed image's voxel size, set in attach_pair (scaled_margin); 0.35 until then
@@ -205,6 +210,7 @@ class RegistrationModule(pl.LightningModule):
         self.eval_max_points = eval_max_points
         self.domain_margin = domain_margin
         self.coarse_jacobian_ratio = coarse_jacobian_ratio
+        self.symmetric = symmetric
         self.pair: ImagePair | None = None
         self._smoothed: dict[float, tuple[Tensor, Tensor]] = {}
         self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
@@ -301,11 +307,7 @@ class RegistrationModule(pl.LightningModule):
 
     def transform(self, x: Tensor) -> Tensor:
         """``phi(x)`` of :meth:`transform_field` for normalized points ``(..., 3)``."""
-        y = self.field(x)
-        if self.in_phase2:
-            assert self.field2 is not None
-            return self.field2(y)
-        return y
+        return self.transform_field()(x)
 
     def transform_with_jacobian(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``phi(x)`` and its exact Jacobian ``(..., 3, 3)`` (fields with ``has_jacobian``)."""
@@ -338,8 +340,8 @@ class RegistrationModule(pl.LightningModule):
             mask=self.mask, generator=generator,
             fixed_mask=self.fixed_mask, moving_mask=self.moving_mask, moving_chain=self.moving_chain, moving_fov=self._moving_fov,
             transform_with_jacobian=self.transform_with_jacobian if self.folding.stencil == "analytic" else None,
-            transform_lattice=self.transform_lattice(),
-            voxel_size=self._voxel_size,
+            transform_lattice=self.transform_lattice(), voxel_size=self._voxel_size,
+            inverse=self.field.inverse if self.symmetric else None, inverse_lattice=self.transform_lattice(inverse=True) if self.symmetric else None,
         )
 
     def _folding_for(self, missing: int) -> FoldingPenalty:
@@ -352,12 +354,16 @@ class RegistrationModule(pl.LightningModule):
             folding = self._coarse_folding[missing] = dataclasses.replace(self.folding, jacobian_points=points)
         return folding
 
-    def transform_lattice(self) -> Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None:
-        """The current transform's lattice reader (``phi`` from per-axis coordinates), or ``None``
-        where it has none (SIREN fields, phase 2 of the hybrid schedule)."""
-        if self.in_phase2 or not isinstance(self.field, (GridDisplacementField, GridVelocityField)):
+    def transform_lattice(self, *, inverse: bool = False) -> Callable[[tuple[Tensor, Tensor, Tensor]], Tensor] | None:
+        """The current transform's lattice reader (``phi``, or with ``inverse`` a velocity field's
+        ``phi^-1``, from per-axis coordinates), or ``None`` where it has none (SIREN fields,
+        phase 2 of the hybrid schedule)."""
+        field = self.field
+        if self.in_phase2 or not isinstance(field, (GridDisplacementField, GridVelocityField)):
             return None
-        return self.field.on_lattice
+        if inverse:
+            return functools.partial(field.on_lattice, inverse=True) if isinstance(field, GridVelocityField) else None
+        return field.on_lattice
 
     # -- the hybrid schedule ---------------------------------------------------------------
     def apply_phase(self, phase: int) -> None:
@@ -410,12 +416,10 @@ class RegistrationModule(pl.LightningModule):
                 f"non-finite loss at step {self.global_step} (similarity={float(out['sim'])}, penalty={float(out['jedt'])}); "
                 "lower model.lr or check the inputs for extreme intensities."
             )
-        if logging_step(self.trainer):  # self.log costs ~1 ms a call: only where the logger writes
-            self.log(f"train/{self.similarity.kind}", out["sim"], prog_bar=False)
-            self.log(f"train/{self.regularizer}", out["jedt"])
-            if self.smoothness.active and self.alpha > 0:
-                self.log(f"train/{self.smoothness.kind}", out["smooth"])
-            self.log("train/loss", out["loss"], prog_bar=True)
+        log_objective(
+            self, out, similarity=self.similarity.kind, regularizer=self.regularizer,
+            smoothness=self.smoothness.kind if self.smoothness.active and self.alpha > 0 else None, symmetric=self.symmetric,
+        )
         return out["loss"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -443,10 +447,5 @@ class RegistrationModule(pl.LightningModule):
         groups = [{"params": list(self.field.parameters()), "name": "field"}]
         if self.field2 is not None:
             groups.append({"params": list(self.field2.parameters()), "name": "field2"})
-        optimizer = build_adam(groups, self.lr)
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
-        lambdas: Any = linear_decay(total, self.lr_final_ratio)
-        if self.schedule is not None:
-            lambdas = self.schedule.lr_lambdas(self.trainer.max_steps, total, self.lr_final_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(groups, self.lr, total_steps=total, final_ratio=self.lr_final_ratio, schedule=self.schedule, max_steps=self.trainer.max_steps)

@@ -30,6 +30,7 @@ def check_options(
     val_stride: int,
     eval_max_points: int,
     domain_margin: float | None,
+    symmetric: bool = False,
 ) -> None:
     """Raise :class:`~nir_lightning.errors.InputError` for the first option of ``model.*`` out of range.
 
@@ -76,4 +77,10 @@ def check_options(
     if domain_margin is not None and not (math.isfinite(domain_margin) and domain_margin >= 0):
         raise InputError(
             f"model.domain_margin must be a finite number of millimetres >= 0 (or null: the whole image), got {domain_margin}; e.g. 16."
+        )
+    if symmetric and (not field.invertible or schedule is not None):
+        why = "the hybrid schedule composes two fields" if schedule is not None else f"{type(field).__name__} has no inverse"
+        raise InputError(
+            f"model.symmetric=true needs an invertible field and no hybrid schedule ({why}); "
+            "use it with -c configs/model/diffeomorphic.yaml (a velocity field), or leave model.symmetric false."
         )

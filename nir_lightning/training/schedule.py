@@ -64,6 +64,18 @@ def linear_decay(total_steps: int, final_ratio: float = 0.1) -> Callable[[int], 
     return factor
 
 
+def optimizer_config(
+    groups: Iterable[dict[str, Any]], lr: float, *, total_steps: int, final_ratio: float,
+    schedule: HybridSchedule | None = None, max_steps: int = 0,
+) -> dict[str, Any]:
+    """``configure_optimizers``' answer: :func:`build_adam` over ``groups`` and a per-step LambdaLR,
+    :func:`linear_decay` over ``total_steps``, or the hybrid ``schedule``'s two-phase factors."""
+    optimizer = build_adam(groups, lr)
+    lambdas: Any = linear_decay(total_steps, final_ratio) if schedule is None else schedule.lr_lambdas(max_steps, total_steps, final_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def two_phase_lr_lambdas(total_steps: int, switch_step: int, final_ratio: float) -> list[Callable[[int], float]]:
     """LR factors of the two parameter groups: NF1 decays linearly over phase 1, NF2 is 0
     before the switch and decays linearly over phase 2 (both from 1 to ``final_ratio``).

@@ -1,14 +1,18 @@
 """Swapped pairs: registering B to A undoes registering A to B (inverse consistency), for the default
 displacement field and the diffeomorphic one, on a phantom pair with a known smooth deformation.
 
-Neither objective is symmetric (the similarity is taken on the fixed image's lattice), so this
-measures how far from symmetric the fitted transforms are, and bounds it: a registration whose
-swapped twin disagrees with it by a fraction of the motion is not trusted.
+Neither default objective is symmetric (the similarity is taken on the fixed image's lattice), so
+this measures how far from symmetric the fitted transforms are, and bounds it: a registration whose
+swapped twin disagrees with it by a fraction of the motion is not trusted. ``model.symmetric``
+(the diffeomorphic config's option: each image compared with the other warped onto it) is held to
+the same bounds; that its objective is exactly symmetric is tested in ``tests/losses/test_symmetric.py``
+(here it brought the twins a little closer: residual 0.395 -> 0.382 voxels, Dice gap 0.015 -> 0.009).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import nibabel as nib
 import numpy as np
@@ -37,11 +41,11 @@ def _sample_vox(field: torch.Tensor, points_vox: torch.Tensor) -> torch.Tensor:
     return out.reshape(3, -1).T.reshape(points_vox.shape)
 
 
-def _round_trip(tmp_path, config: list[str]) -> dict[str, float]:
+def _round_trip(tmp_path, config: list[str], overrides: dict | None = None) -> dict[str, float]:
     p = make_phantom(SHAPE, seed=3)
     a, b = _image(p.fixed, p.affine), _image(p.moving, p.affine)
     la, lb = _image(p.fixed_labels, p.affine), _image(p.moving_labels, p.affine)
-    common = {"affine": "none", "config": config, "overrides": {"trainer.max_steps": STEPS}, "threads": 1, "quiet": True, "checkpoint_every": 0}
+    common = {"affine": "none", "config": config, "overrides": {"trainer.max_steps": STEPS, **(overrides or {})}, "threads": 1, "quiet": True, "checkpoint_every": 0}
     ab = register_pair(a, b, fixed_labels=la, moving_labels=lb, output=tmp_path / "ab", **common)
     ba = register_pair(b, a, fixed_labels=lb, moving_labels=la, output=tmp_path / "ba", **common)
     u_ab, u_ba = ab.result.disp_vox.double(), ba.result.disp_vox.double()
@@ -58,12 +62,33 @@ def _round_trip(tmp_path, config: list[str]) -> dict[str, float]:
     }
 
 
+CONFIGS = {
+    "displacement": ([], None),
+    "diffeomorphic": (["configs/model/diffeomorphic.yaml"], None),
+    "diffeomorphic-symmetric": (["configs/model/diffeomorphic.yaml"], {"model.symmetric": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def round_trips(tmp_path_factory) -> Callable[[str], dict[str, float]]:
+    """The round trip of each configuration, fitted once for the module's tests."""
+    done: dict[str, dict[str, float]] = {}
+
+    def get(name: str) -> dict[str, float]:
+        if name not in done:
+            config, overrides = CONFIGS[name]
+            done[name] = _round_trip(tmp_path_factory.mktemp(name), config, overrides)
+            print(f"\n{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in done[name].items()))
+        return done[name]
+
+    return get
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [[], ["configs/model/diffeomorphic.yaml"]], ids=["displacement", "diffeomorphic"])
-def test_registering_the_swapped_pair_undoes_the_registration(tmp_path, config: list[str]) -> None:
-    r = _round_trip(tmp_path, config)
-    print("\n" + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_registering_the_swapped_pair_undoes_the_registration(round_trips, name: str) -> None:
+    r = round_trips(name)
     assert r["dice_ab"] > r["dice_before"] + 0.1 and r["dice_ba"] > r["dice_before"] + 0.1  # both directions register
-    assert abs(r["dice_ab"] - r["dice_ba"]) < 0.05  # and about equally well (measured: 0.006 displacement, 0.035 diffeomorphic)
+    assert abs(r["dice_ab"] - r["dice_ba"]) < 0.05  # and about equally well (measured: 0.009 displacement, 0.015 diffeomorphic, 0.009 symmetric)
     assert r["u_ab"] > 0.5 * r["motion"]  # the fit moved: a round trip of two identities would pass trivially
-    assert r["residual"] < 0.25 * r["u_ab"]  # phi_BA o phi_AB is close to the identity (measured: 16 %, 15 %)
+    assert r["residual"] < 0.25 * r["u_ab"]  # phi_BA o phi_AB is close to the identity (measured: 14.5 %, 16 %, 16 %)
