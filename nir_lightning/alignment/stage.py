@@ -360,9 +360,7 @@ class AffineStage:
         those it would take alone, from a generator seeded as ``generator``)."""
         optimiser = torch.optim.Adam([p for start in params for p in start.parameters()], lr=lr)
         for step in range(steps):
-            cosine = 0.5 * (1.0 + math.cos(math.pi * step / max(1, steps - 1)))
-            for group in optimiser.param_groups:
-                group["lr"] = lr * (_FINAL_LR_FRACTION + (1.0 - _FINAL_LR_FRACTION) * cosine)
+            _set_lr(optimiser, lr, _cosine(step, 0, steps, 1.0))
             points, values = self._draw(level, generator, num_points)
             optimiser.zero_grad(set_to_none=True)
             losses = self._losses(level, [start.matrix() for start in params], points, values)
@@ -393,9 +391,8 @@ class AffineStage:
         w = _PLATEAU_WINDOW
         step = 0
         while step < end:
-            cosine = scale * 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, end - start - 1)))
-            for group in optimiser.param_groups:
-                group["lr"] = lr * (_FINAL_LR_FRACTION + (1.0 - _FINAL_LR_FRACTION) * cosine)
+            cosine = _cosine(step, start, end, scale)
+            _set_lr(optimiser, lr, cosine)
             points, values = self._draw(level, generator, num_points)
             optimiser.zero_grad(set_to_none=True)
             loss = self._loss(level, params.matrix(), points, values)
@@ -430,3 +427,14 @@ class AffineStage:
         sample = self._draw(level, generator, num_points)
         now = float(self._loss(level, params.matrix(), *sample))
         return now >= float(self._loss(level, start, *sample))
+
+
+def _cosine(step: int, start: int, end: int, scale: float) -> float:
+    """Where a level's learning rate is in its range at ``step``: ``scale`` at ``start``, 0 at ``end - 1`` (cosine)."""
+    return scale * 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, end - start - 1)))
+
+
+def _set_lr(optimiser: torch.optim.Optimizer, lr: float, cosine: float) -> None:
+    """The learning rate ``cosine`` of the way from its final value (``_FINAL_LR_FRACTION`` of ``lr``) to ``lr``."""
+    for group in optimiser.param_groups:
+        group["lr"] = lr * (_FINAL_LR_FRACTION + (1.0 - _FINAL_LR_FRACTION) * cosine)

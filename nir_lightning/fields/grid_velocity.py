@@ -15,14 +15,14 @@ from nir_lightning.fields.feature_grid import FeatureGrid
 from nir_lightning.fields.grid_field import grid_network
 from nir_lightning.fields.grid_reads import lattice_points
 from nir_lightning.fields.mlp import Activation
-from nir_lightning.fields.velocity import ODEMethod, StationaryVelocity, VelocityField, _Negated
+from nir_lightning.fields.velocity import Negated, ODEMethod, StationaryVelocity, VelocityField
 
 __all__ = ["GridVelocityField"]
 
 
 class _KnownStart(nn.Module):
-    """``v`` (``-v`` with ``negated``), except at the initial state ``y0`` itself, where ``v0``
-    (already computed, with its sign) is returned.
+    """The torchdiffeq function ``func`` (``v``, or :class:`~nir_lightning.fields.velocity.Negated`
+    ``-v``), except at the initial state ``y0`` itself, where ``f0`` (already computed) is returned.
 
     Every fixed-step solver of torchdiffeq evaluates the function at ``y0`` first, with the very
     tensor it was given; a lattice computes that first evaluation axis by axis instead
@@ -30,17 +30,15 @@ class _KnownStart(nn.Module):
     evaluated as usual, so the result cannot depend on the shortcut being taken. Wraps without owning.
     """
 
-    def __init__(self, velocity: StationaryVelocity, y0: Tensor, v0: Tensor, *, negated: bool = False) -> None:
+    def __init__(self, func: nn.Module, y0: Tensor, f0: Tensor) -> None:
         super().__init__()
-        self.inner = [velocity]
-        self.y0, self.v0, self.negated = y0, v0, negated
+        self.inner = [func]
+        self.y0, self.f0 = y0, f0
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         if y is self.y0:
-            return self.v0
-        if self.negated:
-            return -self.inner[0].velocity(y)  # as the inverse's _Negated
-        return self.inner[0].velocity(y)
+            return self.f0
+        return self.inner[0](t, y)
 
 
 class GridVelocityField(VelocityField):
@@ -113,12 +111,11 @@ class GridVelocityField(VelocityField):
         """
         ident = lattice_points(axes)
         flat = ident.reshape(-1, 3)
+        func = Negated(self.velocity_net) if inverse else self.velocity_net
         if self.adjoint:
-            func = _Negated(self.velocity_net) if inverse else self.velocity_net
             return self._integrate(flat, func).reshape(ident.shape)
         encoding = self.velocity_net.encoding
         assert isinstance(encoding, FeatureGrid)
         feats, _ = encoding.on_lattice(axes)
         v0 = self.velocity_net.from_features(feats.reshape(-1, feats.shape[-1]))
-        start = _KnownStart(self.velocity_net, flat, -v0 if inverse else v0, negated=inverse)
-        return self._integrate(flat, start).reshape(ident.shape)
+        return self._integrate(flat, _KnownStart(func, flat, -v0 if inverse else v0)).reshape(ident.shape)

@@ -89,7 +89,7 @@ class StationaryVelocity(nn.Module):
         return f"scale={self.scale}"
 
 
-class _Negated(nn.Module):
+class Negated(nn.Module):
     """``-v``: its flow over ``[0, T]`` is the inverse of ``v``'s. Wraps without owning."""
 
     def __init__(self, velocity: StationaryVelocity) -> None:
@@ -307,7 +307,7 @@ class VelocityField(NeuralField):
 
     def inverse(self, y: Tensor) -> Tensor:
         """``phi^-1(y)``: the flow of ``-v`` over ``[0, T]``."""
-        return self._flow(y, _Negated(self.velocity_net))
+        return self._flow(y, Negated(self.velocity_net))
 
     invertible = True
 

@@ -126,15 +126,12 @@ def registration_objective(
     at = phi if moving_chain is None else apply_matrix(phi, moving_chain)
     warped = sample_image(moving, at)
     fixed_s = sample.read(fixed)
-    weight = None
-    if fixed_mask is not None:
-        weight = sample.read(fixed_mask, mode="nearest")
-    if moving_mask is not None:
-        w_m = sample_image(moving_mask, phi.detach(), mode="nearest")
-        weight = w_m if weight is None else weight * w_m
-    if moving_fov:  # (B, 1, ...) as the sampled image; no gradient pulls the field of view's edge
-        inside = inside_grid(at.detach()).unsqueeze(1).to(warped.dtype)
-        weight = inside if weight is None else weight * inside
+    weight = _product(
+        None if fixed_mask is None else sample.read(fixed_mask, mode="nearest"),
+        None if moving_mask is None else sample_image(moving_mask, phi.detach(), mode="nearest"),
+        # (B, 1, ...) as the sampled image; no gradient pulls the field of view's edge
+        inside_grid(at.detach()).unsqueeze(1).to(warped.dtype) if moving_fov else None,
+    )
     sim = similarity(fixed_s, warped, is_grid=sample.is_grid, weight=weight)
     sim_inverse = pts.new_zeros(())
     if inverse is None:
@@ -171,13 +168,18 @@ def _inverse_similarity(
     fixed_back = sample_image(fixed, psi)
     at = None if moving_chain is None else apply_matrix(pts, moving_chain)
     moving_s = sample.read(moving) if at is None else sample_image(moving, at)
-    weight = None
-    if fixed_mask is not None:
-        weight = sample_image(fixed_mask, psi.detach(), mode="nearest")
-    if moving_mask is not None:  # on the fixed grid, as the moving image's affine part leaves it
-        w_m = sample.read(moving_mask, mode="nearest")
-        weight = w_m if weight is None else weight * w_m
-    if moving_fov and at is not None:
-        inside = inside_grid(at).unsqueeze(1).to(moving_s.dtype)
-        weight = inside if weight is None else weight * inside
+    weight = _product(  # each mask read where its image is read; moving_mask is on the fixed grid
+        None if fixed_mask is None else sample_image(fixed_mask, psi.detach(), mode="nearest"),
+        None if moving_mask is None else sample.read(moving_mask, mode="nearest"),
+        inside_grid(at).unsqueeze(1).to(moving_s.dtype) if moving_fov and at is not None else None,
+    )
     return similarity(moving_s, fixed_back, is_grid=sample.is_grid, weight=weight)
+
+
+def _product(*weights: Tensor | None) -> Tensor | None:
+    """The product of the sample weights given, left to right (``None`` entries skipped; ``None`` if all are)."""
+    out = None
+    for w in weights:
+        if w is not None:
+            out = w if out is None else out * w
+    return out
