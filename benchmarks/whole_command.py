@@ -11,8 +11,9 @@ to the CSV), as for ``run_benchmark.py``. ``--mb DIR``: pairs of consecutive
 ``*_t1.nii.gz`` / ``*_labels.nii.gz`` files of a folder (``--mb-pairs`` of them).
 
 Rows (seconds): ``wall`` of the subprocess; for nir, from its ``metrics.json``: ``startup``
-(process start to the first fit step less the affine stage: imports, parsing, loading),
-``affine``, ``fit``, ``evaluate`` (the dense pass, warps, det J and scoring; ``scoring`` is its
+(process start to the first fit step less the affine stage, or less the wait for it: imports,
+parsing, loading), ``affine`` (the stage's own seconds), ``wait`` (when a second process ran the
+stage during the imports, ``nir_lightning/app/early_affine.py``: how long the command waited for it), ``fit``, ``evaluate`` (the dense pass, warps, det J and scoring; ``scoring`` is its
 label part: label warps, Dice, HD95), ``outputs`` (files and QC figure), ``total``
 (``seconds_total``: from the call of ``register_pair`` to ``metrics.json``, the outputs
 included), and ``wall - fit``, the price of the command
@@ -48,10 +49,10 @@ REPO = BENCH.parent
 SHARED = REPO.parent / "shared" / "data" / "brain-pair"
 
 NIR_KEYS = {
-    "startup": "seconds_startup", "affine": "seconds_affine", "fit": "seconds_fit", "evaluate": "seconds_evaluate",
+    "startup": "seconds_startup", "affine": "seconds_affine", "wait": "seconds_affine_wait", "fit": "seconds_fit", "evaluate": "seconds_evaluate",
     "scoring": "seconds_scoring", "outputs": "seconds_outputs",
 }
-COLUMNS = ["pair", "method", "wall", "startup", "affine", "fit", "evaluate", "scoring", "outputs", "total", "wall-fit", "wall/fireants"]
+COLUMNS = ["pair", "method", "wall", "startup", "affine", "wait", "fit", "evaluate", "scoring", "outputs", "total", "wall-fit", "wall/fireants"]
 
 FIREANTS_SCRIPT = """
 import sys, torch

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nir_lightning.alignment.adam import StageAdam
 from nir_lightning.alignment.cpu import stage_arithmetic
 from nir_lightning.alignment.moments import image_moments, initial_world_matrix
 from nir_lightning.alignment.parameters import AffineParameters, RigidParameters
@@ -92,6 +93,9 @@ class AffineResult:
         similarity_after: the loss at ``world`` on the same points (lower is better).
         history: per stage and level, the loss at the first and last step.
         initial: the starting matrix of the optimisation (from ``init``).
+        waited: ``None`` when the stage ran in this process; when another process ran it
+            (``nir register``'s early stage, :mod:`nir_lightning.app.early_affine`), how long
+            this one waited for its result (``seconds`` is still the stage's own time).
     """
 
     world: np.ndarray
@@ -101,6 +105,7 @@ class AffineResult:
     similarity_after: float
     history: tuple[LevelHistory, ...] = ()
     initial: np.ndarray = field(default_factory=lambda: np.eye(4))
+    waited: float | None = None
 
 
 @dataclass(frozen=True)
@@ -358,11 +363,11 @@ class AffineStage:
         one sample for all of them and reads the moving image once, and their losses are summed
         for one backward pass (no loss depends on another's parameters, so each start's steps are
         those it would take alone, from a generator seeded as ``generator``)."""
-        optimiser = torch.optim.Adam([p for start in params for p in start.parameters()], lr=lr)
+        optimiser = StageAdam([p for start in params for p in start.parameters()], lr=lr)
         for step in range(steps):
             _set_lr(optimiser, lr, _cosine(step, 0, steps, 1.0))
             points, values = self._draw(level, generator, num_points)
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             losses = self._losses(level, [start.matrix() for start in params], points, values)
             torch.stack(losses).sum().backward()
             optimiser.step()
@@ -380,7 +385,7 @@ class AffineStage:
         early_stop: bool = False,
         settle_generator: torch.Generator | None = None,
     ) -> LevelHistory:
-        optimiser = torch.optim.Adam(params.parameters(), lr=lr)
+        optimiser = StageAdam(params.parameters(), lr=lr)
         losses: list[float] = []
         # with early_stop and a settle_generator: the level's start, for the check after the first window
         check = early_stop and settle_generator is not None
@@ -394,7 +399,7 @@ class AffineStage:
             cosine = _cosine(step, start, end, scale)
             _set_lr(optimiser, lr, cosine)
             points, values = self._draw(level, generator, num_points)
-            optimiser.zero_grad(set_to_none=True)
+            optimiser.zero_grad()
             loss = self._loss(level, params.matrix(), points, values)
             loss.backward()
             optimiser.step()
@@ -434,7 +439,6 @@ def _cosine(step: int, start: int, end: int, scale: float) -> float:
     return scale * 0.5 * (1.0 + math.cos(math.pi * (step - start) / max(1, end - start - 1)))
 
 
-def _set_lr(optimiser: torch.optim.Optimizer, lr: float, cosine: float) -> None:
+def _set_lr(optimiser: StageAdam, lr: float, cosine: float) -> None:
     """The learning rate ``cosine`` of the way from its final value (``_FINAL_LR_FRACTION`` of ``lr``) to ``lr``."""
-    for group in optimiser.param_groups:
-        group["lr"] = lr * (_FINAL_LR_FRACTION + (1.0 - _FINAL_LR_FRACTION) * cosine)
+    optimiser.lr = lr * (_FINAL_LR_FRACTION + (1.0 - _FINAL_LR_FRACTION) * cosine)

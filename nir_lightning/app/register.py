@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nir_lightning._version import __version__
+from nir_lightning.app.early_affine import DEFAULT_PERCENTILES, EarlyStart, config_changes_stage
+from nir_lightning.app.early_affine import wanted as wanted_early_affine
 from nir_lightning.app.lock import lock_folder
 from nir_lightning.app.startup import StartupCollector
 from nir_lightning.app.threads import resolve_threads
@@ -209,6 +211,7 @@ def register_pair(
     # one writer per result: taken before the look for earlier results, held to the end
     lock = lock_folder(out, what=f"--output '{out}'", force=force_unlock, fix=" (or pass --force-unlock)")
     collector: StartupCollector | None = None
+    early: EarlyStart | None = None
     try:
         # before the look for earlier results: an input named like one of them is not one
         refuse_inputs_among_outputs(out, {
@@ -246,18 +249,31 @@ def register_pair(
         if similarity is not None:
             cli_extra.append(f"--model.similarity={similarity}")
 
+        user_overrides = _override_args(overrides)
+        if not demo and affine != "none" and not resume and wanted_early_affine() and not config_changes_stage(configs, user_overrides):
+            # the affine stage on the idle core while this process imports Lightning (app/early_affine.py)
+            early = EarlyStart(stage={} if affine is None else {"kind": affine}, threads=n_threads)
+
         # -- now the heavy part, without cyclic garbage collection until the fit (app/startup.py)
         collector = StartupCollector.begin()
         import torch
 
         torch.set_num_threads(n_threads)
+        if early is not None:  # the pair loaded now (what the data module would load, by default)
+            early.load({
+                "fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels,
+                "labels": _labels_text(labels), "percentiles": list(DEFAULT_PERCENTILES),
+                "fixed_mask": masks.get("fixed"), "moving_mask": masks.get("moving"), "stage_aligns": True,
+            })
         return _run(
-            out=out, configs=configs, overrides=cli_extra + _override_args(overrides), seed=seed, demo=demo, composed=composed,
+            out=out, configs=configs, overrides=cli_extra + user_overrides, seed=seed, demo=demo, composed=composed,
             fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
             overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
-            progress=progress, quiet=quiet, t0=t0, collector=collector,
+            progress=progress, quiet=quiet, t0=t0, collector=collector, early=early,
         )
     finally:
+        if early is not None:
+            early.close()
         if collector is not None:
             collector.close()
         lock.release()
@@ -267,7 +283,7 @@ def _run(
     *, out: Path, configs: list[str], overrides: list[str], seed: int, demo: bool, fixed: Any, moving: Any,
     fixed_labels: Any, moving_labels: Any, labels: Any, overwrite: bool, resume: bool,
     checkpoint_every: int, progress: bool | None, quiet: bool, t0: float, composed: bool = False,
-    collector: StartupCollector | None = None,
+    collector: StartupCollector | None = None, early: EarlyStart | None = None,
 ) -> PairRegistration:
     import argparse
 
@@ -308,8 +324,7 @@ def _run(
         if fixed_labels is not None:
             cli_args += [f"--data.fixed_labels={fixed_labels}", f"--data.moving_labels={moving_labels}"]
     if labels is not None:
-        text = labels if isinstance(labels, str) else ",".join(str(int(v)) for v in labels)
-        cli_args += [f"--data.labels={text}"]
+        cli_args += [f"--data.labels={_labels_text(labels)}"]
     cli_args += [f"--seed_everything={seed}", f"--model.seed={seed}", *overrides]
     show_line = progress if progress is not None else not sys.stderr.isatty()
     callbacks: list[Any] = [checkpoint_callback(out, checkpoint_every)] if checkpoint_every > 0 else []
@@ -340,6 +355,7 @@ def _run(
     finally:
         sys.argv = argv0
     model, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    dm.early = early  # used only if the parsed config asks for the loading and the stage it did
     if not demo:
         dm.setup("fit")  # load and check every voxel before the output folder is touched
     if overwrite:
@@ -384,6 +400,13 @@ def _run(
     return PairRegistration(output=out, metrics=metrics, result=reg, pair=dm.pair)
 
 
+def _labels_text(labels: str | Sequence[int] | None) -> str | None:
+    """``--labels`` as the ``data.labels`` value: a TSV path or ``"2,3,41"``."""
+    if labels is None or isinstance(labels, str):
+        return labels
+    return ",".join(str(int(v)) for v in labels)
+
+
 def _run_record(*, trainer: Any, dm: Any, cli: Any, seed: int, seconds_fit: float, resumed_step: int | None) -> dict[str, Any]:
     """What ``metrics.json`` says about the run besides the metrics: steps, versions, config, affine stage."""
     import numpy as np
@@ -409,6 +432,9 @@ def _run_record(*, trainer: Any, dm: Any, cli: Any, seed: int, seconds_fit: floa
             "similarity_after": res.similarity_after, "world": np.asarray(res.world).tolist(),
         }
         extra["seconds_affine"] = res.seconds
+        if res.waited is not None:  # run by a second process during the imports: the command waited this long
+            extra["affine"]["early"] = True
+            extra["seconds_affine_wait"] = res.waited
     if resumed_step is not None:
         extra["resumed_from_step"] = resumed_step
     return extra

@@ -200,6 +200,20 @@ class ImagePair:
         """Fixed-image foreground ``(D0, D1, D2)`` on the CPU (:func:`foreground`)."""
         return foreground(self.fixed[0, 0].cpu())
 
+    def stage_inputs(self) -> dict[str, Any]:
+        """The keyword arguments of :meth:`~nir_lightning.alignment.AffineStage.fit` for this pair
+        (loaded with ``keep_native``): the fixed image, the moving image on its own grid, their
+        affines and masks; the points come from the user's fixed mask, else from the foreground
+        rule (not just > 0, which on a raw scan's noisy background would take most of them)."""
+        nat = self.native
+        if nat is None:
+            raise ValueError("stage_inputs needs the pair loaded with keep_native=True")
+        return {
+            "fixed": self.fixed, "fixed_affine": self.fixed_affine, "moving": nat.image, "moving_affine": nat.affine,
+            "fixed_mask": self.fixed_mask, "moving_mask": nat.mask,
+            "foreground": self.foreground_mask() if self.fixed_mask is None else None,
+        }
+
 
 def _file_role(key: str) -> str:
     """``"moving_labels"`` -> ``"moving label"`` (messages read "moving label image '...'")."""

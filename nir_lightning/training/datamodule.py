@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -30,6 +30,17 @@ class _Steps(Dataset[int]):
 
     def __getitem__(self, index: int) -> int:
         return index
+
+
+class EarlyStart(Protocol):
+    """The pair loaded, and its affine stage run, before Lightning was imported
+    (:class:`nir_lightning.app.early_affine.EarlyStart`)."""
+
+    def pair_for(self, source: dict[str, Any]) -> ImagePair | None:
+        """The pair if it was loaded from ``source`` (:meth:`PairDataModule.load_source`); else ``None``."""
+
+    def take(self, stage: AffineStage, source: dict[str, Any]) -> AffineResult | None:
+        """The stage's result if it ran ``stage`` on the pair loaded from ``source``; else ``None``."""
 
 
 class PairDataModule(pl.LightningDataModule):
@@ -86,6 +97,15 @@ class PairDataModule(pl.LightningDataModule):
         self.affine_result: AffineResult | None = None
         self.pair: ImagePair | None = None
         self.before_scores: BeforeScores | None = None  # the unregistered pair's scores, on a thread
+        self.early: EarlyStart | None = None  # nir register's pair loaded and stage run early (app/early_affine.py)
+
+    def load_source(self) -> dict[str, Any]:
+        """:func:`~nir_lightning.data.load_pair`'s keyword arguments but ``keep_native`` (JSON values)."""
+        return {
+            "fixed": self.fixed, "moving": self.moving, "fixed_labels": self.fixed_labels, "moving_labels": self.moving_labels,
+            "labels": self.labels, "percentiles": [float(v) for v in self.percentiles],
+            "fixed_mask": self.fixed_mask, "moving_mask": self.moving_mask, "stage_aligns": self.affine.kind != "none",
+        }
 
     def setup(self, stage: str | None = None) -> None:
         if self.pair is not None:
@@ -98,30 +118,17 @@ class PairDataModule(pl.LightningDataModule):
             self.fixed, self.moving = str(files["fixed"]), str(files["moving"])
             self.fixed_labels, self.moving_labels = str(files["fixed_labels"]), str(files["moving_labels"])
         assert self.fixed is not None and self.moving is not None
-        self.pair = load_pair(
-            self.fixed,
-            self.moving,
-            fixed_labels=self.fixed_labels,
-            moving_labels=self.moving_labels,
-            labels=self.labels,
-            percentiles=self.percentiles,
-            fixed_mask=self.fixed_mask,
-            moving_mask=self.moving_mask,
-            keep_native=True,  # outputs resample the moving image once, from its own grid
-            stage_aligns=self.affine.kind != "none",
-        )
-        pair, native = self.pair, self.pair.native
-        assert native is not None
+        source = self.load_source()
+        early = self.early.pair_for(source) if self.early is not None else None
+        # outputs resample the moving image once, from its own grid: keep_native
+        self.pair = early if early is not None else load_pair(**{**source, "percentiles": tuple(source["percentiles"])}, keep_native=True)
+        pair = self.pair
         if self.affine.kind != "none":
             if pair.has_labels:  # Dice and HD95 before registration meanwhile: the stage computes on one core
                 self.before_scores = BeforeScores(pair)
-            # points come from the user's fixed mask, else the foreground rule (not just > 0,
-            # which on a raw scan's noisy background would take most of them), grown
-            res = self.affine.fit(
-                pair.fixed, pair.fixed_affine, native.image, native.affine,
-                fixed_mask=pair.fixed_mask, moving_mask=native.mask,
-                foreground=pair.foreground_mask() if pair.fixed_mask is None else None,
-            )
+            res = self.early.take(self.affine, source) if self.early is not None and early is not None else None
+            if res is None:
+                res = self.affine.fit(**pair.stage_inputs())
             pair.align(res.world)
             self.affine_result = res
             log.info("affine stage (%s): %.1f s, similarity %.4f -> %.4f", res.kind, res.seconds, res.similarity_before, res.similarity_after)

@@ -98,7 +98,9 @@ class StartupClock(Callback):
         if self.first_step is None or started is None or not isinstance(metrics, dict):
             return
         affine = getattr(getattr(trainer, "datamodule", None), "affine_result", None)
-        metrics["seconds_startup"] = self.first_step - started - (float(affine.seconds) if affine is not None else 0.0)
+        # less the part of the affine stage the command waited for (all of it, unless another process ran it)
+        stage = 0.0 if affine is None else float(affine.seconds) if affine.waited is None else float(affine.waited)
+        metrics["seconds_startup"] = self.first_step - started - stage
 
 
 def config_keys_of(config: Any, owner: str, param: str, prefix: str = "") -> list[tuple[str, Any]]:

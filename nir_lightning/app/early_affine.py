@@ -1,0 +1,285 @@
+"""The affine stage in a second process, while ``nir register`` imports Lightning (issue 25).
+
+A fresh ``nir register`` imports torch, MONAI and Lightning (which imports ``torch._dynamo``),
+builds the LightningCLI, loads the pair and runs the affine stage, all on one core: the second core
+idled through the imports and the stage (1-2 s at 2 mm). :class:`EarlyStart` reorders that: right
+after torch and MONAI, the command loads the pair with the options the command line implies
+(``--data.*`` defaults otherwise) and hands the stage's inputs (tensors, in a temporary file) to a
+second Python process (``python -m nir_lightning.app.early_affine``), which imports only torch
+and :mod:`nir_lightning.alignment` (no MONAI, no Lightning, no ``torch._dynamo``:
+:mod:`nir_lightning.alignment.adam`) and runs the stage with the options of ``--affine``, else
+:class:`~nir_lightning.alignment.AffineStage`'s defaults, while the command imports Lightning and
+parses its configuration. The data module then takes the pair (:meth:`EarlyStart.pair_for`) and the
+stage's result (:meth:`EarlyStart.take`) only if the parsed configuration asks for exactly that
+loading and that stage; otherwise it loads and aligns as before, and the process is stopped. The
+stage is deterministic (its own seeded generators, one thread: :mod:`nir_lightning.alignment.cpu`),
+so its matrix is the one the command would compute, bit for bit (``tests/app/test_early_affine.py``).
+
+It runs only where it can overlap: at least two usable cores, and Lightning not imported yet (a
+fresh command; ``register-many`` and notebooks import it once and gain nothing). If the second
+process fails, the command runs the stage itself. ``NIR_EARLY_AFFINE=0`` turns it off, ``1``
+forces it and waits for it however late it begins (tests).
+
+Protocol: the command writes two JSON lines to the process's stdin (the stage's options, then the
+inputs' file once the pair is loaded); the process answers ``stage`` on its stdout when it begins
+the stage (a command that finds no such line when it needs the matrix, the process still
+importing, stops it and runs the stage itself: never slower than without it) and then one JSON
+object (floats as Python writes them: exact round trips of the float64 matrices).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nir_lightning.alignment import AffineResult, AffineStage
+    from nir_lightning.data.pair import ImagePair
+
+__all__ = ["DEFAULT_PERCENTILES", "EarlyStart", "config_changes_stage", "result_from_json", "result_to_json", "wanted"]
+
+ENV = "NIR_EARLY_AFFINE"
+DEFAULT_PERCENTILES = (0.5, 99.5)
+"""``data.percentiles``' default, which the early stage assumes (a test keeps them equal; another
+value in a config only means the stage runs in the command)."""
+
+
+def wanted() -> bool:
+    """Whether a second process would overlap the command's imports (``NIR_EARLY_AFFINE`` overrides)."""
+    flag = os.environ.get(ENV, "").strip()
+    if flag in ("0", "1"):
+        return flag == "1"
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores >= 2 and "pytorch_lightning" not in sys.modules
+
+
+def config_changes_stage(configs: list[str], overrides: list[str]) -> bool:
+    """Whether config files or ``--data.*`` overrides set the affine stage or the loading's
+    percentiles: the early stage would then be the wrong one (a cheap look before the real parse,
+    which still decides: :meth:`EarlyStart.take` compares the parsed values).
+
+    >>> config_changes_stage([], ["--trainer.max_steps=10"]), config_changes_stage([], ["--data.affine.lr=0.01"])
+    (False, True)
+    """
+    import yaml
+
+    keys = ("--data.affine", "--data.percentiles", "--data.init_args.affine", "--data.init_args.percentiles", "--data=", "--data ")
+    if any(str(arg).startswith(keys) or str(arg) == "--data" for arg in overrides):
+        return True
+    for cfg in configs:
+        try:
+            data = (yaml.safe_load(Path(cfg).read_text()) or {}).get("data") or {}
+        except (OSError, yaml.YAMLError, AttributeError):
+            return True  # the real parse reports it
+        data = data.get("init_args", data) if isinstance(data, dict) else {}
+        if "affine" in data or tuple(data.get("percentiles", DEFAULT_PERCENTILES)) != DEFAULT_PERCENTILES:
+            return True
+    return False
+
+
+class EarlyStart:
+    """The pair loaded before Lightning is imported, and its affine stage run by a second process.
+
+    Made before the command imports torch, so the second process imports torch and the stage
+    meanwhile; :meth:`load` (after torch) then loads the pair and hands the stage's inputs over.
+
+    Args:
+        stage: :class:`~nir_lightning.alignment.AffineStage` keyword arguments (``{}``: its defaults).
+        threads: torch's threads in the second process (the stage itself runs on one).
+    """
+
+    def __init__(self, *, stage: dict[str, Any], threads: int) -> None:
+        self.stage = dict(stage)
+        self.patient = os.environ.get(ENV, "").strip() == "1"  # forced (tests): waits however late it begins
+        self.source: dict[str, Any] | None = None
+        self._pair: ImagePair | None = None
+        self._inputs: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-m", "nir_lightning.app.early_affine"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, ENV: "0", "OMP_NUM_THREADS": str(int(threads)), "PYTHONPATH": _python_path()},
+        )
+        self._send({"stage": self.stage, "threads": int(threads)})
+
+    def load(self, source: dict[str, Any]) -> None:
+        """Load the pair (:func:`~nir_lightning.data.load_pair` with ``source`` and ``keep_native``)
+        and hand the stage's inputs to the second process.
+
+        Args:
+            source: ``load_pair``'s keyword arguments but ``keep_native``, JSON values, as
+                :meth:`~nir_lightning.training.PairDataModule.load_source` gives them.
+
+        Raises:
+            InputError: from loading (a bad file), as the data module would raise it.
+        """
+        import torch
+
+        from nir_lightning.data.pair import load_pair
+
+        self.source = dict(source)
+        self._pair = load_pair(**_load_kwargs(self.source))
+        inputs = self._pair.stage_inputs()
+        shm = "/dev/shm"  # memory, where there is one: the inputs are read once, seconds later
+        fd, name = tempfile.mkstemp(prefix="nir_stage_", suffix=".pt", dir=shm if os.access(shm, os.W_OK) else None)
+        os.close(fd)
+        self._inputs = Path(name)
+        # tensors only (torch.load's weights_only): the float64 affines as tensors, exactly
+        torch.save({k: torch.from_numpy(v) if k.endswith("affine") else v for k, v in inputs.items()}, name)
+        self._send({"inputs": name})
+
+    def _send(self, message: dict[str, Any]) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        try:
+            proc.stdin.write((json.dumps(message) + "\n").encode())
+            proc.stdin.flush()
+        except OSError:  # the process is gone: take() sees its status
+            pass
+
+    def pair_for(self, source: dict[str, Any]) -> ImagePair | None:
+        """The loaded pair if ``source`` is what it was loaded from (once), else ``None`` (and the process stopped)."""
+        pair, self._pair = self._pair, None
+        if pair is None or source != self.source:
+            self.close()
+            return None
+        return pair
+
+    def take(self, stage: AffineStage, source: dict[str, Any]) -> AffineResult | None:
+        """The stage's result, waiting for it, if it is ``stage`` on the pair loaded from ``source``;
+        ``None`` (the process stopped) otherwise or when the process failed."""
+        from nir_lightning.alignment import AffineStage
+
+        proc, self._proc = self._proc, None
+        try:
+            if proc is None or source != self.source or stage != AffineStage(**self.stage):
+                return None
+            start = time.perf_counter()
+            assert proc.stdin is not None and proc.stdout is not None
+            _close(proc.stdin)
+            if not self.patient and not _began(proc):  # still importing (a cold start): computing here is no slower than waiting
+                return None
+            out = proc.stdout.read()
+            proc.wait()
+            waited = time.perf_counter() - start
+            if proc.returncode != 0:
+                return None
+            try:
+                return result_from_json(json.loads(out.splitlines()[-1]), waited=waited)  # after "stage", if not read
+            except (ValueError, KeyError, TypeError, IndexError):
+                return None
+        finally:
+            if proc is not None:
+                _stop(proc)
+            self.close()
+
+    def close(self) -> None:
+        """Stop the process if its result was not taken, and remove the inputs' file."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _stop(proc)
+        inputs, self._inputs = self._inputs, None
+        if inputs is not None:
+            inputs.unlink(missing_ok=True)
+
+
+def _load_kwargs(source: dict[str, Any]) -> dict[str, Any]:
+    return {**source, "percentiles": tuple(source["percentiles"]), "keep_native": True}
+
+
+def _python_path() -> str:
+    """``PYTHONPATH`` that imports this copy of ``nir_lightning`` first (a checkout run from its folder, a benchmark's other checkout)."""
+    import nir_lightning
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(nir_lightning.__file__)))
+    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            _close(stream)
+
+
+def _began(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the process has begun the stage (its first line), without waiting for it where the
+    platform can tell (``select`` on a pipe: POSIX)."""
+    assert proc.stdout is not None
+    try:
+        import select
+
+        ready = select.select([proc.stdout], [], [], 0)[0]
+    except (ImportError, OSError, ValueError):
+        ready = [proc.stdout]
+    return bool(ready) and proc.stdout.readline().strip() == b"stage"
+
+
+def _close(stream: Any) -> None:
+    try:
+        stream.close()
+    except OSError:  # a pipe whose reader is gone, with bytes still buffered
+        pass
+
+
+def result_to_json(res: AffineResult) -> dict[str, Any]:
+    """:class:`~nir_lightning.alignment.AffineResult` as JSON-ready values (matrices as nested lists)."""
+    out = {f.name: getattr(res, f.name) for f in fields(res)}
+    out["world"], out["initial"] = res.world.tolist(), res.initial.tolist()
+    out["history"] = [asdict(h) for h in res.history]
+    return out
+
+
+def result_from_json(data: dict[str, Any], *, waited: float | None = None) -> AffineResult:
+    """The inverse of :func:`result_to_json`, with ``waited`` set."""
+    import numpy as np
+
+    from nir_lightning.alignment import AffineResult, LevelHistory
+
+    return AffineResult(
+        world=np.asarray(data["world"], dtype=np.float64), kind=str(data["kind"]), seconds=float(data["seconds"]),
+        similarity_before=float(data["similarity_before"]), similarity_after=float(data["similarity_after"]),
+        history=tuple(LevelHistory(**h) for h in data["history"]), initial=np.asarray(data["initial"], dtype=np.float64),
+        waited=waited,
+    )
+
+
+def _main() -> int:
+    import gc
+
+    gc.disable()  # a short-lived process: the collector would only rescan torch's import objects
+    spec = json.loads(sys.stdin.readline())
+    import torch
+
+    torch.set_num_threads(int(spec["threads"]))
+    from nir_lightning.alignment import AffineStage
+
+    line = sys.stdin.readline()  # the inputs, once the command has loaded the pair
+    if not line:  # the command did not get that far
+        return 0
+    path = Path(json.loads(line)["inputs"])
+    inputs = torch.load(path, weights_only=True)
+    path.unlink(missing_ok=True)  # read: nothing left behind if the command is killed from here on
+    inputs = {k: v.numpy() if k.endswith("affine") else v for k, v in inputs.items()}
+    sys.stdout.write("stage\n")  # begun: the command waits for it from here on
+    sys.stdout.flush()
+    res = AffineStage(**spec["stage"]).fit(**inputs)
+    sys.stdout.write(json.dumps(result_to_json(res)))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
