@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from nir_lightning.alignment import AffineResult, AffineStage
     from nir_lightning.data.pair import ImagePair
 
-__all__ = ["DEFAULT_PERCENTILES", "EarlyStart", "config_changes_stage", "result_from_json", "result_to_json", "wanted"]
+__all__ = ["DEFAULT_PERCENTILES", "EarlyStart", "config_changes_stage", "default_source", "result_from_json", "result_to_json", "start", "wanted"]
 
 ENV = "NIR_EARLY_AFFINE"
 DEFAULT_PERCENTILES = (0.5, 99.5)
@@ -85,6 +85,27 @@ def config_changes_stage(configs: list[str], overrides: list[str]) -> bool:
         if "affine" in data or tuple(data.get("percentiles", DEFAULT_PERCENTILES)) != DEFAULT_PERCENTILES:
             return True
     return False
+
+
+def start(
+    *, demo: bool, affine: str | None, resume: bool, configs: list[str], overrides: list[str], threads: int,
+) -> EarlyStart | None:
+    """:class:`EarlyStart` for ``nir register``'s options, where it can help (see the module
+    docstring): not for the demo, ``--affine none``, ``--resume``, or a config that sets the stage."""
+    if demo or affine == "none" or resume or not wanted() or config_changes_stage(configs, overrides):
+        return None
+    return EarlyStart(stage={} if affine is None else {"kind": affine}, threads=threads)
+
+
+def default_source(
+    *, fixed: str, moving: str, fixed_labels: str | None, moving_labels: str | None, labels: str | None, masks: dict[str, str],
+) -> dict[str, Any]:
+    """What the data module loads by default from these files (:meth:`~nir_lightning.training.PairDataModule.load_source`)."""
+    return {
+        "fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels, "labels": labels,
+        "percentiles": list(DEFAULT_PERCENTILES), "fixed_mask": masks.get("fixed"), "moving_mask": masks.get("moving"),
+        "stage_aligns": True,
+    }
 
 
 class EarlyStart:

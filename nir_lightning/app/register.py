@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -25,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nir_lightning._version import __version__
-from nir_lightning.app.early_affine import DEFAULT_PERCENTILES, EarlyStart, config_changes_stage
-from nir_lightning.app.early_affine import wanted as wanted_early_affine
+from nir_lightning.app import early_affine
+from nir_lightning.app.early_affine import EarlyStart
 from nir_lightning.app.lock import lock_folder
+from nir_lightning.app.run_record import run_record, summary_line
 from nir_lightning.app.startup import StartupCollector
 from nir_lightning.app.threads import resolve_threads
 from nir_lightning.data.checks import check_image_file, parse_labels
@@ -250,9 +249,8 @@ def register_pair(
             cli_extra.append(f"--model.similarity={similarity}")
 
         user_overrides = _override_args(overrides)
-        if not demo and affine != "none" and not resume and wanted_early_affine() and not config_changes_stage(configs, user_overrides):
-            # the affine stage on the idle core while this process imports Lightning (app/early_affine.py)
-            early = EarlyStart(stage={} if affine is None else {"kind": affine}, threads=n_threads)
+        # the affine stage on the idle core while this process imports Lightning (app/early_affine.py)
+        early = early_affine.start(demo=demo, affine=affine, resume=resume, configs=configs, overrides=user_overrides, threads=n_threads)
 
         # -- now the heavy part, without cyclic garbage collection until the fit (app/startup.py)
         collector = StartupCollector.begin()
@@ -260,11 +258,9 @@ def register_pair(
 
         torch.set_num_threads(n_threads)
         if early is not None:  # the pair loaded now (what the data module would load, by default)
-            early.load({
-                "fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels,
-                "labels": _labels_text(labels), "percentiles": list(DEFAULT_PERCENTILES),
-                "fixed_mask": masks.get("fixed"), "moving_mask": masks.get("moving"), "stage_aligns": True,
-            })
+            early.load(early_affine.default_source(
+                fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=_labels_text(labels), masks=masks,
+            ))
         return _run(
             out=out, configs=configs, overrides=cli_extra + user_overrides, seed=seed, demo=demo, composed=composed,
             fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
@@ -384,7 +380,7 @@ def _run(
             if note is not None:  # into metrics.json's notes, as load_pair's warnings
                 logging.getLogger("nir_lightning").warning(note)
                 dm.pair.notes.append(note)
-            extra = _run_record(trainer=trainer, dm=dm, cli=cli, seed=seed, seconds_fit=seconds_fit, resumed_step=resumed_step)
+            extra = run_record(trainer=trainer, dm=dm, cli=cli, seed=seed, seconds_fit=seconds_fit, resumed_step=resumed_step)
             # metrics.json last: while it is absent the folder is not complete (--resume may redo it); seconds_total up to it
             metrics = write_outputs(
                 reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed, started=t0,
@@ -405,60 +401,3 @@ def _labels_text(labels: str | Sequence[int] | None) -> str | None:
     if labels is None or isinstance(labels, str):
         return labels
     return ",".join(str(int(v)) for v in labels)
-
-
-def _run_record(*, trainer: Any, dm: Any, cli: Any, seed: int, seconds_fit: float, resumed_step: int | None) -> dict[str, Any]:
-    """What ``metrics.json`` says about the run besides the metrics: steps, versions, config, affine stage."""
-    import numpy as np
-    import torch
-
-    extra: dict[str, Any] = {
-        "seconds_fit": seconds_fit,
-        "steps": int(trainer.global_step),
-        "device": str(trainer.lightning_module.device),
-        "seed": seed,
-        "fixed": dm.fixed,
-        "moving": dm.moving,
-        "version": __version__,
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),  # CPU results are bitwise reproducible at a fixed thread count
-        "python": platform.python_version(),
-        "config": _plain(cli.config.as_dict()),
-    }
-    if dm.affine_result is not None:
-        res = dm.affine_result
-        extra["affine"] = {
-            "kind": res.kind, "seconds": res.seconds, "similarity_before": res.similarity_before,
-            "similarity_after": res.similarity_after, "world": np.asarray(res.world).tolist(),
-        }
-        extra["seconds_affine"] = res.seconds
-        if res.waited is not None:  # run by a second process during the imports: the command waited this long
-            extra["affine"]["early"] = True
-            extra["seconds_affine_wait"] = res.waited
-    if resumed_step is not None:
-        extra["resumed_from_step"] = resumed_step
-    return extra
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict) or hasattr(obj, "items"):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def summary_line(m: Mapping[str, Any], out: Path) -> str:
-    """The one line ``nir register`` prints at the end."""
-    fit = f"fit {m['seconds_fit']:.1f}s" + (f" after a {m['seconds_affine']:.1f}s affine stage" if "seconds_affine" in m else "")
-    parts = [f"steps={m['steps']}", fit, f"folding {m['folding_percent']:.4f}% ({m['folding_count']} voxels)"]
-    if "dice_after" in m:
-        affine = f" -> {m['dice_affine']:.3f} (affine)" if "seconds_affine" in m and "dice_affine" in m else ""
-        parts.insert(0, f"Dice {m['dice_before']:.3f}{affine} -> {m['dice_after']:.3f}")
-    if "hd95_after" in m:
-        parts.append(f"HD95 {m['hd95_before']:.2f} -> {m['hd95_after']:.2f} mm")
-    if "epe_after_vox" in m:
-        parts.append(f"EPE {m['epe_before_vox']:.2f} -> {m['epe_after_vox']:.2f} vox")
-    return f"nir register: {', '.join(parts)}; outputs in {out}/"

@@ -135,8 +135,8 @@ def test_register_gives_the_same_outputs_with_the_early_stage(moved, tmp_path, m
     assert (tmp_path / "1" / "affine.mat").read_bytes() == (tmp_path / "0" / "affine.mat").read_bytes()
     assert runs["1"]["dice_after"] == runs["0"]["dice_after"] and runs["1"]["affine"]["world"] == runs["0"]["affine"]["world"]
     # taken only when the config asks for the stage it ran (a config's num_points: another stage)
-    assert runs["1"]["affine"].get("early", False) is (not override)
-    assert "early" not in runs["0"]["affine"]
+    assert ("seconds_affine_wait" in runs["1"]) is (not override)
+    assert "seconds_affine_wait" not in runs["0"]
 
 
 def test_configs_that_set_the_stage_or_the_loading_skip_the_early_start(configs_dir) -> None:
