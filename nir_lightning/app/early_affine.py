@@ -2,10 +2,10 @@
 
 A fresh ``nir register`` imports torch, MONAI and Lightning (which imports ``torch._dynamo``),
 builds the LightningCLI, loads the pair and runs the affine stage, all on one core: the second core
-idled through the imports and the stage (1-2 s at 2 mm). :class:`EarlyStart` reorders that: right
-after torch and MONAI, the command loads the pair with the options the command line implies
-(``--data.*`` defaults otherwise) and hands the stage's inputs (tensors, in a temporary file) to a
-second Python process (``python -m nir_lightning.app.early_affine``), which imports only torch
+idled through the imports and the stage (1-2 s at 2 mm). :class:`EarlyStart` reorders that: before
+torch, it starts a second Python process (:class:`StageProcess`); right after torch and MONAI, the command loads the pair with the options the command line implies
+(``--data.*`` defaults otherwise) and hands the stage's inputs (tensors, in a temporary file) to
+that process (``python -m nir_lightning.app.early_affine``), which has imported only torch
 and :mod:`nir_lightning.alignment` (no MONAI, no Lightning, no ``torch._dynamo``:
 :mod:`nir_lightning.alignment.adam`) and runs the stage with the options of ``--affine``, else
 :class:`~nir_lightning.alignment.AffineStage`'s defaults, while the command imports Lightning and
@@ -20,11 +20,11 @@ fresh command; ``register-many`` and notebooks import it once and gain nothing).
 process fails, the command runs the stage itself. ``NIR_EARLY_AFFINE=0`` turns it off, ``1``
 forces it and waits for it however late it begins (tests).
 
-Protocol: the command writes two JSON lines to the process's stdin (the stage's options, then the
-inputs' file once the pair is loaded); the process answers ``stage`` on its stdout when it begins
-the stage (a command that finds no such line when it needs the matrix, the process still
+Protocol: the command writes JSON lines to the process's stdin (its threads, then a request naming
+the stage's options and the inputs' file once the pair is loaded); the process answers ``stage`` on
+its stdout when it begins the stage (a command that finds no such line when it needs the matrix, the process still
 importing, stops it and runs the stage itself: never slower than without it) and then one JSON
-object (floats as Python writes them: exact round trips of the float64 matrices).
+line (floats as Python writes them: exact round trips of the float64 matrices).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from nir_lightning.alignment import AffineResult, AffineStage
     from nir_lightning.data.pair import ImagePair
 
-__all__ = ["DEFAULT_PERCENTILES", "EarlyStart", "config_changes_stage", "default_source", "result_from_json", "result_to_json", "start", "wanted"]
+__all__ = ["DEFAULT_PERCENTILES", "EarlyStart", "StageProcess", "config_changes_stage", "default_source", "result_from_json", "result_to_json", "start", "wanted"]
 
 ENV = "NIR_EARLY_AFFINE"
 DEFAULT_PERCENTILES = (0.5, 99.5)
@@ -56,11 +56,7 @@ def wanted() -> bool:
     flag = os.environ.get(ENV, "").strip()
     if flag in ("0", "1"):
         return flag == "1"
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return cores >= 2 and "pytorch_lightning" not in sys.modules
+    return _cores() >= 2 and "pytorch_lightning" not in sys.modules
 
 
 def config_changes_stage(configs: list[str], overrides: list[str]) -> bool:
@@ -79,10 +75,10 @@ def config_changes_stage(configs: list[str], overrides: list[str]) -> bool:
     for cfg in configs:
         try:
             data = (yaml.safe_load(Path(cfg).read_text()) or {}).get("data") or {}
-        except (OSError, yaml.YAMLError, AttributeError):
-            return True  # the real parse reports it
-        data = data.get("init_args", data) if isinstance(data, dict) else {}
-        if "affine" in data or tuple(data.get("percentiles", DEFAULT_PERCENTILES)) != DEFAULT_PERCENTILES:
+            data = data.get("init_args", data)
+            if "affine" in data or tuple(data.get("percentiles", DEFAULT_PERCENTILES)) != DEFAULT_PERCENTILES:
+                return True
+        except Exception:  # noqa: BLE001 -- unreadable or unexpected: the real parse reports it
             return True
     return False
 
@@ -97,6 +93,13 @@ def start(
     return EarlyStart(stage={} if affine is None else {"kind": affine}, threads=threads)
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_source(
     *, fixed: str, moving: str, fixed_labels: str | None, moving_labels: str | None, labels: str | None, masks: dict[str, str],
 ) -> dict[str, Any]:
@@ -108,11 +111,92 @@ def default_source(
     }
 
 
-class EarlyStart:
-    """The pair loaded before Lightning is imported, and its affine stage run by a second process.
+class StageProcess:
+    """A second Python process that runs affine stages on request (one at a time, in order).
 
-    Made before the command imports torch, so the second process imports torch and the stage
-    meanwhile; :meth:`load` (after torch) then loads the pair and hands the stage's inputs over.
+    It imports torch and :mod:`nir_lightning.alignment` as soon as it starts; each request names
+    the stage's options and a file of its inputs; it answers ``stage`` when it begins and then the
+    result (one JSON line), and serves requests until its stdin closes.
+
+    Args:
+        threads: torch's threads in it (the stage itself runs on one).
+    """
+
+    def __init__(self, *, threads: int) -> None:
+        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [sys.executable, "-m", "nir_lightning.app.early_affine"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env={**os.environ, ENV: "0", "OMP_NUM_THREADS": str(int(threads)), "PYTHONPATH": _python_path()},
+        )
+        self._send({"threads": int(threads)})
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def request(self, stage: dict[str, Any], inputs: Path) -> None:
+        """Ask for ``AffineStage(**stage).fit`` on the tensors saved in ``inputs`` (the process removes the file)."""
+        self._send({"stage": stage, "inputs": str(inputs)})
+
+    def began(self) -> bool:
+        """Whether it has begun the oldest request not answered yet (without waiting, where the
+        platform can tell: ``select`` on a pipe, POSIX)."""
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return False
+        try:
+            import select
+
+            ready = select.select([proc.stdout], [], [], 0)[0]
+        except (ImportError, OSError, ValueError):
+            ready = [proc.stdout]
+        return bool(ready) and proc.stdout.readline().strip() == b"stage"
+
+    def result(self) -> dict[str, Any] | None:
+        """The answer to the oldest request (waiting for it); ``None`` if the process failed (it is then stopped)."""
+        proc = self._proc
+        if proc is None or proc.stdout is None:
+            return None
+        while True:
+            line = proc.stdout.readline()
+            if not line:  # ended without an answer
+                self.stop()
+                return None
+            if line.strip() != b"stage":
+                try:
+                    return dict(json.loads(line))
+                except ValueError:
+                    self.stop()
+                    return None
+
+    def stop(self) -> None:
+        """End the process (at once: a request in progress is dropped)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None:
+                    _close(stream)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None:
+            return
+        try:
+            proc.stdin.write((json.dumps(message) + "\n").encode())
+            proc.stdin.flush()
+        except OSError:  # the process is gone: result() sees it
+            pass
+
+
+class EarlyStart:
+    """One pair loaded early, and its affine stage run by a :class:`StageProcess`.
+
+    ``nir register`` makes one before it imports torch, so that the second process imports torch
+    and the stage meanwhile; :meth:`load` (after torch) then loads the pair and hands the stage's
+    inputs over.
 
     Args:
         stage: :class:`~nir_lightning.alignment.AffineStage` keyword arguments (``{}``: its defaults).
@@ -125,12 +209,8 @@ class EarlyStart:
         self.source: dict[str, Any] | None = None
         self._pair: ImagePair | None = None
         self._inputs: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-            [sys.executable, "-m", "nir_lightning.app.early_affine"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={**os.environ, ENV: "0", "OMP_NUM_THREADS": str(int(threads)), "PYTHONPATH": _python_path()},
-        )
-        self._send({"stage": self.stage, "threads": int(threads)})
+        self._process: StageProcess | None = StageProcess(threads=threads)
+        self._asked = False
 
     def load(self, source: dict[str, Any]) -> None:
         """Load the pair (:func:`~nir_lightning.data.load_pair` with ``source`` and ``keep_native``)
@@ -156,17 +236,9 @@ class EarlyStart:
         self._inputs = Path(name)
         # tensors only (torch.load's weights_only): the float64 affines as tensors, exactly
         torch.save({k: torch.from_numpy(v) if k.endswith("affine") else v for k, v in inputs.items()}, name)
-        self._send({"inputs": name})
-
-    def _send(self, message: dict[str, Any]) -> None:
-        proc = self._proc
-        if proc is None or proc.stdin is None:
-            return
-        try:
-            proc.stdin.write((json.dumps(message) + "\n").encode())
-            proc.stdin.flush()
-        except OSError:  # the process is gone: take() sees its status
-            pass
+        if self._process is not None:
+            self._process.request(self.stage, self._inputs)
+            self._asked = True
 
     def pair_for(self, source: dict[str, Any]) -> ImagePair | None:
         """The loaded pair if ``source`` is what it was loaded from (once), else ``None`` (and the process stopped)."""
@@ -178,37 +250,34 @@ class EarlyStart:
 
     def take(self, stage: AffineStage, source: dict[str, Any]) -> AffineResult | None:
         """The stage's result, waiting for it, if it is ``stage`` on the pair loaded from ``source``;
-        ``None`` (the process stopped) otherwise or when the process failed."""
+        ``None`` otherwise, when the process failed, or (unless patient) when it has not begun yet."""
         from nir_lightning.alignment import AffineStage
 
-        proc, self._proc = self._proc, None
+        process, asked = self._process, self._asked
+        self._process, self._asked = None, False
         try:
-            if proc is None or source != self.source or stage != AffineStage(**self.stage):
+            if process is None or not asked or source != self.source or stage != AffineStage(**self.stage):
                 return None
             start = time.perf_counter()
-            assert proc.stdin is not None and proc.stdout is not None
-            _close(proc.stdin)
-            if not self.patient and not _began(proc):  # still importing (a cold start): computing here is no slower than waiting
+            if not self.patient and not process.began():  # still importing (a cold start): computing here is no slower than waiting
                 return None
-            out = proc.stdout.read()
-            proc.wait()
+            data = process.result()
             waited = time.perf_counter() - start
-            if proc.returncode != 0:
-                return None
             try:
-                return result_from_json(json.loads(out.splitlines()[-1]), waited=waited)  # after "stage", if not read
-            except (ValueError, KeyError, TypeError, IndexError):
+                return None if data is None else result_from_json(data, waited=waited)
+            except (ValueError, KeyError, TypeError):
                 return None
         finally:
-            if proc is not None:
-                _stop(proc)
+            if process is not None:
+                process.stop()
             self.close()
 
     def close(self) -> None:
         """Stop the process if its result was not taken, and remove the inputs' file."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            _stop(proc)
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop()
+        self._asked = False
         inputs, self._inputs = self._inputs, None
         if inputs is not None:
             inputs.unlink(missing_ok=True)
@@ -224,28 +293,6 @@ def _python_path() -> str:
 
     here = os.path.dirname(os.path.dirname(os.path.abspath(nir_lightning.__file__)))
     return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-    for stream in (proc.stdin, proc.stdout):
-        if stream is not None:
-            _close(stream)
-
-
-def _began(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether the process has begun the stage (its first line), without waiting for it where the
-    platform can tell (``select`` on a pipe: POSIX)."""
-    assert proc.stdout is not None
-    try:
-        import select
-
-        ready = select.select([proc.stdout], [], [], 0)[0]
-    except (ImportError, OSError, ValueError):
-        ready = [proc.stdout]
-    return bool(ready) and proc.stdout.readline().strip() == b"stage"
 
 
 def _close(stream: Any) -> None:
@@ -280,25 +327,26 @@ def result_from_json(data: dict[str, Any], *, waited: float | None = None) -> Af
 def _main() -> int:
     import gc
 
-    gc.disable()  # a short-lived process: the collector would only rescan torch's import objects
-    spec = json.loads(sys.stdin.readline())
+    gc.disable()  # the collector would only rescan torch's import objects; each stage's garbage is acyclic
+    first = sys.stdin.readline()
+    if not first:
+        return 0
     import torch
 
-    torch.set_num_threads(int(spec["threads"]))
+    torch.set_num_threads(int(json.loads(first)["threads"]))
     from nir_lightning.alignment import AffineStage
 
-    line = sys.stdin.readline()  # the inputs, once the command has loaded the pair
-    if not line:  # the command did not get that far
-        return 0
-    path = Path(json.loads(line)["inputs"])
-    inputs = torch.load(path, weights_only=True)
-    path.unlink(missing_ok=True)  # read: nothing left behind if the command is killed from here on
-    inputs = {k: v.numpy() if k.endswith("affine") else v for k, v in inputs.items()}
-    sys.stdout.write("stage\n")  # begun: the command waits for it from here on
-    sys.stdout.flush()
-    res = AffineStage(**spec["stage"]).fit(**inputs)
-    sys.stdout.write(json.dumps(result_to_json(res)))
-    sys.stdout.flush()
+    for line in sys.stdin:  # one request a line, once the command has loaded its pair
+        request = json.loads(line)
+        path = Path(request["inputs"])
+        inputs = torch.load(path, weights_only=True)
+        path.unlink(missing_ok=True)  # read: nothing left behind if the command is killed from here on
+        inputs = {k: v.numpy() if k.endswith("affine") else v for k, v in inputs.items()}
+        sys.stdout.write("stage\n")  # begun: the command waits for it from here on
+        sys.stdout.flush()
+        res = AffineStage(**request["stage"]).fit(**inputs)
+        sys.stdout.write(json.dumps(result_to_json(res)) + "\n")
+        sys.stdout.flush()
     return 0
 
 

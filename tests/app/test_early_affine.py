@@ -147,3 +147,25 @@ def test_configs_that_set_the_stage_or_the_loading_skip_the_early_start(configs_
     assert not config_changes_stage([str(configs_dir / "data" / "pair.yaml"), str(configs_dir / "model" / "diffeomorphic.yaml")], [])
     assert config_changes_stage([], ["--data.percentiles=[1,99]"])
     assert not config_changes_stage([], ["--model.lam=3", "--trainer.max_steps=5"])
+
+
+def test_the_process_answers_requests_in_order(moved, tmp_path) -> None:
+    import torch
+
+    from nir_lightning.app.early_affine import StageProcess
+
+    inputs = load_pair(**{**_source(moved), "percentiles": DEFAULT_PERCENTILES}, keep_native=True).stage_inputs()
+    stages = [STAGE, {**STAGE, "kind": "rigid"}]
+    process = StageProcess(threads=1)
+    try:
+        for n, stage in enumerate(stages):
+            path = tmp_path / f"inputs{n}.pt"
+            torch.save({k: torch.from_numpy(v) if k.endswith("affine") else v for k, v in inputs.items()}, path)
+            process.request(stage, path)
+        answers = [process.result() for _ in stages]
+    finally:
+        process.stop()
+    for stage, answer in zip(stages, answers, strict=True):
+        assert answer is not None
+        assert result_from_json(answer).world.tobytes() == AffineStage(**stage).fit(**inputs).world.tobytes()
+    assert not (tmp_path / "inputs0.pt").exists()  # read and removed by the process
