@@ -21,7 +21,7 @@ def run_record(*, trainer: Any, dm: Any, cli: Any, seed: int, seconds_fit: float
     extra: dict[str, Any] = {
         "seconds_fit": seconds_fit,
         "steps": int(trainer.global_step),
-        "device": str(trainer.lightning_module.device),
+        "device": str(trainer.strategy.root_device),  # the module is back on the CPU after predict
         "seed": seed,
         "fixed": dm.fixed,
         "moving": dm.moving,
