@@ -90,7 +90,10 @@ def start(
     docstring): not for the demo, ``--affine none``, ``--resume``, or a config that sets the stage."""
     if demo or affine == "none" or resume or not wanted() or config_changes_stage(configs, overrides):
         return None
-    return EarlyStart(stage={} if affine is None else {"kind": affine}, threads=threads)
+    try:
+        return EarlyStart(stage={} if affine is None else {"kind": affine}, threads=threads)
+    except (OSError, ValueError):  # no interpreter to start (an embedded Python): the stage runs here
+        return None
 
 
 def _cores() -> int:

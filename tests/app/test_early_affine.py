@@ -169,3 +169,9 @@ def test_the_process_answers_requests_in_order(moved, tmp_path) -> None:
         assert answer is not None
         assert result_from_json(answer).world.tobytes() == AffineStage(**stage).fit(**inputs).world.tobytes()
     assert not (tmp_path / "inputs0.pt").exists()  # read and removed by the process
+
+
+def test_no_interpreter_to_start_leaves_the_stage_to_the_command(monkeypatch) -> None:
+    monkeypatch.setenv(early_affine.ENV, "1")
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    assert early_affine.start(demo=False, affine=None, resume=False, configs=[], overrides=[], threads=1) is None
