@@ -133,10 +133,6 @@ class StageProcess:
         )
         self._send({"threads": int(threads)})
 
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def request(self, stage: dict[str, Any], inputs: Path) -> None:
         """Ask for ``AffineStage(**stage).fit`` on the tensors saved in ``inputs`` (the process removes the file)."""
         self._send({"stage": stage, "inputs": str(inputs)})
