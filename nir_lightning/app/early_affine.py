@@ -39,16 +39,16 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nir_lightning.app.threads import usable_cores
+from nir_lightning.data.checks import DEFAULT_PERCENTILES
+
 if TYPE_CHECKING:
     from nir_lightning.alignment import AffineResult, AffineStage
     from nir_lightning.data.pair import ImagePair
 
-__all__ = ["DEFAULT_PERCENTILES", "EarlyStart", "StageProcess", "config_changes_stage", "default_source", "result_from_json", "result_to_json", "start", "wanted"]
+__all__ = ["EarlyStart", "StageProcess", "config_changes_stage", "default_source", "result_from_json", "result_to_json", "start", "wanted"]
 
 ENV = "NIR_EARLY_AFFINE"
-DEFAULT_PERCENTILES = (0.5, 99.5)
-"""``data.percentiles``' default, which the early stage assumes (a test keeps them equal; another
-value in a config only means the stage runs in the command)."""
 
 
 def wanted() -> bool:
@@ -56,7 +56,7 @@ def wanted() -> bool:
     flag = os.environ.get(ENV, "").strip()
     if flag in ("0", "1"):
         return flag == "1"
-    return _cores() >= 2 and "pytorch_lightning" not in sys.modules
+    return usable_cores() >= 2 and "pytorch_lightning" not in sys.modules
 
 
 def config_changes_stage(configs: list[str], overrides: list[str]) -> bool:
@@ -96,20 +96,13 @@ def start(
         return None
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def default_source(
     *, fixed: str, moving: str, fixed_labels: str | None, moving_labels: str | None, labels: str | None, masks: dict[str, str],
 ) -> dict[str, Any]:
     """What the data module loads by default from these files (:meth:`~nir_lightning.training.PairDataModule.load_source`)."""
     return {
         "fixed": fixed, "moving": moving, "fixed_labels": fixed_labels, "moving_labels": moving_labels, "labels": labels,
-        "percentiles": list(DEFAULT_PERCENTILES), "fixed_mask": masks.get("fixed"), "moving_mask": masks.get("moving"),
+        "percentiles": DEFAULT_PERCENTILES, "fixed_mask": masks.get("fixed"), "moving_mask": masks.get("moving"),
         "stage_aligns": True,
     }
 
@@ -216,7 +209,7 @@ class EarlyStart:
         and hand the stage's inputs to the second process.
 
         Args:
-            source: ``load_pair``'s keyword arguments but ``keep_native``, JSON values, as
+            source: ``load_pair``'s keyword arguments but ``keep_native``, as
                 :meth:`~nir_lightning.training.PairDataModule.load_source` gives them.
 
         Raises:
@@ -227,7 +220,7 @@ class EarlyStart:
         from nir_lightning.data.pair import load_pair
 
         self.source = dict(source)
-        self._pair = load_pair(**_load_kwargs(self.source))
+        self._pair = load_pair(**self.source, keep_native=True)
         inputs = self._pair.stage_inputs()
         shm = "/dev/shm"  # memory, where there is one: the inputs are read once, seconds later
         fd, name = tempfile.mkstemp(prefix="nir_stage_", suffix=".pt", dir=shm if os.access(shm, os.W_OK) else None)
@@ -280,10 +273,6 @@ class EarlyStart:
         inputs, self._inputs = self._inputs, None
         if inputs is not None:
             inputs.unlink(missing_ok=True)
-
-
-def _load_kwargs(source: dict[str, Any]) -> dict[str, Any]:
-    return {**source, "percentiles": tuple(source["percentiles"]), "keep_native": True}
 
 
 def _python_path() -> str:

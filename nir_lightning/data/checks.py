@@ -19,6 +19,8 @@ import numpy as np
 from nir_lightning.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DEFAULT_PERCENTILES = (0.5, 99.5)
+"""The intensity percentiles mapped to [0, 1] when a pair is loaded (``data.percentiles``)."""
 
 
 def _nifti_sibling(p: Path) -> Path | None:

@@ -23,6 +23,7 @@ from nir_lightning.coords import (
 )
 from nir_lightning.core.resample import sample_image
 from nir_lightning.data.checks import (
+    DEFAULT_PERCENTILES,
     check_affine,
     check_image_file,
     check_label_volume,
@@ -261,7 +262,7 @@ def load_pair(
     fixed_labels: PathLike | None = None,
     moving_labels: PathLike | None = None,
     labels: str | list[int] | None = None,
-    percentiles: tuple[float, float] = (0.5, 99.5),
+    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
     fixed_mask: PathLike | None = None,
     moving_mask: PathLike | None = None,
     keep_native: bool = False,

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from nir_lightning.alignment import AffineResult, AffineStage
+from nir_lightning.data.checks import DEFAULT_PERCENTILES
 from nir_lightning.data.pair import ImagePair, load_pair
 from nir_lightning.errors import InputError
 from nir_lightning.evaluation.evaluate import BeforeScores
@@ -72,7 +73,7 @@ class PairDataModule(pl.LightningDataModule):
         fixed_labels: str | None = None,
         moving_labels: str | None = None,
         labels: str | list[int] | None = None,
-        percentiles: tuple[float, float] = (0.5, 99.5),
+        percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
         steps_per_epoch: int = 100,
         demo: bool = False,
         demo_dir: str | None = None,
@@ -100,10 +101,10 @@ class PairDataModule(pl.LightningDataModule):
         self.early: EarlyStart | None = None  # nir register's pair loaded and stage run early (app/early_affine.py)
 
     def load_source(self) -> dict[str, Any]:
-        """:func:`~nir_lightning.data.load_pair`'s keyword arguments but ``keep_native`` (JSON values)."""
+        """:func:`~nir_lightning.data.load_pair`'s keyword arguments but ``keep_native``."""
         return {
             "fixed": self.fixed, "moving": self.moving, "fixed_labels": self.fixed_labels, "moving_labels": self.moving_labels,
-            "labels": self.labels, "percentiles": [float(v) for v in self.percentiles],
+            "labels": self.labels, "percentiles": (float(self.percentiles[0]), float(self.percentiles[1])),
             "fixed_mask": self.fixed_mask, "moving_mask": self.moving_mask, "stage_aligns": self.affine.kind != "none",
         }
 
@@ -121,7 +122,7 @@ class PairDataModule(pl.LightningDataModule):
         source = self.load_source()
         early = self.early.pair_for(source) if self.early is not None else None
         # outputs resample the moving image once, from its own grid: keep_native
-        self.pair = early if early is not None else load_pair(**{**source, "percentiles": tuple(source["percentiles"])}, keep_native=True)
+        self.pair = early if early is not None else load_pair(**source, keep_native=True)
         pair = self.pair
         if self.affine.kind != "none":
             if pair.has_labels:  # Dice and HD95 before registration meanwhile: the stage computes on one core

@@ -16,7 +16,8 @@ import pytest
 from nir_lightning import register_pair
 from nir_lightning.alignment import AffineResult, AffineStage, LevelHistory
 from nir_lightning.app import early_affine
-from nir_lightning.app.early_affine import DEFAULT_PERCENTILES, EarlyStart, result_from_json, result_to_json
+from nir_lightning.app.early_affine import EarlyStart, result_from_json, result_to_json
+from nir_lightning.data.checks import DEFAULT_PERCENTILES
 from nir_lightning.data.pair import load_pair
 from nir_lightning.training.datamodule import PairDataModule
 
@@ -41,7 +42,7 @@ def moved(tmp_path_factory, pair_writer) -> dict[str, Path]:
 def _source(files: dict[str, Path]) -> dict[str, object]:
     return {
         "fixed": str(files["fixed"]), "moving": str(files["moving"]), "fixed_labels": None, "moving_labels": None,
-        "labels": None, "percentiles": list(DEFAULT_PERCENTILES), "fixed_mask": None, "moving_mask": None, "stage_aligns": True,
+        "labels": None, "percentiles": DEFAULT_PERCENTILES, "fixed_mask": None, "moving_mask": None, "stage_aligns": True,
     }
 
 
