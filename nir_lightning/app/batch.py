@@ -22,7 +22,6 @@ keeps one row per pair whatever the interleaving, and the job that ends last wri
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 import torch
 
+from nir_lightning.app.batch_options import accelerator_requested, parse_command, trainer_sections
 from nir_lightning.app.batch_summary import (
     ERROR_FILE,
     SUMMARY_FIELDS,
@@ -49,12 +49,10 @@ from nir_lightning.app.batch_summary import (
     write_summary,
 )
 from nir_lightning.app.distributed import (
-    accelerator_requested,
     barrier,
     dist_env,
     setup_distributed,
     single_process_lightning,
-    trainer_sections,
 )
 from nir_lightning.app.lock import LockedError, lock_folder
 from nir_lightning.app.pairs_csv import CSV_COLUMNS, PairSpec, read_pairs
@@ -68,8 +66,6 @@ from nir_lightning.io import write_text_atomic
 __all__ = ["CSV_COLUMNS", "ERROR_FILE", "SUMMARY_FIELDS", "PairSpec", "main", "read_pairs", "register_many", "run_pair", "wandb_project"]
 
 MAX_EXIT = 100  # exit status = number of failed pairs, capped here
-# Per-pair options come from the CSV; these register options may not be passed through.
-_PER_PAIR_OPTIONS = ("--fixed", "--moving", "--fixed-labels", "--moving-labels", "--demo", "--overwrite", "--output")
 
 
 # ----------------------------------------------------------------------------- one pair
@@ -132,43 +128,12 @@ def run_pair(
 # ----------------------------------------------------------------------------- command
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nir register-many",
-        description="Register every pair of a CSV (columns fixed,moving[,fixed_labels,moving_labels,id]) like `nir register`, into DIR/<id>/, with DIR/summary.csv. "
-        "Re-running skips complete pairs and redoes the rest. Under `torchrun --nproc-per-node N` the pairs are sharded over the ranks.",
-        epilog="Any other --model.*/--data.*/--trainer.* option is passed to every pair's LightningCLI config (e.g. --trainer.max_steps=800). "
-        "Exit status: the number of failed pairs (capped at 100), 2 for a bad command line or CSV.",
-        allow_abbrev=False,
-    )
-    p.add_argument("--pairs", required=True, help="CSV of pairs; relative paths in it start from its folder")
-    p.add_argument("--output", required=True, help="output folder: DIR/<id>/ per pair and DIR/summary.csv")
-    p.add_argument("-c", "--config", action="append", default=[], help="config YAML for every pair (repeatable)")
-    p.add_argument("--labels", help="labels to average Dice over: a TSV whose first column is the label, or '2,3,41'")
-    p.add_argument("--seed", type=int, default=0, help="seed of every pair's fit (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="redo every pair, also complete ones (not those another job completes meanwhile)")
-    p.add_argument("--force-unlock", action="store_true",
-                   help="take over the lock of a pair even when another process (or host) holds it; only when that process is known to be gone")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads of each rank (default: the usable cores less the load; see `nir register --help`)")
-    p.add_argument("--dist-backend", choices=("auto", "gloo", "nccl"), default="auto", help="torch.distributed backend under torchrun (auto: nccl with CUDA, else gloo)")
-    p.add_argument("--dist-timeout-hours", type=float, default=72.0, help="how long ranks wait for each other at the end (default 72)")
-    return p
-
-
 def register_many(argv: Sequence[str]) -> dict[str, Any]:
     """Run ``nir register-many``; returns ``{"rows", "failed", "skipped", "rank", "world"}``
     (``rows`` hold every pair on rank 0, only this rank's work on the others)."""
-    args, extra = parser().parse_known_args(list(argv))
-    for arg in extra:
-        if arg.split("=", 1)[0] in _PER_PAIR_OPTIONS:
-            raise InputError(f"{arg.split('=', 1)[0]} is per pair in register-many: put it in the --pairs CSV (columns fixed,moving,fixed_labels,moving_labels,id).")
-    for cfg in args.config:
-        if not Path(cfg).is_file():
-            raise InputError(f"config file not found: '{cfg}'.")
+    args, extra = parse_command(argv)
     threads = resolve_threads(args.threads)
     out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--output '{out}' exists and is not a folder.")
     specs = read_pairs(args.pairs)
     warnings.filterwarnings("ignore", message=".*sync_dist=True.*")  # pairs are never synced across ranks
 

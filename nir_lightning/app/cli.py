@@ -103,10 +103,16 @@ def _config_message(exc: argparse.ArgumentError) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``nir``; returns the exit status (0 done, 2 bad input, 1 failure)."""
     if argv is None:  # the process's own command line (`nir`, `python -m nir_lightning.cli`): it ends after this call
-        from nir_lightning.app.startup import freeze_at_exit
+        from nir_lightning.app.startup import end_rank_process, freeze_at_exit
 
         freeze_at_exit()  # no collector passes over every object at exit (1.3 s after the imports of a registration)
-    argv = list(sys.argv[1:] if argv is None else argv)
+        args = list(sys.argv[1:])
+        code = _main(args)
+        return end_rank_process(code) if args[:1] == ["register-many"] else code
+    return _main(list(argv))
+
+
+def _main(argv: list[str]) -> int:
     os.environ.setdefault("WANDB_SILENT", "true")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -117,6 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         if command == "register":
             register(argv[1:])
         elif command == "register-many":
+            from nir_lightning.app.local_workers import main_or_none
+
+            launched = main_or_none(argv[1:])  # several worker processes, each a rank running this same branch
+            if launched is not None:
+                return launched
             from nir_lightning.app.startup import collector_off
 
             with collector_off():  # torch, imported once for every pair (app/startup.py)

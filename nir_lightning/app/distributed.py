@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -77,37 +75,6 @@ def dist_env() -> Dist:
     if not 0 <= d.rank < max(d.world, 1):
         raise InputError(f"RANK={d.rank} is outside WORLD_SIZE={d.world}.")
     return d
-
-
-def trainer_sections(configs: Sequence[str]) -> list[dict[str, Any]]:
-    """The ``trainer`` mapping of each config file that has one, in order (unreadable files are
-    skipped: LightningCLI reports them with its own message)."""
-    import yaml
-
-    out: list[dict[str, Any]] = []
-    for cfg in configs:
-        try:
-            data = yaml.safe_load(Path(cfg).read_text()) or {}
-        except (OSError, yaml.YAMLError):
-            continue
-        trainer = data.get("trainer") if isinstance(data, dict) else None
-        if isinstance(trainer, dict):
-            out.append(trainer)
-    return out
-
-
-def accelerator_requested(configs: Sequence[str], extra: Sequence[str]) -> str | None:
-    """The ``trainer.accelerator`` the configs and overrides ask for (last one wins), if any."""
-    found: str | None = None
-    for trainer in trainer_sections(configs):
-        if trainer.get("accelerator") is not None:
-            found = str(trainer["accelerator"])
-    for i, arg in enumerate(extra):
-        if arg.startswith("--trainer.accelerator="):
-            found = arg.split("=", 1)[1]
-        elif arg == "--trainer.accelerator" and i + 1 < len(extra):
-            found = extra[i + 1]
-    return found
 
 
 def setup_distributed(d: Dist, backend: str, timeout_hours: float, use_cuda: bool) -> None:

@@ -102,7 +102,7 @@ def test_register_many_fails_that_pair_only_and_leaves_the_input(tmp_path: Path)
     moving = _nifti(out / "p1" / "warped.nii.gz", seed=1)
     before = _digest(moving)
     (tmp_path / "pairs.csv").write_text(f"fixed,moving,id\n{fixed},{moving},p1\n")
-    status = main(["register-many", "--pairs", str(tmp_path / "pairs.csv"), "--output", str(out), "--overwrite", "--trainer.max_steps=2"])
+    status = main(["register-many", "--pairs", str(tmp_path / "pairs.csv"), "--output", str(out), "--overwrite", "--workers", "1", "--trainer.max_steps=2"])
     assert status == 1
     assert _digest(moving) == before
     with open(out / "summary.csv", newline="") as f:

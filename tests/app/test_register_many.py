@@ -22,6 +22,7 @@ from nir_lightning.errors import InputError
 
 SHAPE = (36, 38, 36)  # about the smallest the phantom renders (its bias field needs >= 36 voxels a side)
 OVERRIDES = ["--trainer.max_steps=5", "--trainer.log_every_n_steps=1"]
+IN_PROCESS = ["--workers", "1", "--threads", "1"]  # this process, as the worker processes of test_workers_* fit
 
 
 def _summary(out: Path) -> list[dict[str, str]]:
@@ -55,7 +56,7 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def first_run(pairs: Path) -> Path:
     out = pairs / "out_single"
-    status = main(["register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out), *OVERRIDES])
+    status = main(["register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out), *OVERRIDES, *IN_PROCESS])
     assert status == 1  # one failed pair
     return out
 
@@ -145,7 +146,7 @@ def test_rerun_skips_complete_and_redoes_the_rest(pairs: Path, first_run: Path, 
     shutil.copytree(pairs / "data" / "s2", pairs / "data" / "broken")  # the broken pair is fixed now
     try:
         capsys.readouterr()
-        status = main(["register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out), *OVERRIDES])
+        status = main(["register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out), *OVERRIDES, *IN_PROCESS])
     finally:
         shutil.rmtree(pairs / "data" / "broken")
     printed = capsys.readouterr().out
@@ -162,7 +163,7 @@ def test_rerun_skips_complete_and_redoes_the_rest(pairs: Path, first_run: Path, 
     assert not (out / "broken" / "error.txt").exists()
     assert [p.name for p in (out / "c" / "logs").iterdir()] == ["version_0"]  # old logs cleared
     # a third run has nothing to do and rewrites the same summary
-    assert main(["register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out), *OVERRIDES]) == 0
+    assert main(["register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out), *OVERRIDES, *IN_PROCESS]) == 0
     assert _mtimes(out, ["a", "fixed__moving", "c"]) == after and len(_summary(out)) == 4
 
 
@@ -207,7 +208,7 @@ def test_two_jobs_on_one_csv_share_the_pairs(pairs: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "nir_lightning.cli", "register-many", "--pairs", str(csv_path), "--output", str(out),
-           "--threads", "1", "--data.affine.kind=none", *OVERRIDES]
+           "--threads", "1", "--workers", "1", "--data.affine.kind=none", *OVERRIDES]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     print(*logs, sep="\n----\n")
@@ -217,3 +218,32 @@ def test_two_jobs_on_one_csv_share_the_pairs(pairs: Path) -> None:
     rows = _summary(out)
     assert [r["id"] for r in rows] == ids and all(r["status"] == "completed" for r in rows), rows
     assert not list(out.glob("*/.nir.lock")) and not (out / ".summary.csv.nir.lock").exists()
+
+
+def test_workers_give_the_files_of_one_process(pairs: Path, first_run: Path) -> None:
+    """`--workers 2`: two worker processes share the pairs as torchrun's ranks do, and each pair's
+    files are those of the in-process run at the same thread count, bit for bit."""
+    out = pairs / "out_workers"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "nir_lightning.cli", "register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out),
+           "--workers", "2", *OVERRIDES]
+    proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    print(log)
+    assert proc.returncode == 1, log  # rank 0's status: the one failed pair (not a worker's death, not torchrun's failure)
+    assert "2 worker processes of 1 thread each (--workers 2" in log and "terminate called" not in log
+    done = re.findall(r"\[rank (\d)/2\] pair '([^']+)' (completed|FAILED)", log)
+    assert sorted((i, int(r)) for r, i, _ in done) == [("a", 0), ("broken", 1), ("c", 0), ("fixed__moving", 1)], log
+    rows, single = _summary(out), _summary(first_run)
+    assert [(r["id"], r["status"], r["dice_after"], r["folding_percent"]) for r in rows] == [
+        (r["id"], r["status"], r["dice_after"], r["folding_percent"]) for r in single
+    ]
+    assert "3/4 pairs completed (0 already complete, skipped), 1 failed" in log and (out / "report.html").is_file()
+    assert not list(out.glob(".summary.rank*"))
+    for r in rows[:3]:
+        for name in ("warped.nii.gz", "displacement.nii.gz", "jacobian_det.nii.gz"):
+            a, b = nib.load(str(out / r["id"] / name)), nib.load(str(first_run / r["id"] / name))
+            assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj)), (r["id"], name)
+        metrics = json.loads((out / r["id"] / "metrics.json").read_text())
+        assert metrics["torch_threads"] == 1
