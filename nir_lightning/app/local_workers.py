@@ -169,12 +169,13 @@ def plan_from_argv(argv: Sequence[str]) -> WorkerPlan:
         return WorkerPlan(1, args.threads, "--workers 1")
     specs = read_pairs(args.pairs)
     gpu = _gpu_requested(args.config, extra)
-    memory = available_memory()
-    fit = None
-    if memory is not None and not gpu:
-        voxels = largest_image_voxels([p for s in specs if s.problem is None for p in (s.fixed, s.moving)])
-        fit = max(1, int(memory // (BASE_BYTES + BYTES_PER_VOXEL * voxels)))
-    idle = free_cores() if args.workers is None and not gpu else 1
+    idle, fit = 1, None
+    if args.workers is None and not gpu:  # auto on the CPU: the free cores, and the memory where it could limit them
+        idle = free_cores()
+        memory = available_memory()
+        if memory is not None and idle // (args.threads or 1) > 1 and len(specs) > 1:
+            voxels = largest_image_voxels([p for s in specs if s.problem is None for p in (s.fixed, s.moving)])
+            fit = max(1, int(memory // (BASE_BYTES + BYTES_PER_VOXEL * voxels)))
     return plan_workers(args.workers, args.threads, free=idle, usable=usable_cores(), pairs=len(specs), gpu=gpu,
                         launched=False, fit_in_memory=fit)
 

@@ -84,3 +84,25 @@ def test_the_plan_imports_neither_torch_nor_lightning(tmp_path) -> None:  # type
     env = {k: v for k, v in __import__("os").environ.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False, env=env)
     assert proc.stdout.strip() == "2 []", (proc.stdout, proc.stderr)
+
+
+def test_the_plan_from_a_command_line_reads_cores_memory_and_images(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from nir_lightning.app import local_workers
+    from nir_lightning.data.phantom import write_demo_pair
+
+    write_demo_pair(tmp_path / "d", shape=(36, 38, 36), seed=0)
+    (tmp_path / "p.csv").write_text("fixed,moving\n" + "d/fixed.nii.gz,d/moving.nii.gz\n" * 3 + "d/fixed.nii.gz,missing.nii.gz\n")
+    argv = ["--pairs", str(tmp_path / "p.csv"), "--output", str(tmp_path / "o")]
+    for key in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(local_workers, "free_cores", lambda: 8)
+    monkeypatch.setattr(local_workers, "usable_cores", lambda: 8)
+    monkeypatch.setattr(local_workers, "available_memory", lambda: 64 * 2**30)
+    assert local_workers.largest_image_voxels([str(tmp_path / "d" / "fixed.nii.gz"), str(tmp_path / "missing.nii.gz")]) == 36 * 38 * 36
+    assert local_workers.plan_from_argv(argv) == WorkerPlan(4, 1, "--workers auto: 8 free cores, 4 pairs")
+    monkeypatch.setattr(local_workers, "available_memory", lambda: int(1.5 * 2**30))  # room for two workers of 0.6 GB and a little
+    assert local_workers.plan_from_argv(argv) == WorkerPlan(2, 1, "--workers auto: 8 free cores, 4 pairs, memory for 2")
+    assert local_workers.plan_from_argv([*argv, "--workers", "3"]) == WorkerPlan(3, 2, "--workers 3")  # asked for: as asked
+    assert local_workers.plan_from_argv([*argv, "--trainer.accelerator=gpu"]).workers == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert local_workers.plan_from_argv(argv) == WorkerPlan(1, None, "a rank of a launch")
