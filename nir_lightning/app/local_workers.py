@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -249,8 +250,10 @@ def supervise(procs: Sequence[subprocess.Popen[bytes]], *, poll_s: float = 0.2, 
             if p.poll() is None:
                 p.send_signal(signum)
 
-    handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {s: signal.signal(s, forward) for s in handled}
+    # where this thread may set handlers (the main thread), and the signals this platform has
+    handled = [getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)]
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, forward) for s in handled} if main else {}
     try:
         rank0_done: float | None = None
         while True:
