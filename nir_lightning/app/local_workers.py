@@ -3,9 +3,9 @@
 One process fitting a cohort on every core leaves cores idle between fits: its start-up, the
 affine stage (one thread, ``alignment/cpu.py``), the scoring and the writing of each pair are
 mostly serial. Several processes, each fitting its share of the pairs on fewer threads, keep
-every core busy: on the 2-core dev machine 6 pairs at 2 mm took 57 s with two single-thread
-workers against 84 s with one two-thread process, with the same files (``benchmarks/README.md``,
-0.2.15).
+every core busy: on the 2-core dev machine 6 pairs at 2 mm took 55-57 s with two single-thread
+workers against 75-78 s with one two-thread process, with the same files (``benchmarks/cohort.py``;
+``benchmarks/README.md``, 0.2.15).
 
 The workers are the ranks of a ``torchrun`` launch, started here: each is a
 ``nir register-many`` process with ``RANK``/``WORLD_SIZE``/``MASTER_*`` set, so the sharding
