@@ -25,6 +25,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -96,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         one_wall: float | None = None
         for mode in modes:
             out = root / f"{mode}_{rnd}"
-            if out.exists():
-                subprocess.run(["rm", "-rf", str(out)], check=True)
+            shutil.rmtree(out, ignore_errors=True)
             log = root / f"{mode}_{rnd}.log"
             t0 = time.perf_counter()
             with open(log, "w") as f:

@@ -15,8 +15,9 @@ loading and that stage; otherwise it loads and aligns as before, and the process
 stage is deterministic (its own seeded generators, one thread: :mod:`nir_lightning.alignment.cpu`),
 so its matrix is the one the command would compute, bit for bit (``tests/app/test_early_affine.py``).
 
-It runs only where it can overlap: at least two usable cores, and Lightning not imported yet (a
-fresh command; ``register-many`` and notebooks import it once and gain nothing). If the second
+It runs only where it can overlap: a command on two or more threads (so two usable cores), and
+Lightning not imported yet (a fresh command; ``register-many`` and notebooks import it once and
+gain nothing). If the second
 process fails, the command runs the stage itself. ``NIR_EARLY_AFFINE=0`` turns it off, ``1``
 forces it and waits for it however late it begins (tests).
 
@@ -39,6 +40,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nir_lightning.app.startup import package_python_path
 from nir_lightning.app.threads import usable_cores
 from nir_lightning.data.checks import DEFAULT_PERCENTILES
 
@@ -51,12 +53,15 @@ __all__ = ["EarlyStart", "StageProcess", "config_changes_stage", "default_source
 ENV = "NIR_EARLY_AFFINE"
 
 
-def wanted() -> bool:
-    """Whether a second process would overlap the command's imports (``NIR_EARLY_AFFINE`` overrides)."""
+def wanted(threads: int) -> bool:
+    """Whether a second process would overlap the command's imports on a core the command may use:
+    it runs on ``threads`` >= 2 threads (a command held to one thread, e.g. a ``register-many``
+    worker beside others, leaves the other cores to them) and Lightning is not imported yet
+    (``NIR_EARLY_AFFINE`` overrides)."""
     flag = os.environ.get(ENV, "").strip()
     if flag in ("0", "1"):
         return flag == "1"
-    return usable_cores() >= 2 and "pytorch_lightning" not in sys.modules
+    return threads >= 2 and usable_cores() >= 2 and "pytorch_lightning" not in sys.modules
 
 
 def config_changes_stage(configs: list[str], overrides: list[str]) -> bool:
@@ -88,7 +93,7 @@ def start(
 ) -> EarlyStart | None:
     """:class:`EarlyStart` for ``nir register``'s options, where it can help (see the module
     docstring): not for the demo, ``--affine none``, ``--resume``, or a config that sets the stage."""
-    if demo or affine == "none" or resume or not wanted() or config_changes_stage(configs, overrides):
+    if demo or affine == "none" or resume or not wanted(threads) or config_changes_stage(configs, overrides):
         return None
     try:
         return EarlyStart(stage={} if affine is None else {"kind": affine}, threads=threads)
@@ -122,7 +127,7 @@ class StageProcess:
         self._proc: subprocess.Popen[bytes] | None = subprocess.Popen(
             [sys.executable, "-m", "nir_lightning.app.early_affine"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env={**os.environ, ENV: "0", "OMP_NUM_THREADS": str(int(threads)), "PYTHONPATH": _python_path()},
+            env={**os.environ, ENV: "0", "OMP_NUM_THREADS": str(int(threads)), "PYTHONPATH": package_python_path()},
         )
         self._send({"threads": int(threads)})
 
@@ -273,14 +278,6 @@ class EarlyStart:
         inputs, self._inputs = self._inputs, None
         if inputs is not None:
             inputs.unlink(missing_ok=True)
-
-
-def _python_path() -> str:
-    """``PYTHONPATH`` that imports this copy of ``nir_lightning`` first (a checkout run from its folder, a benchmark's other checkout)."""
-    import nir_lightning
-
-    here = os.path.dirname(os.path.dirname(os.path.abspath(nir_lightning.__file__)))
-    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def _close(stream: Any) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from nir_lightning.app.batch_options import accelerator_requested, parse_command
+from nir_lightning.app.startup import package_python_path
 from nir_lightning.app.threads import free_cores, usable_cores
 from nir_lightning.errors import InputError
 
@@ -222,9 +223,9 @@ def launch(argv: Sequence[str], plan: WorkerPlan) -> int:
         env = dict(os.environ)
         env.update(RANK=str(rank), WORLD_SIZE=str(plan.workers), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(plan.workers),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env["PYTHONPATH"] = package_python_path()  # the workers import this copy of the package
         if plan.threads is not None:
             env["OMP_NUM_THREADS"] = str(plan.threads)  # the OpenMP pool sized before torch starts it
-        env.setdefault("NIR_EARLY_AFFINE", "0")  # no second process per worker: the cores are the workers'
         procs.append(subprocess.Popen(cmd, env=env))
     return supervise(procs)
 

@@ -1,4 +1,6 @@
-"""The cyclic garbage collector around a registration's start-up, and at the end of the ``nir`` process.
+"""The ``nir`` process's start and end: the cyclic garbage collector around a registration's
+start-up and at exit, how a rank of ``register-many`` ends (:func:`end_rank_process`), and the
+``PYTHONPATH`` of the child processes it starts (:func:`package_python_path`).
 
 Importing PyTorch, Lightning and MONAI creates about half a million objects, and the collector
 scans them again and again while they are created (a fifth of the import time: 3.8 s of
@@ -193,3 +195,12 @@ def end_rank_process(code: int) -> int:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def package_python_path() -> str:
+    """``PYTHONPATH`` for a child process of ours (``python -m nir_lightning...``) that imports this
+    copy of ``nir_lightning`` first: a checkout run from its folder, or a benchmark's other checkout."""
+    import nir_lightning
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(nir_lightning.__file__)))
+    return os.pathsep.join([here, *filter(None, [os.environ.get("PYTHONPATH")])])

@@ -115,12 +115,12 @@ def test_a_failed_second_process_leaves_the_stage_to_the_command(moved, monkeypa
 
 def test_wanted_follows_the_switch_and_skips_a_process_with_lightning(monkeypatch) -> None:
     monkeypatch.setenv(early_affine.ENV, "0")
-    assert not early_affine.wanted()
+    assert not early_affine.wanted(2)
     monkeypatch.setenv(early_affine.ENV, "1")
-    assert early_affine.wanted()
+    assert early_affine.wanted(2)
     monkeypatch.delenv(early_affine.ENV)
     assert "pytorch_lightning" in sys.modules  # imported by this module's imports
-    assert not early_affine.wanted()  # nothing left to overlap
+    assert not early_affine.wanted(2)  # nothing left to overlap
 
 
 @pytest.mark.parametrize("override", [[], ["--data.affine.num_points=1024"]])
