@@ -121,8 +121,17 @@ def identity_grid(
         torch.arange(o, n, s, device=device, dtype=dtype)
         for n, s, o in zip(stops, strides, offsets, strict=True)
     ]
-    vox = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
-    return voxel_to_normalized(vox, shape)
+    # voxel_to_normalized axis by axis, broadcast into the grid: each coordinate is the same
+    # product and difference (bit for bit) without a (d0, d1, d2, 3) grid of voxel indices first
+    n = _shape_tensor(shape, axes[0])
+    scale = torch.where(n > 1, 2.0 / (n - 1).clamp(min=1), torch.zeros_like(n))
+    shift = (n > 1).to(axes[0].dtype)
+    out = torch.empty(*(len(ax) for ax in axes), SPATIAL_DIMS, device=device, dtype=(axes[0] * scale[0]).dtype)
+    for a, ax in enumerate(axes):
+        view = [1, 1, 1]
+        view[a] = -1
+        out[..., a] = (ax * scale[a] - shift[a]).reshape(view)
+    return out
 
 
 def to_grid_sample(x: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nir_lightning import coords
 from nir_lightning.coords import (
     identity_grid,
     lps_to_ras,
@@ -155,6 +156,20 @@ def test_identity_grid_stride_and_offset():
     assert torch.allclose(vox[:, 0, 0, 0], torch.tensor([0.0, 3.0, 6.0, 9.0]), atol=1e-5)
     assert torch.allclose(vox[0, :, 0, 1], torch.tensor([1.0, 4.0, 7.0]), atol=1e-5)
     assert torch.allclose(vox[0, 0, :, 2], torch.tensor([2.0, 5.0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_identity_grid_is_voxel_to_normalized_of_every_voxel_bit_for_bit(dtype):
+    """Built axis by axis, the grid holds exactly voxel_to_normalized of the stacked voxel indices
+    (what it was computed as before 0.2.16), for strides, offsets, stops and singleton axes."""
+    cases = [((7, 1, 5), 1, 0, None), ((12, 9, 10), (2, 3, 1), (1, 0, 2), None), ((11, 8, 9), 3, (0, 1, 2), (10, 8, 5)), ((40, 33, 1), 1, 0, None)]
+    for shape, stride, offset, stop in cases:
+        strides, offsets = coords._triple(stride), coords._triple(offset)
+        stops = tuple(shape) if stop is None else stop
+        axes = [torch.arange(o, n, st, dtype=dtype) for n, st, o in zip(stops, strides, offsets, strict=True)]
+        want = voxel_to_normalized(torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1), shape)
+        got = identity_grid(shape, stride=stride, offset=offset, stop=stop, dtype=dtype)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, want), (shape, stride, offset, stop)
 
 
 # -- grid_sample axis flip ------------------------------------------------------------------------

@@ -13,14 +13,16 @@ from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
+import torch
 
-from nir_lightning.coords import voxel_spacing
+from nir_lightning.coords import apply_matrix, voxel_spacing, voxel_to_normalized
 from nir_lightning.errors import InputError
 
 if TYPE_CHECKING:  # MONAI (seconds to import): only its type here
     from monai.data import MetaTensor
+    from torch import Tensor
 
-__all__ = ["fov_coverage", "grid_differences", "refuse_without_overlap", "same_grid"]
+__all__ = ["box_maps_inside", "fov_coverage", "grid_differences", "refuse_without_overlap", "same_grid"]
 
 
 def same_grid(a: MetaTensor, b: MetaTensor) -> bool:
@@ -78,3 +80,25 @@ def refuse_without_overlap(data: Mapping[str, MetaTensor], paths: Mapping[str, P
             "it starts from the centres of mass)."
         )
     return coverage
+
+
+def box_maps_inside(mask: Tensor, shape: tuple[int, int, int], chain: np.ndarray) -> bool:
+    """Whether the 8 corners of ``mask``'s bounding box map, through the normalized ``chain``
+    matrix, strictly inside the moving grid (by a margin far above float64 rounding): then every
+    voxel of the box does (an affine map of a box is the convex hull of its corners' images).
+
+    >>> import torch
+    >>> m = torch.zeros(4, 4, 4, dtype=torch.bool); m[1:3, 1:3, 1:3] = True
+    >>> box_maps_inside(m, (4, 4, 4), np.eye(4)), box_maps_inside(m, (4, 4, 4), np.diag([3.0, 1.0, 1.0, 1.0]))
+    (True, False)
+    """
+    lows, highs = [], []
+    for axis in range(3):
+        hits = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).reshape(-1)
+        if hits.numel() == 0:
+            return False
+        lows.append(float(hits[0]))
+        highs.append(float(hits[-1]))
+    corners = torch.tensor([[hi if bit else lo for bit, lo, hi in zip(bits, lows, highs, strict=True)] for bits in np.ndindex(2, 2, 2)], dtype=torch.float64)
+    at = apply_matrix(voxel_to_normalized(corners, shape), torch.as_tensor(chain, dtype=torch.float64))
+    return bool((at.abs() <= 1.0 - 1e-9).all())

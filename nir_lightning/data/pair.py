@@ -33,7 +33,7 @@ from nir_lightning.data.checks import (
     read_image_data,
 )
 from nir_lightning.data.foreground import foreground
-from nir_lightning.data.grids import grid_differences, refuse_without_overlap, same_grid
+from nir_lightning.data.grids import box_maps_inside, grid_differences, refuse_without_overlap, same_grid
 from nir_lightning.data.label_checks import check_label_maps
 from nir_lightning.errors import InputError
 
@@ -151,6 +151,8 @@ class ImagePair:
         if chain is None:
             return 1.0
         fg = self.foreground_mask() if foreground is None else foreground.cpu()
+        if box_maps_inside(fg, self.shape, chain):
+            return 1.0  # every voxel's point too: the map is affine, the moving grid convex
         vox = torch.nonzero(fg).to(torch.float64)
         if vox.numel() == 0:
             return 1.0

@@ -70,3 +70,30 @@ def test_native_moving_through_the_chain_equals_the_aligned_copy(tmp_path):
                                      moving_chain=torch.as_tensor(chain, dtype=torch.float32))
     assert abs(float(direct["sim"]) - float(chained["sim"])) < 1e-4
     assert float(chained["sim"]) < -0.2  # the anatomy overlaps: the chain maps into the native grid
+
+
+def test_coverage_of_a_box_inside_the_moving_grid_is_read_off_its_corners(tmp_path, monkeypatch):
+    """A moving grid turned and larger than the fixed anatomy: the foreground box's 8 corners
+    land inside it, so moving_coverage is 1 without mapping every voxel (the per-voxel count gives
+    1 too); a moving grid shifted half out falls back to the count (below 1)."""
+    from nir_lightning.data import grids
+    from nir_lightning.data import pair as pair_module
+
+    a = np.deg2rad(8.0)
+    turned = np.array([[np.cos(a), -np.sin(a), 0, 1.0], [np.sin(a), np.cos(a), 0, -1.0], [0, 0, 1, 0.5], [0, 0, 0, 1]])
+    turned[:3, :3] *= 2.0
+    turned[:3, 3] -= turned[:3, :3] @ (np.asarray((20, 22, 24)) - 1) / 2
+    (tmp_path / "inside").mkdir()
+    (tmp_path / "half").mkdir()
+    f, m = _write(tmp_path / "inside", turned, (20, 22, 24))
+    inside = load_pair(f, m, keep_native=True)
+    shifted = turned.copy()
+    shifted[0, 3] += 16.0
+    f, m = _write(tmp_path / "half", shifted, (20, 22, 24))
+    half = load_pair(f, m, keep_native=True)
+    _, chain = inside.moving_sampling()
+    assert chain is not None and grids.box_maps_inside(inside.foreground_mask(), inside.shape, chain)
+    fast = inside.moving_coverage()
+    monkeypatch.setattr(pair_module, "box_maps_inside", lambda *args: False)
+    assert fast == inside.moving_coverage() == 1.0
+    assert 0.2 < half.moving_coverage() < 1.0

@@ -112,6 +112,29 @@ def test_hd95_equals_monai_on_random_blobs(seed):
     assert alone[3] == one[3]
 
 
+@pytest.mark.parametrize("shift", [1, 3, 9])
+def test_the_bounded_queries_give_the_numbers_of_unbounded_ones_bit_for_bit(monkeypatch, shift):
+    """HD95's first KD-tree queries stop at 4 voxels: labels whose 95th percentile lies nearer
+    (shift 1), at the bound (3) and far beyond it (9: every far voxel queried again) give the
+    numbers of queries without a bound, to the last bit."""
+    from scipy.ndimage import gaussian_filter
+
+    from nir_lightning.evaluation import metrics
+
+    rng = np.random.default_rng(shift)
+    noise = gaussian_filter(rng.standard_normal((5, 30, 28, 26)), sigma=(0, 3, 3, 3))
+    a = (np.argmax(noise, axis=0) + 1).astype(np.int32)
+    b = np.roll(a, shift, axis=0)
+    b[:, :, : 2 * shift] = np.roll(a, -shift, axis=1)[:, :, : 2 * shift]
+    labels, spacing = [1, 2, 3, 4, 5], (1.2, 1.0, 0.9)
+    bounded = hd95_per_label(b, a, labels, spacing=spacing, workers=1)
+    monkeypatch.setattr(metrics, "_BOUND_VOXELS", float("inf"))
+    exact = hd95_per_label(b, a, labels, spacing=spacing, workers=1)
+    assert np.array(list(bounded.values())).tobytes() == np.array(list(exact.values())).tobytes()
+    if shift == 9:
+        assert max(exact.values()) > 4 * 1.2  # beyond the bound: the second queries were needed
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_hd95_equals_monai_on_the_shared_brain_pair(shared_pair):
