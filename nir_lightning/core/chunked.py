@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import voxel_to_normalized
+from nir_lightning.coords import identity_grid
 
 DEFAULT_MAX_POINTS = 2**18
 """Points per slab of dense inference unless told otherwise (~100 MB of activations at width 128)."""
@@ -54,13 +54,8 @@ def grid_chunks(
     [slice(0, 2, None), slice(2, 4, None)]
     """
     for sl in slabs(shape[0], shape[1] * shape[2], max_points=max_points):
-        vox_axes = [
-            torch.arange(sl.start, sl.stop, device=device, dtype=torch.float32),
-            torch.arange(shape[1], device=device, dtype=torch.float32),
-            torch.arange(shape[2], device=device, dtype=torch.float32),
-        ]
-        vox = torch.stack(torch.meshgrid(*vox_axes, indexing="ij"), dim=-1)
-        yield sl, voxel_to_normalized(vox, shape).unsqueeze(0)
+        # the slab's rows of the whole grid's identity_grid (the same numbers, built axis by axis)
+        yield sl, identity_grid(shape, offset=(sl.start, 0, 0), stop=(sl.stop, shape[1], shape[2]), device=device).unsqueeze(0)
 
 
 @torch.no_grad()

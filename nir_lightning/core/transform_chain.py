@@ -173,10 +173,11 @@ class _Grid:
         return idx[:, 0] * self.strides[0] + idx[:, 1] * self.strides[1] + idx[:, 2]
 
 
-def _linear(values: Tensor, grid: _Grid, vox: Tensor) -> Tensor:
-    """Trilinear samples of ``values`` ``(N, K)`` (flat voxels of ``grid``) at ``vox``: ``(P, K)`` float64."""
+def _linear(values: Tensor, grid: _Grid, vox: Tensor, stencil: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+    """Trilinear samples of ``values`` ``(N, K)`` (flat voxels of ``grid``) at ``vox``: ``(P, K)`` float64.
+    ``stencil``: ``grid.corners(vox)`` when the caller has it already."""
     acc = torch.zeros(vox.shape[0], values.shape[1], dtype=torch.float64, device=vox.device)
-    for idx, weight in grid.corners(vox):
+    for idx, weight in grid.corners(vox) if stencil is None else stencil:
         acc += values[idx].double() * weight[:, None]
     return acc
 
@@ -194,7 +195,7 @@ class _Field:
         return points + torch.where(inside[:, None], d, torch.zeros_like(d))
 
 
-def _label(values: Tensor, grid: _Grid, vox: Tensor) -> Tensor:
+def _label(values: Tensor, grid: _Grid, vox: Tensor, stencil: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
     """Label interpolation of ``values`` ``(N, C)`` at voxels ``vox`` ``(P, 3)``: ``(P, C)``.
 
     Every label's indicator interpolated trilinearly, then the arg-max; ties go to the smaller
@@ -205,7 +206,8 @@ def _label(values: Tensor, grid: _Grid, vox: Tensor) -> Tensor:
     carry one label takes it (the loop's result there: every corner scores the same sum, and
     the first one wins), so the loop runs only over the points of a cell that a label edge crosses.
     """
-    labels = [values[idx] for idx in grid.corner_indices(vox)]  # 8 x (P, C)
+    indices = grid.corner_indices(vox) if stencil is None else [idx for idx, _ in stencil]
+    labels = [values[idx] for idx in indices]  # 8 x (P, C)
     uniform = labels[0] == labels[1]
     for j in range(2, 8):
         uniform &= labels[0] == labels[j]
@@ -213,7 +215,8 @@ def _label(values: Tensor, grid: _Grid, vox: Tensor) -> Tensor:
     if mixed.numel() == 0:
         return labels[0]
     out = labels[0].clone()
-    weights = [w for _, w in grid.corners(vox[mixed])]  # elementwise: the weights of the whole stencil at these points
+    # elementwise: the weights of the whole stencil at these points (the same numbers either way)
+    weights = [w for _, w in grid.corners(vox[mixed])] if stencil is None else [w[mixed] for _, w in stencil]
     out[mixed] = _label_argmax([lab[mixed] for lab in labels], weights)
     return out
 
@@ -373,13 +376,15 @@ def resample_many(
             points = points + direct_disp[sl].reshape(-1, 3).to(device=device, dtype=torch.float64)
         points = _run(ops, points)
         src, inside = img_grid.locate(points)
+        # the trilinear stencil once for the slab's linear and label jobs (each reads what it would compute)
+        stencil = img_grid.corners(src) if sum(mode != "nearest" for _, mode in images) > 1 else None
         for flat, (_, mode), out in zip(flats, images, outs, strict=True):
             if mode == "linear":
-                sampled = _linear(flat, img_grid, src).float()
+                sampled = _linear(flat, img_grid, src, stencil).float()
             elif mode == "nearest":
                 sampled = flat[img_grid.nearest(src)]
             else:
-                sampled = _label(flat, img_grid, src)
+                sampled = _label(flat, img_grid, src, stencil)
             sampled = torch.where(inside[:, None], sampled, torch.full_like(sampled, fill))
             out[:, sl] = sampled.T.reshape(flat.shape[1], sl.stop - sl.start, *ref_shape[1:])
     return outs

@@ -253,6 +253,23 @@ def test_chunking_does_not_change_the_result() -> None:
         assert torch.equal(a, b)
 
 
+def test_one_pass_of_several_images_gives_each_ones_own_result_bit_for_bit() -> None:
+    """resample_many (evaluate's image, nearest labels and label interpolation in one pass, the
+    trilinear stencil shared by the linear and label jobs) equals resample of each alone."""
+    from nir_lightning.core.transform_chain import resample_many
+
+    labels = label_map(seed=2)
+    shape = tuple(labels.shape[1:])
+    chain = label_chain(shape)  # type: ignore[arg-type]
+    image = torch.rand(labels.shape, generator=torch.Generator().manual_seed(4)) * 100
+    jobs = [(image, "linear"), (labels, "nearest"), (labels, "label")]
+    together = resample_many(jobs, np.eye(4), shape, np.eye(4), chain, max_points=97)  # type: ignore[arg-type]
+    for (img, mode), got in zip(jobs, together, strict=True):
+        alone = resample(img, np.eye(4), shape, np.eye(4), chain, mode=mode)  # type: ignore[arg-type]
+        assert torch.equal(got, alone), mode
+    assert not torch.equal(together[1], together[2])  # the two label modes differ somewhere: both were exercised
+
+
 def test_outside_gets_fill_and_bad_arguments_are_refused() -> None:
     img = torch.ones(1, 3, 3, 3)
     far = np.eye(4)
