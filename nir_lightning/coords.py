@@ -126,7 +126,7 @@ def identity_grid(
     n = _shape_tensor(shape, axes[0])
     scale = torch.where(n > 1, 2.0 / (n - 1).clamp(min=1), torch.zeros_like(n))
     shift = (n > 1).to(axes[0].dtype)
-    out = torch.empty(*(len(ax) for ax in axes), SPATIAL_DIMS, device=device, dtype=(axes[0] * scale[0]).dtype)
+    out = torch.empty(*(len(ax) for ax in axes), SPATIAL_DIMS, device=device, dtype=torch.result_type(axes[0], scale))
     for a, ax in enumerate(axes):
         view = [1, 1, 1]
         view[a] = -1

@@ -18,6 +18,7 @@ It imports neither torch nor Lightning unless an NVIDIA driver is present (to as
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -134,10 +135,7 @@ def largest_image_voxels(paths: Sequence[str]) -> int:
             shape = nib.load(path).header.get_data_shape()  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001, S112 -- the pair reports it when its turn comes
             continue
-        n = 1
-        for s in shape[:3]:
-            n *= int(s)
-        most = max(most, n)
+        most = max(most, math.prod(int(s) for s in shape[:3]))
     return most
 
 

@@ -366,6 +366,8 @@ def resample_many(
     ops = _prepare(chain, device)
 
     outs = [torch.empty(flat.shape[1], *ref_shape, dtype=torch.float32, device=device) for flat in flats]
+    # the trilinear stencil once a slab for its linear and label jobs (each reads what it would compute)
+    share_stencil = sum(mode != "nearest" for _, mode in images) > 1
     plane = ref_shape[1] * ref_shape[2]
     axes12 = [torch.arange(n, dtype=torch.float64, device=device) for n in ref_shape[1:]]
     for sl in slabs(ref_shape[0], plane, max_points=max_points):
@@ -376,8 +378,7 @@ def resample_many(
             points = points + direct_disp[sl].reshape(-1, 3).to(device=device, dtype=torch.float64)
         points = _run(ops, points)
         src, inside = img_grid.locate(points)
-        # the trilinear stencil once for the slab's linear and label jobs (each reads what it would compute)
-        stencil = img_grid.corners(src) if sum(mode != "nearest" for _, mode in images) > 1 else None
+        stencil = img_grid.corners(src) if share_stencil else None
         for flat, (_, mode), out in zip(flats, images, outs, strict=True):
             if mode == "linear":
                 sampled = _linear(flat, img_grid, src, stencil).float()
