@@ -30,7 +30,7 @@ from torch import Tensor
 from nir_lightning.coords import normalized_to_voxel, normalized_to_voxel_scale
 from nir_lightning.core.jacobian import determinant, jacobian_central, jacobian_forward
 from nir_lightning.errors import InputError
-from nir_lightning.sampling import CoordinateSample, RandomSampler
+from nir_lightning.sampling import CoordinateSample, RandomSampler, focus_points
 
 Transform = Callable[[Tensor], Tensor]
 PenaltyKind = Literal["jedt", "unit"]
@@ -213,13 +213,18 @@ class FoldingPenalty:
         mask: Tensor | None,
         generator: torch.Generator,
         transform_with_jacobian: JacobianTransform | None = None,
+        focus: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
     ) -> Tensor:
         """Penalty on ``jacobian_points`` random foreground points (drawn from ``generator``).
 
         The analytic stencil needs ``transform_with_jacobian``. Its points are jittered inside
         their voxel: an exact Jacobian is a point value, and a fold between voxel centres
-        must be found too."""
-        extra = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=mask)
+        must be found too. ``focus``: the voxel box the step samples (:attr:`CoordinateSample.focus`):
+        the points are drawn inside it, as many as fall there at the usual density."""
+        if focus is None:
+            extra = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=mask)
+        else:
+            extra = focus_points(shape, self.jacobian_points, generator, mask, focus)
         if self.stencil == "analytic":
             if transform_with_jacobian is None:
                 raise InputError("jacobian_stencil='analytic' needs a field with an exact Jacobian (forward_with_jacobian)")

@@ -122,7 +122,7 @@ def registration_objective(
             assert smoothness is not None
             smooth = smoothness.points(jac)
     if generator is not None and folding.needs_extra_points(sample):
-        reg = reg + folding.extra(transform, shape, mask, generator, transform_with_jacobian)
+        reg = reg + folding.extra(transform, shape, mask, generator, transform_with_jacobian, focus=sample.focus)
     at = phi if moving_chain is None else apply_matrix(phi, moving_chain)
     warped = sample_image(moving, at)
     fixed_s = sample.read(fixed)

@@ -19,10 +19,18 @@ from nir_lightning.sampling.domain import (
     foreground_domain,
     foreground_index,
     grown_box,
+    index_in_box,
     random_lattice,
+    random_sub_box,
 )
 from nir_lightning.sampling.sample import CoordinateSample, CoordinateSampler
-from nir_lightning.sampling.samplers import DownsizeSampler, MinipatchSampler, PyramidSampler, RandomSampler
+from nir_lightning.sampling.samplers import (
+    DownsizeSampler,
+    MinipatchSampler,
+    PyramidSampler,
+    RandomSampler,
+    focus_points,
+)
 
 __all__ = [
     "CoordinateSample",
@@ -32,9 +40,12 @@ __all__ = [
     "PyramidSampler",
     "RandomSampler",
     "budget_stride",
+    "focus_points",
     "foreground_box",
     "foreground_domain",
     "foreground_index",
     "grown_box",
+    "index_in_box",
     "random_lattice",
+    "random_sub_box",
 ]

@@ -13,7 +13,12 @@ from torch import Tensor
 from nir_lightning.coords import identity_grid, voxel_to_normalized
 from nir_lightning.errors import InputError
 
-__all__ = ["budget_stride", "check_shape", "foreground_box", "foreground_domain", "foreground_index", "grown_box", "lattice_offset", "random_lattice"]
+__all__ = [
+    "budget_stride", "check_shape", "foreground_box", "foreground_domain", "foreground_index", "grown_box", "index_in_box",
+    "lattice_offset", "random_lattice", "random_sub_box",
+]
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # voxels (lo, hi), hi exclusive
 
 
 _MASK_CACHE: list[tuple[Tensor, int, dict[str, Any]]] = []  # (mask, its version, what was derived from it)
@@ -118,6 +123,48 @@ def foreground_box(mask: Tensor) -> tuple[tuple[int, int, int], tuple[int, int, 
 
     box: tuple[tuple[int, int, int], tuple[int, int, int]] = _derived(mask, "box", compute)
     return box
+
+
+def random_sub_box(box: Box, stride: int, fraction: float, generator: torch.Generator, *, min_steps: int = 6) -> Box:
+    """A random box inside ``box`` holding about ``fraction`` of its volume, on its stride-``stride`` lattice.
+
+    Each axis keeps ``fraction ** (1/3)`` of its lattice steps (at least ``min_steps``, an LNCC
+    window and more; at most all of them), at a uniformly drawn whole number of steps from
+    ``box``'s low corner, so the sub-box's lattice is a part of ``box``'s lattice at any offset.
+    Draws once from ``generator`` (on its device), whatever ``fraction``: ``1`` gives ``box``
+    back. The middle of ``box`` lies in every sub-box, its faces in fewer (about one in
+    ``steps - kept + 1``): measured against cutting ``box`` into halves along an axis in turn
+    (every voxel equally often), these sub-boxes reached a higher Dice (benchmarks/README.md, 0.2.17).
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> (lo, hi) = random_sub_box(((2, 0, 0), (82, 96, 112)), 2, 0.5, g)
+    >>> [(h - l) // 2 for l, h in zip(lo, hi)], all((l - b) % 2 == 0 for l, b in zip(lo, (2, 0, 0)))
+    ([32, 38, 44], True)
+    >>> random_sub_box(((0, 0, 0), (8, 9, 10)), 1, 1.0, g)
+    ((0, 0, 0), (8, 9, 10))
+    """
+    lo, hi = box
+    draw = torch.rand(3, generator=generator, device=generator.device, dtype=torch.float64).tolist()
+    side = fraction ** (1.0 / 3.0)
+    new_lo, new_hi = [], []
+    for a in range(3):
+        steps = max(1, -(-(hi[a] - lo[a]) // stride))  # lattice points along the axis at offset 0: ceil(extent / stride)
+        keep = min(steps, max(min_steps, round(steps * side)))
+        start = lo[a] + stride * min(steps - keep, int(draw[a] * (steps - keep + 1)))
+        new_lo.append(start)
+        new_hi.append(hi[a] if keep == steps else min(hi[a], start + stride * keep))
+    return (new_lo[0], new_lo[1], new_lo[2]), (new_hi[0], new_hi[1], new_hi[2])
+
+
+def index_in_box(index: Tensor, box: Box) -> Tensor:
+    """The rows of a voxel index ``(N, 3)`` (e.g. :func:`foreground_index`) that lie in ``box``.
+
+    >>> index_in_box(torch.tensor([[0, 0, 0], [2, 3, 4], [5, 5, 5]]), ((1, 1, 1), (5, 6, 7))).tolist()
+    [[2, 3, 4]]
+    """
+    lo = torch.tensor(box[0], device=index.device, dtype=index.dtype)
+    hi = torch.tensor(box[1], device=index.device, dtype=index.dtype)
+    return index[((index >= lo) & (index < hi)).all(dim=1)]
 
 
 def grown_box(

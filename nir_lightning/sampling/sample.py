@@ -30,6 +30,10 @@ class CoordinateSample:
             slicing, not interpolation.
         voxel_stop: with ``voxel_lattice``, the exclusive end of the lattice per axis (voxels)
             when it covers a box of the image rather than all of it.
+        focus: the voxel box ``(lo, hi)`` (``hi`` exclusive) that this step samples when it is
+            a part of the region the sampler covers over the steps (:class:`~nir_lightning.sampling.PyramidSampler`'s
+            ``box_fractions``): the folding penalty draws its extra det J points inside it too,
+            at the density it would over the whole foreground. ``None``: no such part.
     """
 
     points: Tensor
@@ -39,6 +43,7 @@ class CoordinateSample:
     separable: bool = False
     voxel_lattice: tuple[tuple[int, int, int], int] | None = None
     voxel_stop: tuple[int, int, int] | None = None
+    focus: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
 
     @property
     def is_grid(self) -> bool:

@@ -11,16 +11,19 @@ from torch import Tensor
 from nir_lightning.coords import voxel_to_normalized
 from nir_lightning.errors import InputError
 from nir_lightning.sampling.domain import (
+    Box,
     budget_stride,
     check_shape,
     foreground_box,
     foreground_index,
     grown_box,
+    index_in_box,
     random_lattice,
+    random_sub_box,
 )
 from nir_lightning.sampling.sample import CoordinateSample, CoordinateSampler
 
-__all__ = ["DownsizeSampler", "MinipatchSampler", "PyramidSampler", "RandomSampler"]
+__all__ = ["DownsizeSampler", "MinipatchSampler", "PyramidSampler", "RandomSampler", "focus_points"]
 
 
 class RandomSampler(CoordinateSampler):
@@ -62,6 +65,37 @@ class RandomSampler(CoordinateSampler):
 
     def __repr__(self) -> str:
         return f"RandomSampler(num_points={self.num_points})"
+
+
+def focus_points(
+    shape: tuple[int, int, int], num_points: int, generator: torch.Generator, mask: Tensor | None, box: Box
+) -> CoordinateSample:
+    """Random voxels of ``mask`` (the whole grid without one) inside the voxel box ``box``, at the
+    density of ``num_points`` over all of them: ``num_points`` times the share inside ``box``
+    (at least 1), with replacement; shaped as :class:`RandomSampler`'s sample. The folding
+    penalty's extra points of a step that samples a part of the foreground
+    (:attr:`CoordinateSample.focus`).
+
+    >>> m = torch.zeros(8, 8, 8, dtype=torch.bool); m[2:6, 2:6, 2:6] = True  # 64 voxels
+    >>> s = focus_points((8, 8, 8), 100, torch.Generator().manual_seed(0), m, ((0, 0, 0), (4, 8, 8)))  # half of them
+    >>> s.points.shape, bool((s.points[..., 0] < 0).all())  # in the box: axis 0 below the centre
+    (torch.Size([1, 50, 1, 1, 3]), True)
+    """
+    device = generator.device
+    if mask is not None:
+        fg = foreground_index(mask)
+        inside = index_in_box(fg, box)
+        share = inside.shape[0] / max(1, fg.shape[0])
+    else:
+        inside, share = None, math.prod(h - lo for lo, h in zip(*box, strict=True)) / max(1, math.prod(shape))
+    n = max(1, round(num_points * share))
+    if inside is not None and inside.shape[0] > 0:
+        vox = inside[torch.randint(0, inside.shape[0], (n,), generator=generator, device=device)].float()
+    else:  # no foreground in the box: its voxels
+        lo = torch.tensor(box[0], device=device, dtype=torch.float32)
+        hi = torch.tensor(box[1], device=device, dtype=torch.float32)
+        vox = lo + torch.floor(torch.rand(n, 3, generator=generator, device=device) * (hi - lo))
+    return CoordinateSample(points=voxel_to_normalized(vox, shape).reshape(1, -1, 1, 1, 3), spacing=None)
 
 
 class DownsizeSampler(CoordinateSampler):
@@ -181,6 +215,17 @@ class PyramidSampler(CoordinateSampler):
             grid, a raw scan's field of view often 3x its head.
         crop_margin: lattice steps kept around the box, so that windows at the anatomy's
             edge see its surroundings (half the default local NCC window of 5 steps).
+        box_fractions: share of the stage's lattice box (the cropped box, or the whole image)
+            that one step samples, one per stage (``null``: 1 in every stage): below 1, each step
+            takes a random sub-box of about that volume (every axis ``fraction ** (1/3)`` of its
+            lattice steps, at least 6: :func:`~nir_lightning.sampling.domain.random_sub_box`),
+            on the stage's own stride and stratified offsets, and the folding penalty's extra
+            det J points are drawn inside it at their usual density (:attr:`CoordinateSample.focus`).
+            A step then costs about ``fraction`` as much. ``[1, 1, 0.5]``
+            (``configs/sampler/pyramid_fast.yaml``): the finest stage at half the cost, about
+            -19 % of the fit for about 0.002 of Dice on the choosing pairs; the diffeomorphic
+            config takes ``[1, 0.5, 0.5]`` (benchmarks/README.md, 0.2.17). A stage of mini-patches
+            (stride 1 over its budget) ignores it.
 
     >>> s = PyramidSampler(strides=[4, 2], sigmas=[1.0, 0.0], fractions=[0.5, 0.5], levels=[3, 5], max_points=2**17)
     >>> g = torch.Generator().manual_seed(0)
@@ -203,6 +248,7 @@ class PyramidSampler(CoordinateSampler):
         patch_size: int = 24,
         crop: bool = True,
         crop_margin: int = 2,
+        box_fractions: Sequence[float] | None = None,
     ) -> None:
         n = len(strides)
         if n == 0:
@@ -219,6 +265,11 @@ class PyramidSampler(CoordinateSampler):
             raise InputError(f"PyramidSampler.fractions must be > 0, got {list(fractions)}.")
         if levels is not None and any(int(v) < 1 for v in levels):
             raise InputError(f"PyramidSampler.levels must be >= 1, got {list(levels)}.")
+        fractions_box = [1.0] * n if box_fractions is None else [float(f) for f in box_fractions]
+        if len(fractions_box) != n:
+            raise InputError(f"PyramidSampler.box_fractions has {len(fractions_box)} entries but strides has {n}; give one per stage (1: the whole box).")
+        if any(not (math.isfinite(f) and 0 < f <= 1) for f in fractions_box):
+            raise InputError(f"PyramidSampler.box_fractions must be in (0, 1] (the share of the lattice box a step samples), got {list(box_fractions or [])}; e.g. [1, 1, 0.5].")
         if any(b < 8 for b in budgets):
             raise InputError(f"PyramidSampler.max_points must be >= 8, got {max_points}; use e.g. 131072.")
         self.strides = [int(s) for s in strides]
@@ -234,6 +285,7 @@ class PyramidSampler(CoordinateSampler):
         self.patch_size = int(patch_size)
         self.crop = bool(crop)
         self.crop_margin = int(crop_margin)
+        self.box_fractions = fractions_box
 
     def stage(self, progress: float) -> int:
         """Index of the stage at ``progress`` in ``[0, 1]``."""
@@ -271,15 +323,20 @@ class PyramidSampler(CoordinateSampler):
             box = grown_box(tight, self.crop_margin * stride, shape)
             extent = [h - lo for lo, h in zip(*box, strict=True)]
         stride = budget_stride(extent, min(self.strides[k], min(shape)), self.max_points[k])
+        focus = None
+        if self.box_fractions[k] < 1:  # a part of the box this step; the stride is the whole box's
+            whole = box if box is not None else ((0, 0, 0), (int(shape[0]), int(shape[1]), int(shape[2])))
+            box = focus = random_sub_box(whole, stride, self.box_fractions[k], generator)
         grid, origin = random_lattice(shape, stride, generator, box, step=step, seed=seed)
         sigma = self.sigmas[k] * stride / self.strides[k]
         return CoordinateSample(
             points=grid.unsqueeze(0), spacing=(float(stride),) * 3, sigma=sigma, levels=levels, separable=True,
-            voxel_lattice=(origin, stride), voxel_stop=None if box is None else box[1],
+            voxel_lattice=(origin, stride), voxel_stop=None if box is None else box[1], focus=focus,
         )
 
     def __repr__(self) -> str:
         return (
             f"PyramidSampler(strides={self.strides}, sigmas={self.sigmas}, fractions={self.fractions}, "
-            f"levels={self.levels}, max_points={self.max_points}, crop={self.crop}, crop_margin={self.crop_margin})"
+            f"levels={self.levels}, max_points={self.max_points}, crop={self.crop}, crop_margin={self.crop_margin}"
+            + (f", box_fractions={self.box_fractions})" if any(f < 1 for f in self.box_fractions) else ")")
         )

@@ -36,9 +36,10 @@ def test_only_the_steps_with_every_grid_level_get_the_extra_points(ratio: float,
     drawn: list[int] = []
     original = module.folding.extra.__func__  # type: ignore[attr-defined]
 
-    def spy(self, transform, shape, mask, generator, transform_with_jacobian=None):  # type: ignore[no-untyped-def]
+    def spy(self, transform, shape, mask, generator, transform_with_jacobian=None, focus=None):  # type: ignore[no-untyped-def]
+        assert focus is None  # the default pyramid samples the whole box
         drawn.append(self.jacobian_points)
-        return original(self, transform, shape, mask, generator, transform_with_jacobian)
+        return original(self, transform, shape, mask, generator, transform_with_jacobian, focus=focus)
 
     from nir_lightning.losses.folding import FoldingPenalty
 
