@@ -16,9 +16,9 @@ from nir_lightning.losses import FoldingPenalty, Similarity, registration_object
 from nir_lightning.sampling import (
     CoordinateSample,
     PyramidSampler,
-    focus_points,
+    RandomSampler,
     foreground_box,
-    index_in_box,
+    points_in_box,
     random_sub_box,
 )
 
@@ -118,12 +118,13 @@ def test_bad_box_fractions_are_named(fractions: list[float], match: str) -> None
         PyramidSampler(box_fractions=fractions)
 
 
-def test_focus_points_keep_the_density_inside_the_box() -> None:
+def test_points_in_a_box_keep_the_density_inside_it() -> None:
     mask = brain_mask()
     box = ((0, 0, 0), (20, 44, 38))  # the half of the image below the ellipsoid's centre on axis 0
-    share = index_in_box(torch.nonzero(mask), box).shape[0] / int(mask.sum())
-    s = focus_points(SHAPE, 4000, torch.Generator().manual_seed(0), mask, box)
-    assert s.num_points == round(4000 * share) and s.spacing is None
+    share = float(mask[:20].sum()) / float(mask.sum())
+    drawn = RandomSampler(num_points=4000).sample(SHAPE, generator=torch.Generator().manual_seed(0), mask=mask)
+    s = CoordinateSample(points=points_in_box(drawn.points, SHAPE, box), spacing=None)
+    assert abs(s.num_points - 4000 * share) < 150 and s.points.shape[2:] == (1, 1, 3)
     for v in voxels(s):
         assert mask[v] and v[0] < 20
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from nir_lightning.coords import normalized_to_voxel, normalized_to_voxel_scale
 from nir_lightning.core.jacobian import determinant, jacobian_central, jacobian_forward
 from nir_lightning.errors import InputError
-from nir_lightning.sampling import CoordinateSample, RandomSampler, focus_points
+from nir_lightning.sampling import CoordinateSample, RandomSampler, points_in_box
+from nir_lightning.sampling.domain import Box
 
 Transform = Callable[[Tensor], Tensor]
 PenaltyKind = Literal["jedt", "unit"]
@@ -213,24 +214,25 @@ class FoldingPenalty:
         mask: Tensor | None,
         generator: torch.Generator,
         transform_with_jacobian: JacobianTransform | None = None,
-        focus: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+        focus: Box | None = None,
     ) -> Tensor:
         """Penalty on ``jacobian_points`` random foreground points (drawn from ``generator``).
 
         The analytic stencil needs ``transform_with_jacobian``. Its points are jittered inside
         their voxel: an exact Jacobian is a point value, and a fold between voxel centres
         must be found too. ``focus``: the voxel box the step samples (:attr:`CoordinateSample.focus`):
-        the points are drawn inside it, as many as fall there at the usual density."""
-        if focus is None:
-            extra = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=mask)
-        else:
-            extra = focus_points(shape, self.jacobian_points, generator, mask, focus)
+        only the drawn points that fall in it are kept (the usual density there; none: 0)."""
+        points = RandomSampler(num_points=self.jacobian_points).sample(shape, generator=generator, mask=mask).points
+        if focus is not None:
+            points = points_in_box(points, shape, focus)
+            if points.shape[1] == 0:
+                return points.new_zeros(())
         if self.stencil == "analytic":
             if transform_with_jacobian is None:
                 raise InputError("jacobian_stencil='analytic' needs a field with an exact Jacobian (forward_with_jacobian)")
-            half = voxel_offsets(shape, extra.points).diagonal() / 2
-            jitter = (torch.rand(extra.points.shape, generator=generator, device=generator.device) * 2 - 1) * half
-            return self(analytic_det(transform_with_jacobian, extra.points + jitter))
+            half = voxel_offsets(shape, points).diagonal() / 2
+            jitter = (torch.rand(points.shape, generator=generator, device=generator.device) * 2 - 1) * half
+            return self(analytic_det(transform_with_jacobian, points + jitter))
         if self.stencil == "central":
-            return self(central_stencil_det(transform, extra.points, shape))
-        return self(forward_stencil_det(transform, extra.points, shape)[1])
+            return self(central_stencil_det(transform, points, shape))
+        return self(forward_stencil_det(transform, points, shape)[1])

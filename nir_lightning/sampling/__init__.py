@@ -19,18 +19,12 @@ from nir_lightning.sampling.domain import (
     foreground_domain,
     foreground_index,
     grown_box,
-    index_in_box,
+    points_in_box,
     random_lattice,
     random_sub_box,
 )
 from nir_lightning.sampling.sample import CoordinateSample, CoordinateSampler
-from nir_lightning.sampling.samplers import (
-    DownsizeSampler,
-    MinipatchSampler,
-    PyramidSampler,
-    RandomSampler,
-    focus_points,
-)
+from nir_lightning.sampling.samplers import DownsizeSampler, MinipatchSampler, PyramidSampler, RandomSampler
 
 __all__ = [
     "CoordinateSample",
@@ -40,12 +34,11 @@ __all__ = [
     "PyramidSampler",
     "RandomSampler",
     "budget_stride",
-    "focus_points",
     "foreground_box",
     "foreground_domain",
     "foreground_index",
     "grown_box",
-    "index_in_box",
+    "points_in_box",
     "random_lattice",
     "random_sub_box",
 ]

@@ -10,12 +10,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nir_lightning.coords import identity_grid, voxel_to_normalized
+from nir_lightning.coords import identity_grid, normalized_to_voxel, voxel_to_normalized
 from nir_lightning.errors import InputError
 
 __all__ = [
-    "budget_stride", "check_shape", "foreground_box", "foreground_domain", "foreground_index", "grown_box", "index_in_box",
-    "lattice_offset", "random_lattice", "random_sub_box",
+    "budget_stride",
+    "check_shape",
+    "foreground_box",
+    "foreground_domain",
+    "foreground_index",
+    "grown_box",
+    "lattice_offset",
+    "points_in_box",
+    "random_lattice",
+    "random_sub_box",
 ]
 
 Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # voxels (lo, hi), hi exclusive
@@ -156,15 +164,18 @@ def random_sub_box(box: Box, stride: int, fraction: float, generator: torch.Gene
     return (new_lo[0], new_lo[1], new_lo[2]), (new_hi[0], new_hi[1], new_hi[2])
 
 
-def index_in_box(index: Tensor, box: Box) -> Tensor:
-    """The rows of a voxel index ``(N, 3)`` (e.g. :func:`foreground_index`) that lie in ``box``.
+def points_in_box(points: Tensor, shape: Sequence[int], box: Box) -> Tensor:
+    """The points of an unstructured sample ``(1, N, 1, 1, 3)`` (normalized voxel centres of a
+    grid of ``shape``) whose voxel lies in ``box``, in their order: ``(1, M, 1, 1, 3)``.
 
-    >>> index_in_box(torch.tensor([[0, 0, 0], [2, 3, 4], [5, 5, 5]]), ((1, 1, 1), (5, 6, 7))).tolist()
-    [[2, 3, 4]]
+    >>> pts = voxel_to_normalized(torch.tensor([[0.0, 0, 0], [2, 3, 4], [5, 5, 5]]), (6, 7, 8)).reshape(1, -1, 1, 1, 3)
+    >>> normalized_to_voxel(points_in_box(pts, (6, 7, 8), ((1, 1, 1), (5, 6, 7))), (6, 7, 8)).reshape(-1, 3).round().tolist()
+    [[2.0, 3.0, 4.0]]
     """
-    lo = torch.tensor(box[0], device=index.device, dtype=index.dtype)
-    hi = torch.tensor(box[1], device=index.device, dtype=index.dtype)
-    return index[((index >= lo) & (index < hi)).all(dim=1)]
+    vox = normalized_to_voxel(points.reshape(-1, 3).double(), tuple(int(n) for n in shape)).round()
+    lo = torch.tensor(box[0], device=vox.device, dtype=vox.dtype)
+    hi = torch.tensor(box[1], device=vox.device, dtype=vox.dtype)
+    return points.reshape(-1, 3)[((vox >= lo) & (vox < hi)).all(dim=1)].reshape(1, -1, 1, 1, 3)
 
 
 def grown_box(

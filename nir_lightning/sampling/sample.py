@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from nir_lightning.core.resample import sample_image
+from nir_lightning.sampling.domain import Box
 
 __all__ = ["CoordinateSample", "CoordinateSampler"]
 
@@ -43,7 +44,7 @@ class CoordinateSample:
     separable: bool = False
     voxel_lattice: tuple[tuple[int, int, int], int] | None = None
     voxel_stop: tuple[int, int, int] | None = None
-    focus: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+    focus: Box | None = None
 
     @property
     def is_grid(self) -> bool:

@@ -11,19 +11,17 @@ from torch import Tensor
 from nir_lightning.coords import voxel_to_normalized
 from nir_lightning.errors import InputError
 from nir_lightning.sampling.domain import (
-    Box,
     budget_stride,
     check_shape,
     foreground_box,
     foreground_index,
     grown_box,
-    index_in_box,
     random_lattice,
     random_sub_box,
 )
 from nir_lightning.sampling.sample import CoordinateSample, CoordinateSampler
 
-__all__ = ["DownsizeSampler", "MinipatchSampler", "PyramidSampler", "RandomSampler", "focus_points"]
+__all__ = ["DownsizeSampler", "MinipatchSampler", "PyramidSampler", "RandomSampler"]
 
 
 class RandomSampler(CoordinateSampler):
@@ -65,37 +63,6 @@ class RandomSampler(CoordinateSampler):
 
     def __repr__(self) -> str:
         return f"RandomSampler(num_points={self.num_points})"
-
-
-def focus_points(
-    shape: tuple[int, int, int], num_points: int, generator: torch.Generator, mask: Tensor | None, box: Box
-) -> CoordinateSample:
-    """Random voxels of ``mask`` (the whole grid without one) inside the voxel box ``box``, at the
-    density of ``num_points`` over all of them: ``num_points`` times the share inside ``box``
-    (at least 1), with replacement; shaped as :class:`RandomSampler`'s sample. The folding
-    penalty's extra points of a step that samples a part of the foreground
-    (:attr:`CoordinateSample.focus`).
-
-    >>> m = torch.zeros(8, 8, 8, dtype=torch.bool); m[2:6, 2:6, 2:6] = True  # 64 voxels
-    >>> s = focus_points((8, 8, 8), 100, torch.Generator().manual_seed(0), m, ((0, 0, 0), (4, 8, 8)))  # half of them
-    >>> s.points.shape, bool((s.points[..., 0] < 0).all())  # in the box: axis 0 below the centre
-    (torch.Size([1, 50, 1, 1, 3]), True)
-    """
-    device = generator.device
-    if mask is not None:
-        fg = foreground_index(mask)
-        inside = index_in_box(fg, box)
-        share = inside.shape[0] / max(1, fg.shape[0])
-    else:
-        inside, share = None, math.prod(h - lo for lo, h in zip(*box, strict=True)) / max(1, math.prod(shape))
-    n = max(1, round(num_points * share))
-    if inside is not None and inside.shape[0] > 0:
-        vox = inside[torch.randint(0, inside.shape[0], (n,), generator=generator, device=device)].float()
-    else:  # no foreground in the box: its voxels
-        lo = torch.tensor(box[0], device=device, dtype=torch.float32)
-        hi = torch.tensor(box[1], device=device, dtype=torch.float32)
-        vox = lo + torch.floor(torch.rand(n, 3, generator=generator, device=device) * (hi - lo))
-    return CoordinateSample(points=voxel_to_normalized(vox, shape).reshape(1, -1, 1, 1, 3), spacing=None)
 
 
 class DownsizeSampler(CoordinateSampler):
