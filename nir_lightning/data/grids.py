@@ -17,6 +17,7 @@ import torch
 
 from nir_lightning.coords import apply_matrix, voxel_spacing, voxel_to_normalized
 from nir_lightning.errors import InputError
+from nir_lightning.sampling.domain import foreground_box
 
 if TYPE_CHECKING:  # MONAI (seconds to import): only its type here
     from monai.data import MetaTensor
@@ -92,13 +93,11 @@ def box_maps_inside(mask: Tensor, shape: tuple[int, int, int], chain: np.ndarray
     >>> box_maps_inside(m, (4, 4, 4), np.eye(4)), box_maps_inside(m, (4, 4, 4), np.diag([3.0, 1.0, 1.0, 1.0]))
     (True, False)
     """
-    lows, highs = [], []
-    for axis in range(3):
-        hits = torch.nonzero(mask.any(dim=tuple(a for a in range(3) if a != axis))).reshape(-1)
-        if hits.numel() == 0:
-            return False
-        lows.append(float(hits[0]))
-        highs.append(float(hits[-1]))
+    if not bool(mask.any()):
+        return False
+    # the box the samplers and the feature grids' domain read too (cached with the mask: found once)
+    low, high = foreground_box(mask)
+    lows, highs = [float(v) for v in low], [float(v - 1) for v in high]
     corners = torch.tensor([[hi if bit else lo for bit, lo, hi in zip(bits, lows, highs, strict=True)] for bits in np.ndindex(2, 2, 2)], dtype=torch.float64)
     at = apply_matrix(voxel_to_normalized(corners, shape), torch.as_tensor(chain, dtype=torch.float64))
     return bool((at.abs() <= 1.0 - 1e-9).all())
