@@ -34,7 +34,7 @@ from nir_lightning.sampling import (
     foreground_domain,
 )
 from nir_lightning.training.lazy_default import lazy_default
-from nir_lightning.training.options import check_options
+from nir_lightning.training.options import check_options, margin_floors
 from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, optimizer_config
 from nir_lightning.training.tracking import log_objective
 
@@ -85,9 +85,9 @@ class RegistrationModule(pl.LightningModule):
         alpha: weight of the smoothness prior (0: off). The prior is per millimetre
             (``"bending"``: mm^-2), so one ``alpha`` means the same at every voxel size (1.0 per
             mm is 0.25 per voxel on 2 mm images; the 0.2.4 default was 0.5 per voxel).
-        margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR). ``None`` (the
-            default): by the fixed image's voxel size, 0.35 at 2 mm and 0.5 at 1 mm
-            (:func:`~nir_lightning.losses.folding.scaled_margin`).
+        margin: ``"jedt"`` penalises ``det J < margin`` (0: folds only, as in NIR): one number, or
+            ``[at_2mm, at_1mm]`` by the fixed image's voxel size (:func:`~nir_lightning.losses.folding.scaled_margin`);
+            ``None`` (the default): ``[0.35, 0.5]``.
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
         jacobian_points: random foreground points per step whose det J is taken with a
@@ -153,7 +153,7 @@ class RegistrationModule(pl.LightningModule):
         lam: float | None = None,
         smoothness: Literal["none", "bending", "diffusion", "logdet"] = "bending",
         alpha: float = 1.0,
-        margin: float | None = None,
+        margin: float | list[float] | None = None,
         lr: float = 1e-2,
         lr_final_ratio: float = 0.1,
         jacobian_points: int = 16384,
@@ -178,10 +178,11 @@ class RegistrationModule(pl.LightningModule):
             coarse_jacobian_ratio=coarse_jacobian_ratio, val_stride=val_stride, eval_max_points=eval_max_points,
             domain_margin=domain_margin, symmetric=symmetric,
         )
+        floors = margin_floors(margin)  # (at 2 mm, at 1 mm), or one number for every voxel size
         try:
-            # margin None: by the fixed image's voxel size, set in attach_pair (scaled_margin); 0.35 until then
+            # a pair of floors: by the fixed image's voxel size, set in attach_pair; the 2 mm one until then
             folding = FoldingPenalty(
-                kind=regularizer, margin=scaled_margin((2.0, 2.0, 2.0)) if margin is None else margin,
+                kind=regularizer, margin=floors if isinstance(floors, float) else floors[0],
                 jacobian_points=jacobian_points, stencil=jacobian_stencil,
             )
             smooth = SmoothnessPenalty(kind=smoothness)
@@ -196,7 +197,7 @@ class RegistrationModule(pl.LightningModule):
         self.similarity = Similarity(similarity, window=window)
         self.folding = folding
         self._jacobian_points = jacobian_points  # per step at 2 mm: attach_pair scales it to the image
-        self._margin = margin  # None: attach_pair takes it from the voxel size
+        self._margin = floors  # a pair: attach_pair takes the floor from the voxel size
         self._coarse_points = jacobian_points  # the 2 mm count, where coarse stages start (attach_pair)
         self._coarse_folding: dict[int, FoldingPenalty] = {}  # by grid levels left out (_folding_for)
         self.regularizer = regularizer
@@ -246,7 +247,8 @@ class RegistrationModule(pl.LightningModule):
         self._source_sigma_scale = (1.0, 1.0, 1.0)
         self._voxel_size = voxel_spacing(pair.fixed_affine)  # the smoothness prior is per millimetre
         scaled = scaled_jacobian_points(self._jacobian_points, self._voxel_size)
-        margin = scaled_margin(self._voxel_size) if self._margin is None else self._margin
+        f = self._margin
+        margin = f if isinstance(f, float) else scaled_margin(self._voxel_size, at_2mm=f[0], at_1mm=f[1])
         self.folding = dataclasses.replace(self.folding, jacobian_points=scaled, margin=margin)
         # Steps that fit only the coarser grid levels cannot fold at the finest voxels' scale: they
         # start from the 2 mm count (the points cost ~1.5 us each per step; 1 mm fits took twice as long).

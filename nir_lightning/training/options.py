@@ -7,6 +7,7 @@ checks run before anything is built (``RegistrationModule.__init__``), as the CL
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from nir_lightning.errors import InputError
 from nir_lightning.fields import NeuralField
@@ -84,3 +85,34 @@ def check_options(
             f"model.symmetric=true needs an invertible field and no hybrid schedule ({why}); "
             "use it with -c configs/model/diffeomorphic.yaml (a velocity field), or leave model.symmetric false."
         )
+
+
+DEFAULT_MARGIN_FLOORS = (0.35, 0.5)
+"""``model.margin: null``: the det J floor at 2 mm and at 1 mm (0.2.6 and 0.2.7, the displacement default)."""
+
+
+def margin_floors(margin: float | Sequence[float] | None) -> float | tuple[float, float]:
+    """``model.margin`` as the folding barrier's det J floor: one number for every voxel size, or
+    ``(at 2 mm, at 1 mm)`` (:func:`~nir_lightning.losses.folding.scaled_margin` picks by the fixed
+    image's voxel size); ``None`` is :data:`DEFAULT_MARGIN_FLOORS`. Each floor must lie in [0, 1).
+
+    >>> margin_floors(None), margin_floors(0.3), margin_floors([0.3, 0.45])
+    ((0.35, 0.5), 0.3, (0.3, 0.45))
+    >>> margin_floors([0.3, 1.2])
+    Traceback (most recent call last):
+    ...
+    nir_lightning.errors.InputError: model.margin must be a det J floor in [0, 1) or two of them [at 2 mm, at 1 mm], got [0.3, 1.2]; e.g. 0.35 or [0.3, 0.45].
+    """
+    if margin is None:
+        return DEFAULT_MARGIN_FLOORS
+    values = [margin] if isinstance(margin, (int, float)) else list(margin)
+    ok = len(values) in ((1, 2) if isinstance(margin, (int, float)) else (2,)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1 for v in values
+    )
+    if not ok or isinstance(margin, bool):
+        raise InputError(
+            f"model.margin must be a det J floor in [0, 1) or two of them [at 2 mm, at 1 mm], got {margin!r}; e.g. 0.35 or [0.3, 0.45]."
+        )
+    if isinstance(margin, (int, float)):
+        return float(margin)
+    return float(values[0]), float(values[1])

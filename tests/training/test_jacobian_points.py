@@ -60,14 +60,53 @@ def test_coarse_ratio_outside_0_1_is_refused_with_the_option_named(ratio: float)
         RegistrationModule(coarse_jacobian_ratio=ratio)
 
 
-@pytest.mark.parametrize(("spacing", "margin", "expected"), [(2.0, None, 0.35), (1.0, None, 0.5), (1.5, None, 0.425), (4.0, None, 0.35), (1.0, 0.3, 0.3)])
+@pytest.mark.parametrize(
+    ("spacing", "margin", "expected"),
+    [
+        (2.0, None, 0.35), (1.0, None, 0.5), (1.5, None, 0.425), (4.0, None, 0.35), (1.0, 0.3, 0.3), (2.0, 0.3, 0.3),
+        (2.0, [0.3, 0.45], 0.3), (1.0, [0.3, 0.45], 0.45), (1.5, [0.3, 0.45], 0.375), (0.8, [0.3, 0.45], 0.45), (3.0, [0.3, 0.45], 0.3),
+    ],
+)
 def test_det_j_floor_follows_the_resolution_unless_given(spacing: float, margin: float | None, expected: float) -> None:
-    """``model.margin: null`` (the default) takes the barrier's floor from the voxel size: 1 mm
-    voxels see det J vary inside the grids' ~2 mm cells, so the floor is higher there; a value
-    given in the config is kept at every resolution."""
+    """``model.margin: null`` (the default, ``[0.35, 0.5]``) and a pair ``[at 2 mm, at 1 mm]`` take the
+    barrier's floor from the voxel size: 1 mm voxels see det J vary inside the grids' ~2 mm cells, so
+    the floor is higher there; a single value given in the config is kept at every resolution."""
     p = make_phantom((12, 14, 10), spacing=spacing, seed=0)
     fixed, moving = torch.as_tensor(p.fixed)[None, None], torch.as_tensor(p.moving)[None, None]
     module = RegistrationModule(field=GridDisplacementField(levels=2), margin=margin)
     module.attach_pair(ImagePair(fixed=fixed, moving=moving, moving_raw=moving, fixed_affine=p.affine))
     assert module.margin == pytest.approx(expected)
     assert module._folding_for(1).margin == pytest.approx(expected)  # the coarse stages' penalty too
+
+
+@pytest.mark.parametrize("margin", [[0.3], [0.3, 0.4, 0.5], [0.3, 1.0], [-0.1, 0.3], [0.3, float("nan")], 1.0, -0.2])
+def test_a_bad_margin_is_refused_with_the_option_and_the_value_named(margin) -> None:
+    with pytest.raises(InputError, match=r"model\.margin must be a det J floor in \[0, 1\)"):
+        RegistrationModule(field=GridDisplacementField(levels=2), margin=margin)
+
+
+@pytest.mark.parametrize(
+    ("configs", "at_2mm", "at_1mm"),
+    [
+        (["model/diffeomorphic.yaml"], 0.3, 0.45),
+        (["model/displacement.yaml", "model/diffeomorphic.yaml"], 0.3, 0.45),
+        (["model/diffeomorphic.yaml", "sampler/pyramid.yaml"], 0.3, 0.45),
+        (["model/displacement.yaml"], 0.35, 0.5),
+    ],
+)
+def test_configs_floor_the_barrier_by_voxel_size(configs, at_2mm, at_1mm, configs_dir, tmp_path, monkeypatch) -> None:
+    """The diffeomorphic config's floor is 0.3 at 2 mm (its 0.2.17 fits, unchanged) and 0.45 at 1 mm,
+    in any ``-c`` order; the displacement default keeps 0.35 / 0.5."""
+    import sys
+
+    from nir_lightning.training.lightning_cli import NIRCLI
+
+    args = [a for c in configs for a in ("-c", str(configs_dir / c))]
+    args += ["-c", str(configs_dir / "logger" / "none.yaml"), "--data.demo=true", f"--trainer.default_root_dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    for spacing, expected in ((2.0, at_2mm), (1.0, at_1mm)):
+        module = NIRCLI(args, run=False).model
+        p = make_phantom((12, 14, 10), spacing=spacing, seed=0)
+        fixed, moving = torch.as_tensor(p.fixed)[None, None], torch.as_tensor(p.moving)[None, None]
+        module.attach_pair(ImagePair(fixed=fixed, moving=moving, moving_raw=moving, fixed_affine=p.affine))
+        assert module.margin == pytest.approx(expected)
