@@ -57,7 +57,13 @@ def scaled_jacobian_points(points: int, voxel_size: tuple[float, float, float]) 
     return round(points * factor)
 
 
-def scaled_margin(voxel_size: tuple[float, float, float], *, at_2mm: float = 0.35, at_1mm: float = 0.5) -> float:
+DEFAULT_MARGIN_FLOORS = (0.35, 0.5)
+"""The barrier's det J floor at 2 mm and at 1 mm when ``model.margin`` is ``null`` (0.2.6, 0.2.7)."""
+
+
+def scaled_margin(
+    voxel_size: tuple[float, float, float], *, at_2mm: float = DEFAULT_MARGIN_FLOORS[0], at_1mm: float = DEFAULT_MARGIN_FLOORS[1]
+) -> float:
     """The det J floor of the barrier for an image of ``voxel_size`` mm: ``at_2mm`` at 2 mm and
     coarser, ``at_1mm`` at 1 mm and finer, linear in the (geometric) mean voxel size between.
 

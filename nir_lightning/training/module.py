@@ -178,11 +178,11 @@ class RegistrationModule(pl.LightningModule):
             coarse_jacobian_ratio=coarse_jacobian_ratio, val_stride=val_stride, eval_max_points=eval_max_points,
             domain_margin=domain_margin, symmetric=symmetric,
         )
-        floors = margin_floors(margin)  # (at 2 mm, at 1 mm), or one number for every voxel size
+        floors = margin_floors(margin)  # (at 2 mm, at 1 mm)
         try:
-            # a pair of floors: by the fixed image's voxel size, set in attach_pair; the 2 mm one until then
+            # the floor by the fixed image's voxel size is set in attach_pair; the 2 mm one until then
             folding = FoldingPenalty(
-                kind=regularizer, margin=floors if isinstance(floors, float) else floors[0],
+                kind=regularizer, margin=floors[0],
                 jacobian_points=jacobian_points, stencil=jacobian_stencil,
             )
             smooth = SmoothnessPenalty(kind=smoothness)
@@ -197,7 +197,7 @@ class RegistrationModule(pl.LightningModule):
         self.similarity = Similarity(similarity, window=window)
         self.folding = folding
         self._jacobian_points = jacobian_points  # per step at 2 mm: attach_pair scales it to the image
-        self._margin = floors  # a pair: attach_pair takes the floor from the voxel size
+        self._margin = floors  # attach_pair takes the floor from the voxel size
         self._coarse_points = jacobian_points  # the 2 mm count, where coarse stages start (attach_pair)
         self._coarse_folding: dict[int, FoldingPenalty] = {}  # by grid levels left out (_folding_for)
         self.regularizer = regularizer
@@ -247,8 +247,7 @@ class RegistrationModule(pl.LightningModule):
         self._source_sigma_scale = (1.0, 1.0, 1.0)
         self._voxel_size = voxel_spacing(pair.fixed_affine)  # the smoothness prior is per millimetre
         scaled = scaled_jacobian_points(self._jacobian_points, self._voxel_size)
-        f = self._margin
-        margin = f if isinstance(f, float) else scaled_margin(self._voxel_size, at_2mm=f[0], at_1mm=f[1])
+        margin = scaled_margin(self._voxel_size, at_2mm=self._margin[0], at_1mm=self._margin[1])
         self.folding = dataclasses.replace(self.folding, jacobian_points=scaled, margin=margin)
         # Steps that fit only the coarser grid levels cannot fold at the finest voxels' scale: they
         # start from the 2 mm count (the points cost ~1.5 us each per step; 1 mm fits took twice as long).

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from nir_lightning.errors import InputError
 from nir_lightning.fields import NeuralField
+from nir_lightning.losses.folding import DEFAULT_MARGIN_FLOORS
 from nir_lightning.sampling import CoordinateSampler, MinipatchSampler
 from nir_lightning.training.schedule import HybridSchedule
 
@@ -87,17 +89,15 @@ def check_options(
         )
 
 
-DEFAULT_MARGIN_FLOORS = (0.35, 0.5)
-"""``model.margin: null``: the det J floor at 2 mm and at 1 mm (0.2.6 and 0.2.7, the displacement default)."""
 
-
-def margin_floors(margin: float | Sequence[float] | None) -> float | tuple[float, float]:
-    """``model.margin`` as the folding barrier's det J floor: one number for every voxel size, or
-    ``(at 2 mm, at 1 mm)`` (:func:`~nir_lightning.losses.folding.scaled_margin` picks by the fixed
-    image's voxel size); ``None`` is :data:`DEFAULT_MARGIN_FLOORS`. Each floor must lie in [0, 1).
+def margin_floors(margin: float | Sequence[float] | None) -> tuple[float, float]:
+    """``model.margin`` as the folding barrier's det J floors ``(at 2 mm, at 1 mm)``, which
+    :func:`~nir_lightning.losses.folding.scaled_margin` interpolates by the fixed image's voxel size:
+    ``None`` is :data:`~nir_lightning.losses.folding.DEFAULT_MARGIN_FLOORS`, one number is both floors
+    (the same at every voxel size, exactly). Each floor must lie in [0, 1).
 
     >>> margin_floors(None), margin_floors(0.3), margin_floors([0.3, 0.45])
-    ((0.35, 0.5), 0.3, (0.3, 0.45))
+    ((0.35, 0.5), (0.3, 0.3), (0.3, 0.45))
     >>> margin_floors([0.3, 1.2])
     Traceback (most recent call last):
     ...
@@ -105,14 +105,12 @@ def margin_floors(margin: float | Sequence[float] | None) -> float | tuple[float
     """
     if margin is None:
         return DEFAULT_MARGIN_FLOORS
-    values = [margin] if isinstance(margin, (int, float)) else list(margin)
-    ok = len(values) in ((1, 2) if isinstance(margin, (int, float)) else (2,)) and all(
+    single = isinstance(margin, (int, float)) and not isinstance(margin, bool)
+    values: list[Any] = [margin] if single else list(margin) if isinstance(margin, Sequence) and not isinstance(margin, str) else []
+    if len(values) != (1 if single else 2) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1 for v in values
-    )
-    if not ok or isinstance(margin, bool):
+    ):
         raise InputError(
             f"model.margin must be a det J floor in [0, 1) or two of them [at 2 mm, at 1 mm], got {margin!r}; e.g. 0.35 or [0.3, 0.45]."
         )
-    if isinstance(margin, (int, float)):
-        return float(margin)
-    return float(values[0]), float(values[1])
+    return float(values[0]), float(values[-1])
