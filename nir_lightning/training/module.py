@@ -26,6 +26,7 @@ from nir_lightning.evaluation.validation import validation_metrics
 from nir_lightning.fields import ComposedField, FeatureGrid, GridDisplacementField, GridVelocityField, NeuralField
 from nir_lightning.fields.feature_grid import set_active_levels
 from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, registration_objective
+from nir_lightning.losses.fold_guard import DEFAULT_FOLD_GUARD, FoldGuard
 from nir_lightning.losses.folding import coarse_jacobian_points, scaled_jacobian_points, scaled_margin
 from nir_lightning.sampling import (
     CoordinateSample,
@@ -90,36 +91,28 @@ class RegistrationModule(pl.LightningModule):
             ``None`` (the default): ``[0.35, 0.5]``.
         lr: Adam learning rate at step 0.
         lr_final_ratio: learning rate at the last step, as a fraction of ``lr``.
-        jacobian_points: random foreground points per step whose det J is taken with a
-            one-voxel stencil (coarse lattices miss folds between their points), on an image
-            of 2 mm voxels; a finer image gets ``(2 mm / voxel size)^2`` times as many (at most
-            4 times: 1 mm), a coarser one fewer (at least a quarter), because a fold is a few
-            voxels wide whatever the voxel size (s9->s10 of mindboggle-dev at 1 mm: 176 folded
-            voxels with 8192 points, 6 with 65536; :func:`~nir_lightning.losses.folding.scaled_jacobian_points`). The steps of
-            a coarse-to-fine fit that leave the finest feature-grid level out start from the
-            2 mm count (``coarse_jacobian_ratio``).
-        jacobian_stencil: how those points get their det J: ``"analytic"`` (default: the
-            field's exact Jacobian, ``forward_with_jacobian``, one evaluation per point, at
-            points jittered inside their voxel), ``"forward"`` (x, x+h; 4
-            evaluations per point) or ``"central"`` (x-h, x+h; 6 evaluations, the stencil of
-            the folding metric and of ANTs' ``CreateJacobianDeterminantImage``). Forward
-            differences cannot see an oscillation two voxels wide, which central ones report as
-            a fold; ``"central"`` penalises those too, so the extra points are then also added
-            for samplers whose own Jacobian is already one voxel fine, and one-voxel lattices
-            (mini-patches, ``stride=1``) also penalise their interior central-difference det J
-            (no extra field evaluations).
+        jacobian_points: random foreground points per step whose det J the barrier also reads
+            (coarse lattices miss folds between their points), at 2 mm; ``(2 mm / voxel size)^2``
+            times as many on other images, within ``[1/4, 4]`` times
+            (:func:`~nir_lightning.losses.folding.scaled_jacobian_points`: a fold is a few voxels
+            wide at any resolution).
+        jacobian_stencil: how those points get their det J: ``"analytic"`` (the field's exact
+            Jacobian at points jittered inside their voxel; one evaluation), ``"forward"`` (4) or
+            ``"central"`` (6: the folding metric's stencil, which also sees oscillations two voxels
+            wide; the points are then added for every sampler, and one-voxel lattices penalise
+            their interior central det J too). See :class:`~nir_lightning.losses.FoldingPenalty`.
         seed: seeds the coordinate sampling (step ``t`` uses ``seed`` and ``t``, so a resumed
             fit samples exactly what an uninterrupted one would).
         val_stride: lattice stride of the validation metrics.
         eval_max_points: points per chunk of dense inference (bounds memory).
-        coarse_jacobian_ratio: the steps that leave the ``k`` finest feature-grid levels out (the
-            first stages of the coarse-to-fine sampler) draw ``coarse_jacobian_ratio ** k`` of the
-            2 mm count of det J points (:func:`~nir_lightning.losses.folding.coarse_jacobian_points`): a quarter per level by
-            default, since a coarser level folds only at a coarser scale (the first stage
-            otherwise spent more on its det J points than on its lattice; same Dice and SDlogJ
-            on the choosing pairs, a fifth less fit time). 1: every stage draws the full count,
-            as the diffeomorphic config does (its coarse stages shape the flow: a quarter cost
-            it 0.009 of Dice there).
+        coarse_jacobian_ratio: the steps that leave the ``k`` finest grid levels out draw
+            ``coarse_jacobian_ratio ** k`` of the 2 mm count of det J points
+            (:func:`~nir_lightning.losses.folding.coarse_jacobian_points`; a coarser level folds
+            only at a coarser scale). 1: every stage draws the full count (the diffeomorphic config).
+        fold_guard: fractions of the fit's steps at which the folding metric's own det J is
+            checked on every foreground voxel; from then on the barrier also holds where it was
+            below 0.15 (:mod:`~nir_lightning.losses.fold_guard`; a fit that never runs that low is
+            unchanged bit for bit). ``None``: off (the configs measured without it).
         symmetric: add ``similarity(moving(x), fixed(phi^-1(x)))`` to ``similarity(fixed(x),
             moving(phi(x)))`` (:func:`~nir_lightning.losses.registration_objective`); needs an
             invertible field (``configs/model/symmetric.yaml`` on the diffeomorphic config; ~1.5x its time).
@@ -164,6 +157,7 @@ class RegistrationModule(pl.LightningModule):
         domain_margin: float | None = 16.0,
         coarse_jacobian_ratio: float = 0.25,
         symmetric: bool = False,
+        fold_guard: list[float] | None = list(DEFAULT_FOLD_GUARD),  # noqa: B006 -- read, never changed
     ) -> None:
         super().__init__()
         # Python builds a default argument once: without a new one, every module made without a
@@ -186,6 +180,7 @@ class RegistrationModule(pl.LightningModule):
                 jacobian_points=jacobian_points, stencil=jacobian_stencil,
             )
             smooth = SmoothnessPenalty(kind=smoothness)
+            guard = FoldGuard.from_option(fold_guard)
         except InputError as exc:
             raise InputError(f"model.{exc}") from None
         self.save_hyperparameters(logger=False, ignore=["field", "field2", "schedule", "sampler"])
@@ -212,6 +207,8 @@ class RegistrationModule(pl.LightningModule):
         self.domain_margin = domain_margin
         self.coarse_jacobian_ratio = coarse_jacobian_ratio
         self.symmetric = symmetric
+        self.fold_guard = guard
+        self._guard_voxels: Tensor | None = None  # (K, 3) fixed voxels the fold guard holds; in checkpoints
         self.pair: ImagePair | None = None
         self._smoothed: dict[float, tuple[Tensor, Tensor]] = {}
         self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
@@ -237,6 +234,7 @@ class RegistrationModule(pl.LightningModule):
         """Register the pair's images as (non-persistent) buffers so they follow the device."""
         self.pair = pair
         self._smoothed = {}
+        self._guard_voxels = None
         self.register_buffer("fixed", pair.fixed.float(), persistent=False)
         self.register_buffer("moving", pair.moving.float(), persistent=False)
         # The fit samples the moving image through the affine part from its own grid (one
@@ -335,7 +333,7 @@ class RegistrationModule(pl.LightningModule):
         """The objective of the current transform on one sample (see :func:`~nir_lightning.losses.registration_objective`)."""
         fixed, moving = self.images(sample.sigma)
         missing = self.set_grid_levels(sample.levels)
-        return registration_objective(
+        out = registration_objective(
             self.transform, fixed, moving, sample,
             similarity=self.similarity, folding=self._folding_for(missing), lam=self.lam, smoothness=self.smoothness, alpha=self.alpha,
             mask=self.mask, generator=generator,
@@ -344,6 +342,32 @@ class RegistrationModule(pl.LightningModule):
             transform_lattice=self.transform_lattice(), voxel_size=self._voxel_size,
             inverse=self.field.inverse if self.symmetric else None, inverse_lattice=self.transform_lattice(inverse=True) if self.symmetric else None,
         )
+        if self._guard_voxels is not None:
+            voxels = self._guard_voxels.to(self.device)
+            guard = FoldGuard.penalty(self.transform, voxels, self.shape, margin=self.folding.margin, per=self.folding.jacobian_points)
+            out["loss"] = out["loss"] + self.lam * guard
+            out["fold_guard"] = guard
+        return out
+
+    # -- the fold guard (losses/fold_guard.py) ---------------------------------------------
+    def _check_folds(self, sample: CoordinateSample, total: int) -> None:
+        """The fold guard's check at its steps, before the step's objective, on the transform the step fits."""
+        if self.fold_guard is None or self.global_step not in self.fold_guard.check_steps(total):
+            return
+        self.set_grid_levels(sample.levels)
+        voxels, lowest = self.fold_guard.check(
+            self.transform, self.mask, self._guard_voxels, lattice=self.transform_lattice(), max_points=self.eval_max_points,
+        )
+        self._guard_voxels = voxels if len(voxels) else None
+        log.info("fold guard at step %d: smallest det J %.3f, %d voxels guarded", self.global_step, lowest, len(voxels))
+        self.log("train/fold_guard_voxels", float(len(voxels)))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._guard_voxels is not None:
+            checkpoint["nir_fold_guard"] = self._guard_voxels.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._guard_voxels = checkpoint.get("nir_fold_guard")  # a resumed fit holds the voxels found before
 
     def _folding_for(self, missing: int) -> FoldingPenalty:
         """The folding penalty of a step whose fields leave their ``missing`` finest grid levels out."""
@@ -411,6 +435,7 @@ class RegistrationModule(pl.LightningModule):
         total = self.trainer.max_steps if self._trainer is not None and self.trainer.max_steps > 0 else 0
         progress = self.global_step / total if total else 1.0
         sample = self.sampler.sample(self.shape, generator=gen, mask=self.sample_mask, progress=progress, step=self.global_step, seed=self.seed)
+        self._check_folds(sample, total)
         out = self.model_step(sample, gen)
         if not bool(torch.isfinite(out["loss"])):
             raise FloatingPointError(

@@ -184,7 +184,8 @@ def log_objective(
 ) -> None:
     """The objective's terms as ``train/`` curves at the steps the loggers write (``self.log`` costs
     ~1 ms a call): ``train/<similarity>`` (with ``symmetric`` also ``train/<similarity>_inverse``),
-    ``train/<regularizer>``, ``train/<smoothness>`` when the prior is on, ``train/loss``."""
+    ``train/<regularizer>``, ``train/<smoothness>`` when the prior is on, ``train/fold_guard`` once the fold guard holds voxels
+    (:mod:`~nir_lightning.losses.fold_guard`), ``train/loss``."""
     if not logging_step(module.trainer):
         return
     module.log(f"train/{similarity}", out["sim"], prog_bar=False)
@@ -193,6 +194,8 @@ def log_objective(
         module.log(f"train/{smoothness}", out["smooth"])
     if symmetric:
         module.log(f"train/{similarity}_inverse", out["sim_inverse"])
+    if "fold_guard" in out:
+        module.log("train/fold_guard", out["fold_guard"])
     module.log("train/loss", out["loss"], prog_bar=True)
 
 
