@@ -27,11 +27,13 @@ from torch import Tensor
 
 from nir_lightning.coords import normalized_to_voxel, voxel_to_normalized
 from nir_lightning.core.chunked import DEFAULT_MAX_POINTS, slab_step
-from nir_lightning.core.jacobian import chunked_jacobian_determinant, determinant
+from nir_lightning.core.jacobian import chunked_jacobian_determinant
 from nir_lightning.errors import InputError
-from nir_lightning.losses.folding import voxel_offsets
+from nir_lightning.fields.grid_reads import lattice_points
+from nir_lightning.losses.folding import central_stencil_det
+from nir_lightning.sampling.domain import foreground_box
 
-__all__ = ["DEFAULT_FOLD_GUARD", "FoldGuard", "low_det_voxels", "metric_det_in_box", "metric_stencil_det"]
+__all__ = ["DEFAULT_FOLD_GUARD", "FoldGuard", "low_det_voxels", "metric_det_in_box"]
 
 Transform = Callable[[Tensor], Tensor]
 Lattice = Callable[[tuple[Tensor, Tensor, Tensor]], Tensor]
@@ -60,6 +62,7 @@ def metric_det_in_box(
     *,
     lattice: Lattice | None = None,
     max_points: int = DEFAULT_MAX_POINTS,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """The folding metric's det J of ``phi`` (central differences in fixed voxels, one-sided at the
     image's border: :func:`~nir_lightning.core.jacobian.jacobian_determinant`, slab by slab) at the voxels of
@@ -68,7 +71,8 @@ def metric_det_in_box(
     ``phi`` is read on the box grown by one voxel, so that the box's faces get central
     differences, with ``lattice`` (a field's separable-lattice read) where given, slab by slab,
     else with ``transform`` on the points. The values are the metric's where ``phi`` is read the
-    same way (a lattice read agrees with the point read to float32 rounding).
+    same way (a lattice read agrees with the point read to float32 rounding). ``device``: where
+    ``phi`` is read (the field's); the det J is taken on the CPU.
 
     >>> det = metric_det_in_box(lambda x: x * 0.5, (6, 7, 8), (slice(1, 5), slice(0, 7), slice(2, 4)))
     >>> det.shape, round(float(det.min()), 6), round(float(det.max()), 6)
@@ -76,40 +80,18 @@ def metric_det_in_box(
     """
     lo = [max(0, s.start - 1) for s in box]
     hi = [min(n, s.stop + 1) for s, n in zip(box, shape)]
-    axes = [_axis_coords(lo[a], hi[a], shape[a], a) for a in range(3)]
+    axes = [_axis_coords(lo[a], hi[a], shape[a], a).to(device) for a in range(3)]
     grown = tuple(h - l for l, h in zip(lo, hi))
     phi = torch.empty(*grown, 3)
-    device = None
-    if isinstance(transform, torch.nn.Module):
-        device = next(transform.parameters()).device
     step = slab_step(grown[1] * grown[2], max_points)
     for start in range(0, grown[0], step):
         sl = slice(start, min(grown[0], start + step))
         ax = (axes[0][:, sl], axes[1], axes[2])
-        if device is not None:
-            ax = (ax[0].to(device), ax[1].to(device), ax[2].to(device))
-        if lattice is not None:
-            out = lattice(ax)[0]
-        else:
-            pts = torch.stack(torch.meshgrid(ax[0][0], ax[1][0], ax[2][0], indexing="ij"), dim=-1)
-            out = transform(pts.unsqueeze(0))[0]
-        phi[sl] = out.float().cpu()
+        phi[sl] = (lattice(ax) if lattice is not None else transform(lattice_points(ax)))[0].float().cpu()
     ident = torch.stack(torch.meshgrid(*(torch.arange(l, h, dtype=torch.float32) for l, h in zip(lo, hi)), indexing="ij"), dim=-1)
     det = chunked_jacobian_determinant(normalized_to_voxel(phi, shape) - ident, max_points=max_points)  # slabs: 3x quicker at 1 mm
     inner = tuple(slice(s.start - l, s.stop - l) for s, l in zip(box, lo))
     return det[inner]
-
-
-def _box_of(mask: Tensor) -> tuple[slice, slice, slice] | None:
-    """The bounding box of ``mask`` ``(D0, D1, D2)`` as slices (``None``: empty)."""
-    out = []
-    for axis in range(3):
-        others = tuple(a for a in range(3) if a != axis)
-        hits = mask.any(dim=others).nonzero()
-        if hits.numel() == 0:
-            return None
-        out.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return out[0], out[1], out[2]
 
 
 def low_det_voxels(det: Tensor, mask: Tensor, threshold: float, *, previous: Tensor | None = None, max_voxels: int = 4096) -> Tensor:
@@ -187,48 +169,31 @@ class FoldGuard:
         max_points: int = DEFAULT_MAX_POINTS,
     ) -> tuple[Tensor, float]:
         """The guarded voxels after a check of ``phi`` in the fixed foreground ``mask``
-        ``(D0, D1, D2)`` (bool), and the smallest det J found there (``inf`` for an empty mask)."""
+        ``(D0, D1, D2)`` (bool; ``previous`` voxels lie in it), and the smallest det J found there
+        (``inf`` for an empty mask). Computed in the foreground's box, ``phi`` read on ``mask``'s device."""
         shape = (int(mask.shape[0]), int(mask.shape[1]), int(mask.shape[2]))
-        mask = mask.cpu()
-        box = _box_of(mask)
-        if box is None:
-            empty = torch.zeros(0, 3, dtype=torch.long)
-            return (previous if previous is not None else empty), float("inf")
-        det = torch.full(shape, float("inf"), dtype=torch.float64)
-        det[box] = metric_det_in_box(transform, shape, box, lattice=lattice, max_points=max_points)
-        voxels = low_det_voxels(det, mask, self.threshold, previous=previous, max_voxels=self.max_voxels)
-        return voxels, float(det[box][mask[box]].min())
+        lo, hi = foreground_box(mask)
+        inside = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].cpu()
+        if not bool(inside.any()):
+            return (previous if previous is not None else torch.zeros(0, 3, dtype=torch.long)), float("inf")
+        box = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        det = metric_det_in_box(transform, shape, box, lattice=lattice, max_points=max_points, device=mask.device)
+        offset = torch.tensor(lo)
+        voxels = low_det_voxels(
+            det, inside, self.threshold, previous=None if previous is None else previous.cpu() - offset, max_voxels=self.max_voxels,
+        )
+        return voxels + offset, float(det[inside].min())
 
     @staticmethod
     def penalty(transform: Transform, voxels: Tensor, shape: tuple[int, int, int], *, margin: float, per: int) -> Tensor:
         """``sum(ReLU(margin - det J)) / per`` over the guarded ``voxels`` ``(K, 3)``, det J by the
-        metric's stencil (:func:`metric_stencil_det`): each voxel weighs as one of a step's ``per``
-        random det J points, but is there at every step. (Weighed as their own mean instead, a
-        handful of voxels took Adam's scale of the MLP's weights from the similarity: -0.008 to
-        -0.016 of Dice on the choosing pairs.)
+        metric's stencil (:func:`~nir_lightning.losses.folding.central_stencil_det`, one-sided on
+        the image's border): each voxel weighs as one of a step's ``per`` random det J points, but
+        is there at every step. (Weighed as their own mean instead, a handful of voxels took Adam's
+        scale of the MLP's weights from the similarity: -0.008 to -0.016 of Dice on the choosing pairs.)
 
         >>> FoldGuard.penalty(lambda x: x, torch.tensor([[1, 1, 1]]), (3, 3, 3), margin=0.35, per=4)
         tensor(0.)
         """
-        return F.relu(margin - metric_stencil_det(transform, voxels, shape)).sum() / max(1, per)
-
-
-def metric_stencil_det(transform: Transform, voxels: Tensor, shape: tuple[int, int, int]) -> Tensor:
-    """det J of ``phi`` at fixed ``voxels`` ``(K, 3)`` as the folding metric reads it: central
-    differences over one voxel each way (:func:`~nir_lightning.losses.folding.central_stencil_det`,
-    the same arithmetic), one-sided on the image's border faces: ``(K, 1, 1)``.
-
-    >>> vox = torch.tensor([[0, 1, 1], [1, 1, 1]])
-    >>> metric_stencil_det(lambda x: x * 0.5, vox, (3, 3, 3)).flatten().tolist()
-    [0.125, 0.125]
-    """
-    pts = voxel_to_normalized(voxels.float(), shape).reshape(1, -1, 1, 1, 3)
-    offsets = voxel_offsets(shape, pts)
-    top = (voxels >= torch.tensor(shape, device=voxels.device) - 1).to(pts.dtype).reshape(1, -1, 1, 1, 3)
-    bottom = (voxels <= 0).to(pts.dtype).reshape(1, -1, 1, 1, 3)
-    ups = [torch.where(top[..., a : a + 1] > 0, pts, pts + offsets[a]) for a in range(3)]
-    downs = [torch.where(bottom[..., a : a + 1] > 0, pts, pts - offsets[a]) for a in range(3)]
-    out_vox = normalized_to_voxel(transform(torch.cat(ups + downs, dim=0)), shape)
-    steps = (2 - top - bottom)[0]  # (K, 1, 1, 3): voxels between the two points read, 2 inside, 1 on a border face
-    jac = torch.stack([(out_vox[a] - out_vox[a + 3]) / steps[..., a : a + 1] for a in range(3)], dim=-1)
-    return determinant(jac)
+        pts = voxel_to_normalized(voxels.float(), shape).reshape(1, -1, 1, 1, 3)
+        return F.relu(margin - central_stencil_det(transform, pts, shape, voxels=voxels)).sum() / max(1, per)

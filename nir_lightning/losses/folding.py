@@ -148,12 +148,31 @@ def analytic_det(transform_with_jacobian: JacobianTransform, pts: Tensor) -> Ten
     return determinant(transform_with_jacobian(pts)[1])
 
 
-def central_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int, int]) -> Tensor:
-    """det J at ``pts`` ``(1, N, 1, 1, 3)`` by one-voxel central differences (6 evaluations per point)."""
+def central_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int, int], *, voxels: Tensor | None = None) -> Tensor:
+    """det J at ``pts`` ``(1, N, 1, 1, 3)`` by one-voxel central differences (6 evaluations per point): ``(N, 1, 1)``.
+
+    ``voxels``: the points' fixed-grid indices ``(N, 3)``, when they are voxel centres: on the
+    image's border faces the difference is then one-sided, as the folding metric takes it
+    (:func:`~nir_lightning.core.jacobian.jacobian_determinant`); inside, the same arithmetic.
+
+    >>> vox = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    >>> pts = (vox.float() - 1).reshape(1, -1, 1, 1, 3)  # a 3^3 grid: voxel v at v - 1
+    >>> central_stencil_det(lambda x: x * 0.5, pts, (3, 3, 3), voxels=vox).flatten().tolist()
+    [0.125, 0.125]
+    """
     offsets = voxel_offsets(shape, pts)
-    stencil = torch.cat([pts + offsets[a] for a in range(3)] + [pts - offsets[a] for a in range(3)], dim=0)
-    out_vox = normalized_to_voxel(transform(stencil), shape)
-    jac = torch.stack([(out_vox[a] - out_vox[a + 3]) / 2 for a in range(3)], dim=-1)
+    if voxels is None:
+        ups, downs = [pts + offsets[a] for a in range(3)], [pts - offsets[a] for a in range(3)]
+        steps: list[Tensor | int] = [2, 2, 2]
+    else:
+        top = (voxels >= torch.tensor(shape, device=voxels.device) - 1).to(pts.dtype).reshape(1, -1, 1, 1, 3)
+        bottom = (voxels <= 0).to(pts.dtype).reshape(1, -1, 1, 1, 3)
+        ups = [torch.where(top[..., a : a + 1] > 0, pts, pts + offsets[a]) for a in range(3)]
+        downs = [torch.where(bottom[..., a : a + 1] > 0, pts, pts - offsets[a]) for a in range(3)]
+        apart = (2 - top - bottom)[0]  # (N, 1, 1, 3): voxels between the two points read
+        steps = [apart[..., a : a + 1] for a in range(3)]
+    out_vox = normalized_to_voxel(transform(torch.cat(ups + downs, dim=0)), shape)
+    jac = torch.stack([(out_vox[a] - out_vox[a + 3]) / steps[a] for a in range(3)], dim=-1)
     return determinant(jac)
 
 
