@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_model(args: argparse.Namespace) -> Any:
     """The :class:`~nir_lightning.training.module.RegistrationModule` of ``nir register`` with
     the pair attached, on ``args.device``."""
+    from nir_lightning.training.hybrid_callback import apply_phase
     from nir_lightning.training.lightning_cli import NIRCLI, quiet_third_party
 
     quiet_third_party()
@@ -114,7 +115,7 @@ def build_model(args: argparse.Namespace) -> Any:
     if args.phase == 2:
         if model.schedule is None:
             raise SystemExit("profile_step.py: --phase 2 needs a hybrid config (model.field2 and model.schedule)")
-        model.apply_phase(2)
+        apply_phase(model, 2, model.schedule)
     return model.to(args.device)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Callback
 from torch import Tensor
 
 from nir_lightning.coords import voxel_spacing
@@ -34,9 +35,10 @@ from nir_lightning.sampling import (
     PyramidSampler,
     foreground_domain,
 )
+from nir_lightning.training.hybrid_callback import HybridPhases
 from nir_lightning.training.lazy_default import lazy_default
 from nir_lightning.training.options import check_options, margin_floors
-from nir_lightning.training.schedule import PHASE_1, PHASE_2, HybridSchedule, optimizer_config
+from nir_lightning.training.schedule import PHASE_1, HybridSchedule, optimizer_config
 from nir_lightning.training.tracking import log_objective
 
 log = logging.getLogger(__name__)
@@ -56,9 +58,9 @@ class RegistrationModule(pl.LightningModule):
     """Optimises ``field`` so that ``moving(field(x))`` matches ``fixed(x)``.
 
     Hooks: ``setup`` (attach the datamodule's pair as non-persistent buffers; check the hybrid
-    schedule), ``on_fit_start`` / ``on_train_batch_start`` / ``on_fit_end`` (apply the hybrid
-    schedule's phase), ``training_step`` (sample -> :func:`~nir_lightning.losses.registration_objective`),
-    ``validation_step`` (cheap metrics on a coarse dense lattice), ``predict_step`` (dense
+    schedule), ``configure_callbacks`` (the hybrid schedule's phases, run by
+    :class:`~nir_lightning.training.hybrid_callback.HybridPhases`), ``training_step`` (sample ->
+    :func:`~nir_lightning.losses.registration_objective`), ``validation_step`` (cheap metrics on a coarse dense lattice), ``predict_step`` (dense
     evaluation, :func:`nir_lightning.evaluation.evaluate`), ``configure_optimizers`` (Adam
     with linear decay to ``lr_final_ratio * lr``). Keyword arguments map one-to-one onto
     the CLI's ``model.*`` options.
@@ -211,7 +213,6 @@ class RegistrationModule(pl.LightningModule):
         self._guard_voxels: Tensor | None = None  # (K, 3) fixed voxels the fold guard holds; in checkpoints
         self.pair: ImagePair | None = None
         self._smoothed: dict[float, tuple[Tensor, Tensor]] = {}
-        self._phase1: tuple[CoordinateSampler, int] = (sampler, window)
         self._source_sigma_scale = (1.0, 1.0, 1.0)
         self._voxel_size: tuple[float, float, float] = (1.0, 1.0, 1.0)
         self._moving_fov = False  # attach_pair: the moving scan does not cover the fixed foreground
@@ -390,45 +391,15 @@ class RegistrationModule(pl.LightningModule):
             return functools.partial(field.on_lattice, inverse=True) if isinstance(field, GridVelocityField) else None
         return field.on_lattice
 
-    # -- the hybrid schedule ---------------------------------------------------------------
-    def apply_phase(self, phase: int) -> None:
-        """Set ``phase`` and the matching trainable field, sampler and window."""
-        if phase not in (PHASE_1, PHASE_2):
-            raise ValueError(f"phase must be 1 or 2, got {phase}")
-        assert self.field2 is not None and self.schedule is not None
-        self.phase.fill_(phase)
-        for field_, trains in ((self.field, phase == PHASE_1), (self.field2, phase == PHASE_2)):
-            for p in field_.parameters():
-                p.requires_grad_(trains)
-                if not trains:
-                    p.grad = None
-        if phase == PHASE_2:
-            self.sampler = self.schedule.phase2_sampler
-            if self.schedule.phase2_window is not None:
-                self.similarity.window = self.schedule.phase2_window
-        else:
-            self.sampler, self.similarity.window = self._phase1
-
-    def on_fit_start(self) -> None:
-        # Runs after the module state (and so the phase buffer) is restored from a checkpoint.
-        self._phase1 = (self.sampler, self.similarity.window)
-        if self.schedule is not None:
-            self.apply_phase(int(self.phase))
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self.schedule is None or int(self.phase) != PHASE_1:
-            return
-        if self.global_step >= self.schedule.resolve_switch_step(self.trainer.max_steps):
-            log.info("hybrid schedule: phase 2 starts at step %d", self.global_step)
-            self.apply_phase(PHASE_2)
+    # -- the hybrid schedule (training/hybrid_callback.py) ----------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        """:class:`~nir_lightning.training.hybrid_callback.HybridPhases` when the module has a
+        schedule and the trainer does not hold one for it yet (``predict`` after ``fit``)."""
+        held = self._trainer is not None and any(isinstance(c, HybridPhases) and c.schedule is self.schedule for c in getattr(self.trainer, "callbacks", []))
+        return [] if self.schedule is None or held else [HybridPhases(self.schedule)]
 
     def on_fit_end(self) -> None:
         self.set_grid_levels(None)  # the fitted transform has every level
-        # Leave the module trainable and with its configured sampler (the phase buffer stays).
-        if self.schedule is not None:
-            for p in self.parameters():
-                p.requires_grad_(True)
-            self.sampler, self.similarity.window = self._phase1
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         gen = self._generator(self.global_step)

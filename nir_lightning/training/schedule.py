@@ -4,8 +4,9 @@ The hybrid schedule (the paper's answer to the sampler trade-off) is part of the
 config, ``model.schedule``: phase 1 fits ``model.field`` (NF1), normally with the ``downsize``
 sampler; from ``switch_step`` on, NF1 is frozen and ``model.field2`` (NF2) is fitted on
 full-resolution mini-patches at NF1's output, so the transform is ``phi = phi2 o phi1``
-(:class:`~nir_lightning.fields.ComposedField`). The module applies it in its own hooks
-(:meth:`~nir_lightning.training.module.RegistrationModule.apply_phase`); no callback is needed.
+(:class:`~nir_lightning.fields.ComposedField`). A callback runs it
+(:class:`~nir_lightning.training.hybrid_callback.HybridPhases`), which the module adds itself
+(``configure_callbacks``), so no config has to list it.
 
 Resuming at any step, across the switch included, works because nothing about the phase lives
 outside the checkpoint: both fields' parameter groups exist from ``configure_optimizers`` on

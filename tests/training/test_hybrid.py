@@ -23,6 +23,7 @@ from nir_lightning.fields.velocity import VelocityField
 from nir_lightning.sampling import DownsizeSampler, MinipatchSampler
 from nir_lightning.training.callbacks import NiftiWriter
 from nir_lightning.training.datamodule import PairDataModule
+from nir_lightning.training.hybrid_callback import HybridPhases, apply_phase
 from nir_lightning.training.module import RegistrationModule
 from nir_lightning.training.schedule import HybridSchedule, two_phase_lr_lambdas
 
@@ -173,6 +174,25 @@ def test_switch_at_the_configured_step_and_phase2_freezes_nf1(demo_files, tmp_pa
             assert r["nf1_same"] and not r["nf2_same"], r  # NF1 frozen (bitwise), NF2 learns
     assert int(module.phase) == 2
     assert module.in_phase2 and isinstance(module.transform_field(), ComposedField)
+
+
+def test_the_module_adds_the_schedule_callback_and_the_fit_ends_trainable(demo_files, tmp_path) -> None:
+    """No config lists HybridPhases: the module returns it from configure_callbacks (once), and
+    after the fit every parameter trains again with the phase-1 sampler and window."""
+    module = _module()
+    trainer = _trainer(tmp_path, [])
+    trainer.fit(module, datamodule=_datamodule(demo_files))
+    phases = [c for c in trainer.callbacks if isinstance(c, HybridPhases)]
+    assert len(phases) == 1 and phases[0].schedule is module.schedule
+    assert int(module.phase) == 2  # the buffer keeps the phase the fit ended in
+    assert isinstance(module.sampler, DownsizeSampler) and module.similarity.window == 3
+    assert all(p.requires_grad for p in module.parameters())
+    assert module.configure_callbacks() == []  # the trainer holds it: predict does not add a second
+    assert RegistrationModule(field=DisplacementField(**NET)).configure_callbacks() == []
+    with pytest.raises(ValueError, match="phase must be 1 or 2, got 3"):
+        apply_phase(module, 3, _schedule())
+    with pytest.raises(TypeError, match="RegistrationModule's schedule, got LightningModule"):
+        phases[0].on_fit_start(trainer, pl.LightningModule())
 
 
 def test_resume_at_any_step_matches_an_uninterrupted_fit_and_predicts_the_same(demo_files, tmp_path) -> None:
