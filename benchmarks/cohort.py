@@ -33,6 +33,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from harness.host_load import StealMeter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             log = root / f"{mode}_{rnd}.log"
             t0 = time.perf_counter()
-            with open(log, "w") as f:
+            with open(log, "w") as f, StealMeter() as steal:
                 rc = subprocess.run(command(args, mode, out), stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False).returncode
             wall = time.perf_counter() - t0
             text = log.read_text()
@@ -119,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 "dice": sum(dice) / len(dice) if dice else float("nan"),
                 "vs_one": wall / one_wall if one_wall else float("nan"),
                 "same": same_files(reference, out, list(metrics)) if reference is not None else None,
+                "steal": steal.percent,
             })
             r = rows[-1]
             print(f"round {rnd}, mode {mode}: {r['workers']} process(es), threads {threads}, wall {wall:.1f} s, rc {rc}", flush=True)
-    print("\n| mode | round | processes x threads | wall s | fits summed | totals summed | mean Dice | wall / one process | files as one process |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| mode | round | processes x threads | wall s | fits summed | totals summed | mean Dice | wall / one process | files as one process | CPU steal % |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = "-" if r["same"] is None else ("yes" if r["same"] else "**no**")
         print(f"| {r['mode']} | {r['round']} | {r['workers']} x {'/'.join(str(t) for t in r['threads'])} | {r['wall']:.1f} | {r['fits']:.1f} | "
-              f"{r['totals']:.1f} | {r['dice']:.4f} | {r['vs_one']:.2f} | {same} |")
+              f"{r['totals']:.1f} | {r['dice']:.4f} | {r['vs_one']:.2f} | {same} | {'-' if r['steal'] is None else format(r['steal'], '.0f')} |")
     ones = [r for r in rows if r["mode"] == "1" and r["pairs"]]
     if ones:
         fits = sum(r["fits"] for r in ones) / len(ones)

@@ -180,7 +180,9 @@ def run_worker(spec: dict[str, Any], folder: Path, env: dict[str, str], timeout:
     """Run one method in a subprocess; returns its ``worker.json`` plus wall seconds and exit status."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    with (folder / "worker.log").open("w") as log:
+    from harness.host_load import StealMeter
+
+    with (folder / "worker.log").open("w") as log, StealMeter() as steal:
         t0 = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-m", "harness.worker", str(folder / "spec.json")],
                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -203,7 +205,7 @@ def run_worker(spec: dict[str, Any], folder: Path, env: dict[str, str], timeout:
     # The worker measures its own peak (VmHWM). ru_maxrss from wait4 is only a fallback: on Linux
     # it includes this (large) parent's RSS at fork time, carried over the exec.
     info.setdefault("peak_rss_mb", usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10))
-    info.update(returncode=proc.returncode, seconds_wall=wall, timed_out=timed_out)
+    info.update(returncode=proc.returncode, seconds_wall=wall, timed_out=timed_out, cpu_steal_pct=steal.percent)
     return info
 
 
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     "nir_args": shlex.split(args.nir_args), "multimodal": bool(pair.get("multimodal"))}
             print(f"-- {m} ...", end=" ", flush=True)
             info = run_worker(spec, folder, env, args.timeout)
-            row.update(seconds_wall=info["seconds_wall"], peak_rss_mb=info["peak_rss_mb"], peak_cuda_mb=info.get("peak_cuda_mb"),
+            row.update(seconds_wall=info["seconds_wall"], cpu_steal_pct=info.get("cpu_steal_pct"), peak_rss_mb=info["peak_rss_mb"], peak_cuda_mb=info.get("peak_cuda_mb"),
                        seconds_reg=info.get("seconds_reg"), steps=info.get("steps"), dice_self_reported=info.get("dice_self_reported"))
             if base == "ants" or not args.device.startswith("cuda"):
                 row["device"] = "cpu"
@@ -347,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Dice {row['dice_after']:.3f}" + (f" (lin. one-hot {row['dice_onehot_linear']:.3f})" if "dice_onehot_linear" in row else "")
                   + (f", HD95 {row['hd95_after']:.2f} mm" if "hd95_after" in row else "")
                   + f", det J<=0 {row['folding_percent']:.4f}% ({row['folding_count']}), SDlogJ {row['sdlogj']:.3f}, reg {row['seconds_reg']:.1f} s, "
-                  f"wall {row['seconds_wall']:.1f} s, RSS {row['peak_rss_mb']:.0f} MB"
+                  f"wall {row['seconds_wall']:.1f} s" + (f" (CPU steal {row['cpu_steal_pct']:.0f} %)" if row.get("cpu_steal_pct") is not None else "")
+                  + f", RSS {row['peak_rss_mb']:.0f} MB"
                   + (f", CUDA {row['peak_cuda_mb']:.0f} MB" if row.get("peak_cuda_mb") is not None else "")
                   + (f", own-warp agreement {100 * agree:.2f}%" if agree is not None else ""), flush=True)
             if agree is not None and agree < AGREEMENT_WARN:

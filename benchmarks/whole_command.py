@@ -52,7 +52,7 @@ NIR_KEYS = {
     "startup": "seconds_startup", "affine": "seconds_affine", "wait": "seconds_affine_wait", "fit": "seconds_fit", "evaluate": "seconds_evaluate",
     "scoring": "seconds_scoring", "outputs": "seconds_outputs",
 }
-COLUMNS = ["pair", "method", "wall", "startup", "affine", "wait", "fit", "evaluate", "scoring", "outputs", "total", "wall-fit", "wall/fireants"]
+COLUMNS = ["pair", "method", "wall", "startup", "affine", "wait", "fit", "evaluate", "scoring", "outputs", "total", "wall-fit", "wall/fireants", "steal %"]
 
 FIREANTS_SCRIPT = """
 import sys, torch
@@ -104,18 +104,21 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
-def timed(cmd: list[str], env: dict[str, str], log: Path, *, cwd: Path = REPO, cpus: str | None = None) -> float:
-    """Wall seconds of ``cmd`` from spawn to exit (its output into ``log``); raises if it fails."""
+def timed(cmd: list[str], env: dict[str, str], log: Path, *, cwd: Path = REPO, cpus: str | None = None) -> tuple[float, float | None]:
+    """Wall seconds of ``cmd`` from spawn to exit (its output into ``log``) and the CPU steal (%)
+    meanwhile (:mod:`harness.host_load`; ``None`` off Linux); raises if it fails."""
+    from harness.host_load import StealMeter
+
     log.parent.mkdir(parents=True, exist_ok=True)
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
-    with open(log, "w") as f:
+    with open(log, "w") as f, StealMeter() as steal:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, check=False, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd).returncode
         wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({rc}); see {log}")
-    return wall
+    return wall, steal.percent
 
 
 def run_nir(pair: dict[str, str], out: Path, args: argparse.Namespace, *, tree: Path | None = None, run: int = 0) -> dict[str, Any]:
@@ -132,10 +135,10 @@ def run_nir(pair: dict[str, str], out: Path, args: argparse.Namespace, *, tree: 
     if pair.get("labels"):
         cmd += ["--labels", pair["labels"]]
     cmd += shlex.split(args.nir_args)
-    wall = timed(cmd, env, out / "logs" / f"{tag}_{pair['name']}.log", cwd=tree or REPO, cpus=args.cpus)
+    wall, steal = timed(cmd, env, out / "logs" / f"{tag}_{pair['name']}.log", cwd=tree or REPO, cpus=args.cpus)
     m = json.loads((folder / "metrics.json").read_text())
     method = "nir register" + (" (before)" if tree is not None else "")
-    row: dict[str, Any] = {"pair": pair["name"], "method": method, "wall": wall}
+    row: dict[str, Any] = {"pair": pair["name"], "method": method, "wall": wall, "steal %": steal}
     row.update({col: m.get(key) for col, key in NIR_KEYS.items()})
     row["total"] = m["seconds_total"]
     row["wall-fit"] = wall - m["seconds_fit"]
@@ -148,15 +151,17 @@ def run_fireants(pair: dict[str, str], out: Path, args: argparse.Namespace) -> d
     folder.mkdir(parents=True, exist_ok=True)
     spec = {"fixed": pair["fixed"], "moving": pair["moving"], "moving_labels": pair["moving_labels"], "device": "cpu"}
     script = FIREANTS_SCRIPT.format(bench=str(BENCH), threads=args.threads, spec=spec, out=str(folder))
-    wall = timed([sys.executable, "-c", script], child_env(args.threads), out / "logs" / f"fireants_{pair['name']}.log", cpus=args.cpus)
-    return {"pair": pair["name"], "method": "FireANTs greedy (whole script)", "wall": wall}
+    wall, steal = timed([sys.executable, "-c", script], child_env(args.threads), out / "logs" / f"fireants_{pair['name']}.log", cpus=args.cpus)
+    return {"pair": pair["name"], "method": "FireANTs greedy (whole script)", "wall": wall, "steal %": steal}
 
 
 def mean_row(runs: list[dict[str, Any]], method: str) -> dict[str, Any]:
     """The mean of ``method``'s runs, column by column."""
     mine = [r for r in runs if r["method"] == method]
     row: dict[str, Any] = {"pair": mine[0]["pair"], "method": f"{method}, mean of {len(mine)}"}
-    for col in [*COLUMNS[2:-1], "dice_after"]:
+    for col in [*COLUMNS[2:], "dice_after"]:
+        if col == "wall/fireants":
+            continue
         values = [r.get(col) for r in mine]
         row[col] = None if any(v is None for v in values) else sum(values) / len(values)
     return row

@@ -45,6 +45,7 @@ CSV_COLUMNS = [
     "sdlogj",
     "seconds_reg",
     "seconds_wall",
+    "cpu_steal_pct",
     "peak_rss_mb",
     "peak_cuda_mb",
     "dice_ratio",
@@ -109,7 +110,8 @@ class Summary:
 
     Attributes:
         rows: one per method that ran: ``method``, ``pairs`` (how many), the means of
-            :data:`SUMMARY_MEANS`, ``folding_percent_max`` and, per peer ``P`` other than the
+            :data:`SUMMARY_MEANS`, ``folding_percent_max``, ``cpu_steal_pct_max`` (the largest CPU
+            steal of its runs, :mod:`harness.host_load`) and, per peer ``P`` other than the
             method itself, ``dice_minus_P`` and ``time_ratio_P``; ``None`` where a value is missing.
         peers: the peers, in the order of the rows.
         pairs: the pairs averaged over.
@@ -132,9 +134,14 @@ class Summary:
             "folding_percent_max",
             "sdlogj",
             "seconds_reg",
+            "cpu_steal_pct_max",
             *(f"dice_minus_{p}" for p in self.peers),
             *(f"time_ratio_{p}" for p in self.peers),
         ]
+
+
+STEAL_WARN_PCT = 5.0
+"""A run whose CPU steal (:mod:`harness.host_load`) reached this share gets a warning beside its seconds."""
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
@@ -167,6 +174,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> Summary:
                 "folding_percent_max": max(float(x) for x in folding)
                 if folding and all(_num(x) for x in folding)
                 else None,
+                "cpu_steal_pct_max": max((float(r["cpu_steal_pct"]) for r in sel if _num(r.get("cpu_steal_pct"))), default=None),
             }
         )
     by_method = {s["method"]: s for s in out}
@@ -249,6 +257,16 @@ def summary_markdown(summary: Summary) -> list[str]:
         cells += [_fmt(r.get(f"time_ratio_{p}"), ".2f") for p in summary.peers]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    stolen = [r["cpu_steal_pct_max"] for r in summary.rows if _num(r.get("cpu_steal_pct_max"))]
+    if stolen and max(stolen) >= STEAL_WARN_PCT:
+        lines += [
+            (
+                f"**CPU steal up to {max(stolen):.0f} %** during these runs (column `CPU steal %` per pair): the host gave "
+                "that share of this virtual machine's CPU time to others, so their seconds are not the machine's and "
+                "do not compare with another run's."
+            ),
+            "",
+        ]
     for r in summary.rows:
         if is_peer(r["method"]) or not summary.peers:
             continue
@@ -545,19 +563,19 @@ def markdown(rows: Sequence[dict[str, Any]], header: dict[str, Any], names: dict
             lines.append(f"Dice before registration: {before:.3f}.")
         lines += [
             "",
-            "| method | device | Dice (NN) | Dice (lin. one-hot) | HD95 mm | det J ≤ 0 % (count) | SDlogJ | reg s | wall s | peak RSS MB | peak CUDA MB | Dice ratio | time ratio | own-warp agreement |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| method | device | Dice (NN) | Dice (lin. one-hot) | HD95 mm | det J ≤ 0 % (count) | SDlogJ | reg s | wall s | CPU steal % | peak RSS MB | peak CUDA MB | Dice ratio | time ratio | own-warp agreement |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in prs:
             if r["status"] != "ok":
                 lines.append(
-                    f"| {r['method']} | {r.get('device', '')} | {r['status']}: {r.get('note', '')} |" + " |" * 11
+                    f"| {r['method']} | {r.get('device', '')} | {r['status']}: {r.get('note', '')} |" + " |" * 12
                 )
                 continue
             lines.append(
                 f"| {r['method']} | {r['device']} | {_fmt(r.get('dice_after'), '.3f')} | {_fmt(r.get('dice_onehot_linear'), '.3f')} | "
                 f"{_fmt(r.get('hd95_after'), '.2f')} | {_fmt(r.get('folding_percent'), '.4f')} ({r.get('folding_count', '–')}) | "
-                f"{_fmt(r.get('sdlogj'), '.3f')} | {_fmt(r.get('seconds_reg'), '.1f')} | {_fmt(r.get('seconds_wall'), '.1f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | "
+                f"{_fmt(r.get('sdlogj'), '.3f')} | {_fmt(r.get('seconds_reg'), '.1f')} | {_fmt(r.get('seconds_wall'), '.1f')} | {_fmt(r.get('cpu_steal_pct'), '.0f')} | {_fmt(r.get('peak_rss_mb'), '.0f')} | "
                 f"{_fmt(r.get('peak_cuda_mb'), '.0f')} | {_fmt(r.get('dice_ratio'), '.3f')} | {_fmt(r.get('time_ratio'), '.3f')} | "
                 f"{_fmt(100 * r['native_label_agreement'] if _num(r.get('native_label_agreement')) else None, '.2f')} % |"
             )
