@@ -180,7 +180,7 @@ def run_worker(spec: dict[str, Any], folder: Path, env: dict[str, str], timeout:
     """Run one method in a subprocess; returns its ``worker.json`` plus wall seconds and exit status."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.json").write_text(json.dumps(spec, indent=2) + "\n")
-    from harness.host_load import StealMeter
+    from nir_lightning.app.host_load import StealMeter
 
     with (folder / "worker.log").open("w") as log, StealMeter() as steal:
         t0 = time.perf_counter()

@@ -106,8 +106,8 @@ def child_env(threads: int) -> dict[str, str]:
 
 def timed(cmd: list[str], env: dict[str, str], log: Path, *, cwd: Path = REPO, cpus: str | None = None) -> tuple[float, float | None]:
     """Wall seconds of ``cmd`` from spawn to exit (its output into ``log``) and the CPU steal (%)
-    meanwhile (:mod:`harness.host_load`; ``None`` off Linux); raises if it fails."""
-    from harness.host_load import StealMeter
+    meanwhile (:mod:`nir_lightning.app.host_load`; ``None`` off Linux); raises if it fails."""
+    from nir_lightning.app.host_load import StealMeter
 
     log.parent.mkdir(parents=True, exist_ok=True)
     if cpus:

@@ -27,5 +27,5 @@ def test_cohort_benchmark_compares_one_process_with_workers(tmp_path: Path) -> N
     assert len(rows) == 2 and rows[0].startswith("| 1 | 1 | 1 x 1 |") and rows[1].startswith("| 2 | 1 | 2 x 1 |")
     cells = [[c.strip() for c in row.strip().strip("|").split("|")] for row in rows]
     assert all(c[-2] == "yes" for c in cells)  # the workers wrote the one process's files, byte for byte
-    assert all(c[-1] == "-" or 0 <= float(c[-1]) <= 100 for c in cells)  # the CPU steal while each ran (harness/host_load.py)
+    assert all(c[-1] == "-" or 0 <= float(c[-1]) <= 100 for c in cells)  # the CPU steal while each ran (nir_lightning/app/host_load.py)
     assert "issue 25's register-many target" in proc.stdout

@@ -111,7 +111,7 @@ class Summary:
     Attributes:
         rows: one per method that ran: ``method``, ``pairs`` (how many), the means of
             :data:`SUMMARY_MEANS`, ``folding_percent_max``, ``cpu_steal_pct_max`` (the largest CPU
-            steal of its runs, :mod:`harness.host_load`) and, per peer ``P`` other than the
+            steal of its runs, :mod:`nir_lightning.app.host_load`) and, per peer ``P`` other than the
             method itself, ``dice_minus_P`` and ``time_ratio_P``; ``None`` where a value is missing.
         peers: the peers, in the order of the rows.
         pairs: the pairs averaged over.
@@ -141,7 +141,7 @@ class Summary:
 
 
 STEAL_WARN_PCT = 5.0
-"""A run whose CPU steal (:mod:`harness.host_load`) reached this share gets a warning beside its seconds."""
+"""A run whose CPU steal (:mod:`nir_lightning.app.host_load`) reached this share gets a warning beside its seconds."""
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> Summary:

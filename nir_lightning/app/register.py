@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from nir_lightning.app import early_affine
 from nir_lightning.app.early_affine import EarlyStart
+from nir_lightning.app.host_load import cpu_times, stolen_seconds
 from nir_lightning.app.lock import lock_folder
 from nir_lightning.app.run_record import run_record, summary_line
 from nir_lightning.app.startup import StartupCollector
@@ -189,7 +190,7 @@ def register_pair(
     >>> sorted(r.metrics)[:3]  # doctest: +SKIP
     ['config', 'device', 'dice_after']
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_times()  # cpu0: the host's steal so far (metrics.json's seconds_cpu_stolen)
     # -- everything that can be checked without Lightning, MONAI or W&B, before any output exists
     if checkpoint_every < 0:
         raise InputError(f"--checkpoint-every must be >= 0 (0 disables checkpoints), got {checkpoint_every}.")
@@ -265,7 +266,7 @@ def register_pair(
             out=out, configs=configs, overrides=cli_extra + user_overrides, seed=seed, demo=demo, composed=composed,
             fixed=fixed, moving=moving, fixed_labels=fixed_labels, moving_labels=moving_labels, labels=labels,
             overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every,
-            progress=progress, quiet=quiet, t0=t0, collector=collector, early=early,
+            progress=progress, quiet=quiet, t0=t0, collector=collector, early=early, cpu0=cpu0,
         )
     finally:
         if early is not None:
@@ -279,7 +280,7 @@ def _run(
     *, out: Path, configs: list[str], overrides: list[str], seed: int, demo: bool, fixed: Any, moving: Any,
     fixed_labels: Any, moving_labels: Any, labels: Any, overwrite: bool, resume: bool,
     checkpoint_every: int, progress: bool | None, quiet: bool, t0: float, composed: bool = False,
-    collector: StartupCollector | None = None, early: EarlyStart | None = None,
+    collector: StartupCollector | None = None, early: EarlyStart | None = None, cpu0: tuple[int, int] | None = None,
 ) -> PairRegistration:
     import argparse
 
@@ -381,6 +382,9 @@ def _run(
                 logging.getLogger("nir_lightning").warning(note)
                 dm.pair.notes.append(note)
             extra = run_record(trainer=trainer, dm=dm, cli=cli, seed=seed, seconds_fit=seconds_fit, resumed_step=resumed_step)
+            stolen = stolen_seconds(cpu0, cpu_times())  # a busy host's share, to read the seconds by (app/host_load.py)
+            if stolen is not None:
+                extra["seconds_cpu_stolen"] = stolen
             # metrics.json last: while it is absent the folder is not complete (--resume may redo it); seconds_total up to it
             metrics = write_outputs(
                 reg, dm.pair, out, extra=extra, qc_title=f"{out.name}: {int(trainer.global_step)} steps", composed=composed, started=t0,

@@ -3,12 +3,14 @@ the affine stage), and the line ``nir register`` prints at the end."""
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from nir_lightning._version import __version__
+from nir_lightning.app.host_load import STEAL_NOTE_SHARE
 
 __all__ = ["run_record", "summary_line"]
 
@@ -66,4 +68,15 @@ def summary_line(m: Mapping[str, Any], out: Path) -> str:
         parts.append(f"HD95 {m['hd95_before']:.2f} -> {m['hd95_after']:.2f} mm")
     if "epe_after_vox" in m:
         parts.append(f"EPE {m['epe_before_vox']:.2f} -> {m['epe_after_vox']:.2f} vox")
+    share = _stolen_share(m)
+    if share is not None and share >= STEAL_NOTE_SHARE:
+        parts.append(f"the host took {100 * share:.0f} % of this machine's CPU time while it ran: its seconds are not the machine's")
     return f"nir register: {', '.join(parts)}; outputs in {out}/"
+
+
+def _stolen_share(m: Mapping[str, Any]) -> float | None:
+    """``seconds_cpu_stolen`` as a share of the machine's CPU time over ``seconds_total``."""
+    stolen, total, cpus = m.get("seconds_cpu_stolen"), m.get("seconds_total"), os.cpu_count()
+    if not isinstance(stolen, (int, float)) or not isinstance(total, (int, float)) or total <= 0 or not cpus:
+        return None
+    return float(stolen) / (float(total) * cpus)

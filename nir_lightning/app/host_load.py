@@ -1,20 +1,25 @@
-"""CPU steal of a virtual machine while a benchmark runs: the share of its CPU time the host gave
-to other machines (``st`` in ``vmstat``/``top``).
+"""CPU steal of a virtual machine: the share of its CPU time the host gave to other machines
+(``st`` in ``vmstat``/``top``), read from ``/proc/stat``.
 
-Seconds measured while the steal is high are not the machine's: on the 2-core dev VM the same
-2 mm fit took 12.8 s at no steal and 16.4 s at 19-35 % steal an hour later. The benchmark scripts
-put the steal of each timed run beside its seconds (``steal %``), and a run's seconds are compared
-with another's only where both read near 0. Linux only (``/proc/stat``); elsewhere ``None``.
+Seconds measured while the steal is high are not the machine's: on a 2-core dev VM the same 2 mm
+fit took 12.8 s at no steal and 16.4 s at 19-35 % steal an hour later. ``nir register`` records
+the CPU seconds stolen while it ran (``metrics.json``'s ``seconds_cpu_stolen``) and says so in its
+last line when they reach :data:`STEAL_NOTE_SHARE` of the machine's CPU time; the benchmark scripts
+put the steal of each timed run beside its seconds. Linux only; elsewhere ``None``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["StealMeter", "cpu_times", "parse_cpu_line", "steal_percent"]
+__all__ = ["STEAL_NOTE_SHARE", "StealMeter", "cpu_times", "parse_cpu_line", "steal_percent", "stolen_seconds"]
 
 PROC_STAT = Path("/proc/stat")
+
+STEAL_NOTE_SHARE = 0.05
+"""From this share of the machine's CPU time stolen, timings are flagged as not the machine's."""
 
 
 def parse_cpu_line(text: str) -> tuple[int, int] | None:
@@ -54,6 +59,24 @@ def steal_percent(start: tuple[int, int] | None, end: tuple[int, int] | None) ->
     if start is None or end is None or end[0] <= start[0]:
         return None
     return 100.0 * (end[1] - start[1]) / (end[0] - start[0])
+
+
+def stolen_seconds(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """CPU seconds (summed over the machine's CPUs) stolen between two :func:`cpu_times` readings.
+
+    >>> stolen_seconds((1000, 40), (1400, 140)) == 100 / _ticks_per_second()
+    True
+    """
+    if start is None or end is None:
+        return None
+    return (end[1] - start[1]) / _ticks_per_second()
+
+
+def _ticks_per_second() -> int:
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (AttributeError, ValueError, OSError):
+        return 100  # Linux's USER_HZ
 
 
 @dataclass
