@@ -117,21 +117,42 @@ def identity_grid(
     strides = _triple(stride)
     offsets = _triple(offset)
     stops = tuple(shape) if stop is None else tuple(stop)
+    # axis by axis, broadcast into the grid: no (d0, d1, d2, 3) grid of voxel indices first
     axes = [
-        torch.arange(o, n, s, device=device, dtype=dtype)
-        for n, s, o in zip(stops, strides, offsets, strict=True)
+        normalized_axis(shape, a, o, n, stride=s, device=device, dtype=dtype)
+        for a, (n, s, o) in enumerate(zip(stops, strides, offsets, strict=True))
     ]
-    # voxel_to_normalized axis by axis, broadcast into the grid: each coordinate is the same
-    # product and difference (bit for bit) without a (d0, d1, d2, 3) grid of voxel indices first
-    n = _shape_tensor(shape, axes[0])
-    scale = torch.where(n > 1, 2.0 / (n - 1).clamp(min=1), torch.zeros_like(n))
-    shift = (n > 1).to(axes[0].dtype)
-    out = torch.empty(*(len(ax) for ax in axes), SPATIAL_DIMS, device=device, dtype=torch.result_type(axes[0], scale))
+    out = torch.empty(*(len(ax) for ax in axes), SPATIAL_DIMS, device=device, dtype=axes[0].dtype)
     for a, ax in enumerate(axes):
         view = [1, 1, 1]
         view[a] = -1
-        out[..., a] = (ax * scale[a] - shift[a]).reshape(view)
+        out[..., a] = ax.reshape(view)
     return out
+
+
+def normalized_axis(
+    shape: Sequence[int],
+    axis: int,
+    start: int = 0,
+    stop: int | None = None,
+    *,
+    stride: int = 1,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Normalized coordinates ``(d,)`` along ``axis`` of voxels ``start, start + stride, ...`` below
+    ``stop`` (default ``shape[axis]``) of a grid of ``shape``: :func:`voxel_to_normalized`'s
+    arithmetic on that axis alone, bit for bit (the axes of a separable lattice read).
+
+    >>> normalized_axis((3, 5, 9), 1)
+    tensor([-1.0000, -0.5000,  0.0000,  0.5000,  1.0000])
+    >>> normalized_axis((3, 5, 9), 2, 2, 7, stride=2)
+    tensor([-0.5000,  0.0000,  0.5000])
+    """
+    ax = torch.arange(start, int(shape[axis]) if stop is None else stop, stride, device=device, dtype=dtype)
+    n = _shape_tensor(shape, ax)
+    scale = torch.where(n > 1, 2.0 / (n - 1).clamp(min=1), torch.zeros_like(n))
+    return ax * scale[axis] - (n > 1).to(ax.dtype)[axis]
 
 
 def to_grid_sample(x: Tensor) -> Tensor:

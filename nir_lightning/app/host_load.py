@@ -11,7 +11,7 @@ put the steal of each timed run beside its seconds. Linux only; elsewhere ``None
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["STEAL_NOTE_SHARE", "StealMeter", "cpu_times", "parse_cpu_line", "steal_percent", "stolen_seconds"]
@@ -84,8 +84,8 @@ class StealMeter:
     """``with StealMeter() as m: ...`` then ``m.percent``: the steal over the block (``None`` off Linux)."""
 
     path: Path = PROC_STAT
-    percent: float | None = None
-    _start: tuple[int, int] | None = None
+    percent: float | None = field(default=None, init=False)
+    _start: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     def __enter__(self) -> StealMeter:  # noqa: PYI034 -- typing.Self needs Python 3.11; the package supports 3.10
         self._start = cpu_times(self.path)

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nir_lightning.coords import normalized_to_voxel, voxel_to_normalized
+from nir_lightning.coords import normalized_axis, normalized_to_voxel, voxel_to_normalized
 from nir_lightning.core.chunked import DEFAULT_MAX_POINTS, slab_step
 from nir_lightning.core.jacobian import chunked_jacobian_determinant
 from nir_lightning.errors import InputError
 from nir_lightning.fields.grid_reads import lattice_points
 from nir_lightning.losses.folding import central_stencil_det
-from nir_lightning.sampling.domain import foreground_box
+from nir_lightning.sampling.domain import foreground_box, grown_box
 
 __all__ = ["DEFAULT_FOLD_GUARD", "FoldGuard", "low_det_voxels", "metric_det_in_box"]
 
@@ -43,15 +43,6 @@ DEFAULT_FOLD_GUARD = (0.9, 0.96)
 finest grid level makes the folds, the last one 10 steps before the end of a 250-step fit (steps
 225 and 240). A third at 0.8 protected no more on the choosing pairs and costs about 0.9 s of a
 1 mm fit (0.1 s at 2 mm)."""
-
-
-def _axis_coords(lo: int, hi: int, n: int, axis: int) -> Tensor:
-    """Normalized coordinates ``(1, hi - lo)`` of voxels ``lo .. hi - 1`` along ``axis`` of a grid of ``n``."""
-    vox = torch.zeros(hi - lo, 3)
-    vox[:, axis] = torch.arange(lo, hi, dtype=torch.float32)
-    shape = [1, 1, 1]
-    shape[axis] = n
-    return voxel_to_normalized(vox, shape)[:, axis][None]
 
 
 @torch.no_grad()
@@ -78,9 +69,8 @@ def metric_det_in_box(
     >>> det.shape, round(float(det.min()), 6), round(float(det.max()), 6)
     (torch.Size([4, 7, 2]), 0.125, 0.125)
     """
-    lo = [max(0, s.start - 1) for s in box]
-    hi = [min(n, s.stop + 1) for s, n in zip(box, shape)]
-    axes = [_axis_coords(lo[a], hi[a], shape[a], a).to(device) for a in range(3)]
+    lo, hi = grown_box(((box[0].start, box[1].start, box[2].start), (box[0].stop, box[1].stop, box[2].stop)), 1, shape)
+    axes = [normalized_axis(shape, a, lo[a], hi[a], device=device)[None] for a in range(3)]
     grown = tuple(h - l for l, h in zip(lo, hi))
     phi = torch.empty(*grown, 3)
     step = slab_step(grown[1] * grown[2], max_points)
