@@ -224,8 +224,14 @@ class FoldingPenalty:
         ``(B, d0, d1, d2, 3)``: forward differences at the lattice step (``jac_vox``, when the
         caller has taken them: ``jacobian_forward(phi_vox, sample.spacing)``); with the central
         stencil on a one-voxel lattice, plus (a separate mean) central differences at its
-        interior points."""
+        interior points.
+
+        A lattice with one point along an axis (a thin image, a coarse stride) has no forward
+        difference there and so no det J of its own: its penalty is 0, and the extra points
+        (:meth:`extra`) hold the barrier alone (a mean over no cells would be NaN)."""
         assert sample.spacing is not None
+        if min(phi_vox.shape[1:4]) < 2:
+            return phi_vox.new_zeros(())
         jac = jacobian_forward(phi_vox, sample.spacing) if jac_vox is None else jac_vox
         reg = self(determinant(jac))
         if self.stencil == "central" and tuple(sample.spacing) == (1, 1, 1) and min(phi_vox.shape[1:4]) >= 3:
