@@ -29,6 +29,8 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+from nir_lightning.app.host_load import STEAL_NOTE_SHARE
+
 CSV_COLUMNS = [
     "pair",
     "method",
@@ -140,7 +142,7 @@ class Summary:
         ]
 
 
-STEAL_WARN_PCT = 5.0
+STEAL_WARN_PCT = 100 * STEAL_NOTE_SHARE  # 5 %: the share from which `nir register` flags its own seconds
 """A run whose CPU steal (:mod:`nir_lightning.app.host_load`) reached this share gets a warning beside its seconds."""
 
 

@@ -114,7 +114,15 @@ def jacobian_penalty(det: Tensor, *, kind: PenaltyKind = "jedt", margin: float =
     0.1666666716337204
     >>> float(jacobian_penalty(torch.tensor([1.0, 0.1]), margin=0.2))
     0.05000000074505806
+
+    No determinants (a lattice one point thick along an axis has no forward difference there)
+    cost nothing, rather than the NaN of a mean over nothing:
+
+    >>> float(jacobian_penalty(torch.empty(1, 4, 0, 2)))
+    0.0
     """
+    if det.numel() == 0:
+        return det.new_zeros(())
     if kind == "jedt":
         return F.relu(margin - det).mean()
     if kind == "unit":
@@ -224,14 +232,10 @@ class FoldingPenalty:
         ``(B, d0, d1, d2, 3)``: forward differences at the lattice step (``jac_vox``, when the
         caller has taken them: ``jacobian_forward(phi_vox, sample.spacing)``); with the central
         stencil on a one-voxel lattice, plus (a separate mean) central differences at its
-        interior points.
-
-        A lattice with one point along an axis (a thin image, a coarse stride) has no forward
-        difference there and so no det J of its own: its penalty is 0, and the extra points
-        (:meth:`extra`) hold the barrier alone (a mean over no cells would be NaN)."""
+        interior points. A lattice one point thick along an axis (a thin image, a coarse stride)
+        has no det J of its own: its penalty is 0 (:func:`jacobian_penalty`), and the extra points
+        (:meth:`extra`) hold the barrier alone."""
         assert sample.spacing is not None
-        if min(phi_vox.shape[1:4]) < 2:
-            return phi_vox.new_zeros(())
         jac = jacobian_forward(phi_vox, sample.spacing) if jac_vox is None else jac_vox
         reg = self(determinant(jac))
         if self.stencil == "central" and tuple(sample.spacing) == (1, 1, 1) and min(phi_vox.shape[1:4]) >= 3:
