@@ -19,6 +19,7 @@ Every check runs before anything is loaded or written; each failure is an
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from nir_lightning.core.transform_chain import (
     resample,
 )
 from nir_lightning.data.checks import check_image_file, read_image_data
+from nir_lightning.data.label_like import interpolation_warning
 from nir_lightning.errors import InputError
 from nir_lightning.evaluation.output_files import OUTPUT_FILES
 from nir_lightning.io import load_displacement_itk, load_itk_affine, save_nifti
@@ -49,6 +51,7 @@ METRICS = "metrics.json"
 GRID_ATOL_MM = 1e-3
 """A forward ``--reference`` must match the displacement's grid: same shape, affines within this."""
 _FLOAT32_EXACT = 2**24  # integers beyond this do not survive the float32 resampling
+log = logging.getLogger(__name__)
 
 
 def apply_parser() -> argparse.ArgumentParser:
@@ -98,6 +101,8 @@ def apply_transform(
     disk before its rename) while holding a lock beside it (``.<name>.nir.lock``): a second
     ``nir apply`` to the same file stops with a :class:`LockedError`. Float32 for
     ``"linear"``, the input's integer type for ``"nearest"``/``"label"`` (64-bit integers become int32).
+    Logs a warning when the input looks like an image under ``"label"`` or like a label map under
+    ``"linear"`` (:func:`~nir_lightning.data.label_like.interpolation_warning`).
     """
     mode = check_interpolation(interpolation)
     result = check_result_dir(transform)
@@ -108,6 +113,9 @@ def apply_transform(
         ref_shape, ref_affine = image_grid(ref_path)
         chain = load_chain(result, inverse=inverse, reference=(ref_path, ref_shape, ref_affine))
         data, in_affine, out_dtype = read_input(in_path, mode)
+        warning = interpolation_warning(data, mode, f"--input '{in_path}'")
+        if warning:  # a warning, not an error: the values alone cannot prove the intent
+            log.warning(warning)
 
         image = torch.from_numpy(data.astype(np.float32, copy=False))[None]
         warped = resample(image, in_affine, ref_shape, ref_affine, chain, mode=mode)[0].numpy()

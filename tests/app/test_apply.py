@@ -222,3 +222,32 @@ def test_bad_references_inputs_and_outputs_are_refused(case: dict[str, Any], cap
     assert "4D" in refused(case, capsys, input="4d.nii.gz")
     with pytest.raises(InputError, match="would overwrite displacement.nii.gz"):
         apply_transform(case["result"], tmp / "moving.nii.gz", tmp / "fixed.nii.gz", case["result"] / "displacement.nii.gz")
+
+
+def test_the_wrong_interpolation_for_the_values_is_warned_about(case: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
+    """An 8-bit-like image (the smooth image scaled to 0-255, integers) under ``label``, and the
+    label map under ``linear``, write their output and warn; the suited modes do not warn."""
+    tmp = case["tmp"]
+    grey = np.round(255 * (case["moving"] + 2) / 4).astype(np.int16)  # ~1 grey value per 0.016 of the smooth image
+    save_nifti(grey, MOVING_AFFINE, tmp / "grey.nii.gz")
+
+    def warnings_of(*extra: str, input: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="nir_lightning.app.apply"):
+            assert run(case, *extra, input=input) == 0
+        assert (tmp / "out.nii.gz").exists()
+        (tmp / "out.nii.gz").unlink()
+        return [r.getMessage() for r in caplog.records]
+
+    (msg,) = warnings_of("--interpolation", "label", input="grey.nii.gz")
+    assert msg.startswith(f"--input '{tmp / 'grey.nii.gz'}' looks like an intensity image") and "Use --interpolation linear" in msg
+    assert f"each of its {np.unique(grey).size} values" in msg
+    (msg,) = warnings_of(input="moving_labels.nii.gz")  # linear, the default
+    assert "looks like a label map (4 integer values" in msg and "use --interpolation label (or nearest)" in msg
+    assert warnings_of("--interpolation", "label", input="moving_labels.nii.gz") == []
+    assert warnings_of("--interpolation", "nearest", input="grey.nii.gz") == []
+    assert warnings_of(input="grey.nii.gz") == []
+    assert warnings_of(input="moving.nii.gz") == []
+    mask = (case["labels"] > 0).astype(np.uint8)  # a binary mask: linear gives partial volumes, which is legitimate
+    save_nifti(mask, MOVING_AFFINE, tmp / "mask.nii.gz")
+    assert warnings_of(input="mask.nii.gz") == []
