@@ -30,6 +30,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ from nir_lightning.app.distributed import (
     single_process_lightning,
 )
 from nir_lightning.app.lock import LockedError, lock_folder
-from nir_lightning.app.pairs_csv import CSV_COLUMNS, PairSpec, read_pairs
+from nir_lightning.app.pairs_csv import CSV_COLUMNS, PairSpec, read_pairs, with_missing_files
 from nir_lightning.app.register import register_pair
 from nir_lightning.app.startup import RankCollector
 from nir_lightning.app.threads import resolve_threads
@@ -104,6 +105,8 @@ def run_pair(
             return summary_row(spec, "failed", seconds=0.0, error=str(exc))
         clear_pair(pair_dir)
         if spec.problem:
+            with contextlib.suppress(OSError):
+                write_text_atomic(pair_dir / ERROR_FILE, spec.problem + "\n")
             return summary_row(spec, "failed", seconds=0.0, error=spec.problem)
         try:
             with single_process_lightning():
@@ -159,21 +162,29 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
             # what each pair's folder holds, taken before the look for complete pairs: a pair that
             # changes after it was done by another job meanwhile (see run_pair)
             seen = {i: snapshot(out / spec.id) for i, spec in enumerate(specs)}
+            csv_folder = Path(args.pairs).expanduser().absolute().parent
             for i, spec in enumerate(specs):
                 metrics = None if args.overwrite or spec.problem else complete_metrics(out / spec.id, spec)
                 if metrics is not None:
                     done[i] = summary_row(spec, "completed", metrics)
+                else:  # still to run: its files must exist (a finished pair whose inputs moved stays finished)
+                    specs[i] = with_missing_files(spec, csv_folder)
         pending = [i for i in range(len(specs)) if i not in done]
         if d.world > 1:
             import torch.distributed as dist
 
-            box: list[Any] = [pending, {i: seen[i] for i in pending}] if d.rank == 0 else [None, None]
+            box: list[Any] = [pending, {i: seen[i] for i in pending}, {i: specs[i].problem for i in pending}] if d.rank == 0 else [None, None, None]
             dist.broadcast_object_list(box, src=0)
-            pending, seen = box
+            pending, seen, problems = box
+            specs = [replace(spec, problem=problems[i]) if i in problems else spec for i, spec in enumerate(specs)]
         mine = pending[d.rank :: d.world]
         tag = f"[rank {d.rank}/{d.world}] " if d.world > 1 else ""
         if d.rank == 0:
             print(f"nir register-many: {len(specs)} pairs, {len(done)} already complete, {len(pending)} to do" + (f" over {d.world} ranks" if d.world > 1 else ""), flush=True)
+            bad = [specs[i] for i in pending if specs[i].problem]
+            if bad:  # before the first fit: a cohort's bad rows are known at once, not when their turn comes
+                print(f"nir register-many: {len(bad)} of them cannot run and will be reported as failed: "
+                      + "; ".join(f"'{s.id}' ({s.problem})" for s in bad), file=sys.stderr, flush=True)
 
         partial = out / f".summary.rank{d.rank}-of-{d.world}.csv"
         results: dict[int, dict[str, Any]] = {}

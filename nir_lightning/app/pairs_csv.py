@@ -10,12 +10,12 @@ import io
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nir_lightning.errors import InputError
 
-__all__ = ["CSV_COLUMNS", "PairSpec", "read_pairs"]
+__all__ = ["CSV_COLUMNS", "PairSpec", "read_pairs", "with_missing_files"]
 
 CSV_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "id")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -58,7 +58,8 @@ def read_pairs(csv_path: str | os.PathLike[str]) -> list[PairSpec]:
     ``<fixed stem>__<moving stem>`` (sanitized; repeats get ``_2``, ``_3``, ... in row order, so
     appending rows never renames earlier pairs). Problems of the whole file (no such file, missing
     columns, bad or duplicate ids) raise :class:`InputError`; a row without a fixed/moving path or
-    with only one label map is kept with ``problem`` set, to be reported as a failed pair.
+    with only one label map is kept with ``problem`` set, to be reported as a failed pair
+    (:func:`with_missing_files` adds the files that do not exist).
     """
     path = Path(csv_path).expanduser()
     if not path.is_file():
@@ -122,3 +123,21 @@ def read_pairs(csv_path: str | os.PathLike[str]) -> list[PairSpec]:
             problem = f"line {line}: give both fixed_labels and moving_labels, or neither."
         specs.append(PairSpec(rid, fixed or "", moving or "", fixed_labels, moving_labels, line, problem))
     return specs
+
+
+def with_missing_files(spec: PairSpec, csv_folder: Path) -> PairSpec:
+    """``spec``, with the files it names that do not exist as its ``problem`` (a row's own problem
+    comes first). Asked of the pairs still to run when a cohort starts, so that a typo in row 150 is
+    reported before the first fit, not hours later; a finished pair whose inputs have since moved
+    is not asked, and stays finished.
+
+    >>> with_missing_files(PairSpec("x", "/no/f.nii.gz", "/no/m.nii.gz"), Path("/no")).problem
+    "line 0: fixed image not found: '/no/f.nii.gz'; moving image not found: '/no/m.nii.gz' (relative paths are read from the CSV's folder '/no')."
+    """
+    if spec.problem:
+        return spec
+    files = {"fixed image": spec.fixed, "moving image": spec.moving, "fixed label map": spec.fixed_labels, "moving label map": spec.moving_labels}
+    missing = [f"{what} not found: '{p}'" for what, p in files.items() if p and not Path(p).is_file()]
+    if not missing:
+        return spec
+    return replace(spec, problem=f"line {spec.line}: {'; '.join(missing)} (relative paths are read from the CSV's folder '{csv_folder}').")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from nir_lightning.app.batch import SUMMARY_FIELDS, read_pairs
+from nir_lightning.app.pairs_csv import with_missing_files
 from nir_lightning.cli import main
 from nir_lightning.data.phantom import write_demo_pair
 from nir_lightning.errors import InputError
@@ -75,6 +76,20 @@ def test_read_pairs_ids_and_paths(tmp_path: Path) -> None:
     assert [s.id for s in specs] == ["f__m", "f__m_2", "T1w__m", "f__none"]
     assert specs[0].fixed == str(tmp_path / "a" / "f.nii.gz") and specs[2].fixed == "/abs/sub 1/T1w.nii"
     assert specs[0].problem is None and "fixed and moving" in str(specs[3].problem)
+    # the files that do not exist, with the folder relative paths are read from; a row's own problem first
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "m.nii.gz").write_bytes(b"")
+    checked = [with_missing_files(s, tmp_path) for s in specs]
+    assert checked[0].problem == (
+        f"line 3: fixed image not found: '{tmp_path}/a/f.nii.gz'; moving image not found: '{tmp_path}/a/m.nii.gz' "
+        f"(relative paths are read from the CSV's folder '{tmp_path}')."
+    )
+    assert checked[2].problem is not None and checked[2].problem.startswith("line 5: fixed image not found: '/abs/sub 1/T1w.nii' (")
+    assert checked[3] == specs[3]
+    for name in ("a/f.nii.gz", "a/m.nii.gz"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    assert with_missing_files(specs[0], tmp_path) is specs[0]
     (tmp_path / "dup.csv").write_text("fixed,moving,id\nf.nii,m.nii,x\nf.nii,m.nii,X\n")
     with pytest.raises(InputError, match="repeats line 2"):
         read_pairs(tmp_path / "dup.csv")
@@ -165,6 +180,26 @@ def test_rerun_skips_complete_and_redoes_the_rest(pairs: Path, first_run: Path, 
     # a third run has nothing to do and rewrites the same summary
     assert main(["register-many", "--pairs", str(pairs / "pairs.csv"), "--output", str(out), *OVERRIDES, *IN_PROCESS]) == 0
     assert _mtimes(out, ["a", "fixed__moving", "c"]) == after and len(_summary(out)) == 4
+
+
+def test_rows_that_cannot_run_are_named_before_the_first_fit(pairs: Path, first_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = pairs / "out_upfront"
+    shutil.copytree(first_run, out)
+    (pairs / "upfront.csv").write_text(
+        "fixed,moving,fixed_labels,moving_labels,id\n"
+        "data/s0/fixed.nii.gz,data/s0/moving.nii.gz,data/s0/fixed_labels.nii.gz,data/s0/moving_labels.nii.gz,a\n"
+        "data/s0/fixed.nii.gz,data/s0/moving.nii.gz,data/s0/fixed_labels.nii.gz,data/s0/missing_labels.nii.gz,typo\n"
+    )
+    capsys.readouterr()
+    assert main(["register-many", "--pairs", str(pairs / "upfront.csv"), "--output", str(out), *OVERRIDES, *IN_PROCESS]) == 1
+    captured = capsys.readouterr()
+    assert "2 pairs, 1 already complete, 1 to do" in captured.out
+    expected = f"1 of them cannot run and will be reported as failed: 'typo' (line 3: moving label map not found: '{pairs}/data/s0/missing_labels.nii.gz'"
+    assert expected in captured.err
+    assert captured.err.index(expected) < captured.err.index("pair 'typo' FAILED")  # named before its turn
+    row = _summary(out)[1]
+    assert row["id"] == "typo" and row["status"] == "failed" and "moving label map not found" in row["error"]
+    assert "moving label map not found" in (out / "typo" / "error.txt").read_text()
 
 
 def _disp(folder: Path) -> np.ndarray:
