@@ -184,7 +184,7 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
             bad = [specs[i] for i in pending if specs[i].problem]
             if bad:  # before the first fit: a cohort's bad rows are known at once, not when their turn comes
                 print(f"nir register-many: {len(bad)} of them cannot run and will be reported as failed: "
-                      + "; ".join(f"'{s.id}' ({s.problem})" for s in bad), file=sys.stderr, flush=True)
+                      + "; ".join(f"'{s.id}' ({str(s.problem).rstrip('.')})" for s in bad), file=sys.stderr, flush=True)
 
         partial = out / f".summary.rank{d.rank}-of-{d.world}.csv"
         results: dict[int, dict[str, Any]] = {}
