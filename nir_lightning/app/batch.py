@@ -183,8 +183,9 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
             print(f"nir register-many: {len(specs)} pairs, {len(done)} already complete, {len(pending)} to do" + (f" over {d.world} ranks" if d.world > 1 else ""), flush=True)
             bad = [specs[i] for i in pending if specs[i].problem]
             if bad:  # before the first fit: a cohort's bad rows are known at once, not when their turn comes
-                print(f"nir register-many: {len(bad)} of them cannot run and will be reported as failed: "
-                      + "; ".join(f"'{s.id}' ({str(s.problem).rstrip('.')})" for s in bad), file=sys.stderr, flush=True)
+                named = "; ".join(f"'{s.id}' ({str(s.problem).rstrip('.')})" for s in bad[:10])
+                more = f"; and {len(bad) - 10} more (summary.csv names each)" if len(bad) > 10 else ""
+                print(f"nir register-many: {len(bad)} of them cannot run and will be reported as failed: {named}{more}", file=sys.stderr, flush=True)
 
         partial = out / f".summary.rank{d.rank}-of-{d.world}.csv"
         results: dict[int, dict[str, Any]] = {}
