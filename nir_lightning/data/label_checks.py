@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from nir_lightning.data.foreground import foreground
+from nir_lightning.data.label_like import image_like_label_map
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +289,15 @@ def check_label_maps(
     >>> check_label_maps(img, img, torch.tensor([[[0, 1, 1, 2, 2]]]), torch.tensor([[[0, 1, 1, 2, 2]]]))
     []
     """
+    # an image given as a label map first: the checks below would only restate it less plainly
+    images = [
+        msg for labels, what in ((fixed_labels, _named("fixed label map", fixed_labels_path)), (moving_labels, _named("moving label map", moving_labels_path)))
+        if (msg := image_like_label_map(_volume(labels), what))
+    ]
+    if images:
+        for msg in images:
+            log.warning(msg)
+        return images
     report = pair_label_report(fixed, moving, fixed_labels, moving_labels)
     log.debug("label checks: %s", report)
     messages = label_warnings(

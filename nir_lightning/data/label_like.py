@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["LABEL_CHANGE_MAX", "interpolation_warning", "neighbour_change_fraction"]
+__all__ = ["LABEL_CHANGE_MAX", "image_like_label_map", "interpolation_warning", "neighbour_change_fraction"]
 
 LABEL_CHANGE_MAX = 0.5
 """A volume whose neighbouring non-zero voxels differ in more than this share of pairs is an image."""
@@ -42,6 +42,33 @@ def neighbour_change_fraction(data: np.ndarray) -> float:
     return changed / pairs if pairs else float("nan")
 
 
+def _looks_like_an_image(what: str, change: float) -> str:
+    return (
+        f"{what} looks like an intensity image, not a label map: {100 * change:.0f}% of the pairs of neighbouring "
+        f"non-zero voxels differ in value (under {100 * LABEL_CHANGE_MAX:.0f}% in a label map, whose regions are uniform)"
+    )
+
+
+def image_like_label_map(data: np.ndarray, what: str) -> str | None:
+    """The warning for a label map (named ``what``) whose values vary between most neighbours: an
+    image passed where a segmentation belongs (Dice would be computed over its grey values);
+    ``None`` for a label map.
+
+    >>> image_like_label_map(np.arange(64).reshape(4, 4, 4) + 1, "the fixed label map 'T1.nii.gz'")[:66]
+    "the fixed label map 'T1.nii.gz' looks like an intensity image, not"
+    >>> image_like_label_map(np.ones((4, 4, 4), np.int16), "x") is None
+    True
+    """
+    change = neighbour_change_fraction(data)
+    if not change > LABEL_CHANGE_MAX:
+        return None
+    values = np.unique(data).size
+    return (
+        f"{_looks_like_an_image(what, change)}: Dice and HD95 would be computed over its {values} values. "
+        "Pass the segmentation of this image (e.g. FreeSurfer's aseg) instead."
+    )
+
+
 def interpolation_warning(data: np.ndarray, mode: str, what: str) -> str | None:
     """The warning for resampling ``data`` (named ``what``, e.g. ``"--input 'x.nii.gz'"``) with
     interpolation ``mode``, or ``None`` when the mode suits the values.
@@ -65,9 +92,8 @@ def interpolation_warning(data: np.ndarray, mode: str, what: str) -> str | None:
     if mode == "label" and change > LABEL_CHANGE_MAX:
         values = np.unique(data).size
         return (
-            f"{what} looks like an intensity image, not a label map: {100 * change:.0f}% of the pairs of neighbouring "
-            f"non-zero voxels differ in value (under {100 * LABEL_CHANGE_MAX:.0f}% in a label map, whose regions are uniform), "
-            f"so --interpolation label treats each of its {values} values as a label. Use --interpolation linear for images."
+            f"{_looks_like_an_image(what, change)}, so --interpolation label treats each of its {values} values as a label. "
+            "Use --interpolation linear for images."
         )
     if mode == "linear" and change <= LABEL_CHANGE_MAX and np.all(data == np.round(data)):
         values = np.unique(data).size

@@ -81,6 +81,20 @@ def test_identical_label_maps_warn(tiny_pair: dict[str, Path], caplog: pytest.Lo
     assert any("identical" in m for m in _warnings(caplog))
 
 
+def test_an_image_given_as_a_label_map_is_named(tiny_pair: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The fixed image itself, as 8-bit integers, passed as --fixed-labels: one plain warning, and
+    none of the fit checks' (which would blame coverage or homogeneity)."""
+    img: Any = nib.load(str(tiny_pair["fixed"]))
+    grey = np.asarray(img.dataobj, dtype=np.float64)
+    path = tmp_path / "t1_as_labels.nii.gz"
+    nib.save(nib.Nifti1Image(np.round(255 * grey / grey.max()).astype(np.int16), img.affine), str(path))
+    with caplog.at_level(logging.WARNING, logger=CHECKS):
+        pair = _load(tiny_pair, fixed_labels=path)
+    (msg,) = _warnings(caplog)
+    assert msg.startswith(f"the fixed label map '{path}' looks like an intensity image, not a label map")
+    assert "Pass the segmentation of this image" in msg and msg in pair.notes
+
+
 def test_figures_on_synthetic_volumes() -> None:
     img = torch.zeros(8, 8, 8)
     img[2:6, 2:6, 2:4], img[2:6, 2:6, 4:6] = 0.4, 0.9
