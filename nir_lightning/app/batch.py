@@ -176,7 +176,7 @@ def register_many(argv: Sequence[str]) -> dict[str, Any]:
             box: list[Any] = [pending, {i: seen[i] for i in pending}, {i: specs[i].problem for i in pending}] if d.rank == 0 else [None, None, None]
             dist.broadcast_object_list(box, src=0)
             pending, seen, problems = box
-            specs = [replace(spec, problem=problems[i]) if i in problems else spec for i, spec in enumerate(specs)]
+            specs = [replace(spec, problem=problems[i]) if problems.get(i) else spec for i, spec in enumerate(specs)]
         mine = pending[d.rank :: d.world]
         tag = f"[rank {d.rank}/{d.world}] " if d.world > 1 else ""
         if d.rank == 0:

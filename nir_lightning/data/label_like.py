@@ -42,6 +42,11 @@ def neighbour_change_fraction(data: np.ndarray) -> float:
     return changed / pairs if pairs else float("nan")
 
 
+def _integer_valued(data: np.ndarray) -> bool:
+    """Whole numbers only; an integer type is, without a rounded copy of the volume."""
+    return bool(np.issubdtype(data.dtype, np.integer) or np.all(data == np.round(data)))
+
+
 def _looks_like_an_image(what: str, change: float) -> str:
     return (
         f"{what} looks like an intensity image, not a label map: {100 * change:.0f}% of the pairs of neighbouring "
@@ -95,7 +100,7 @@ def interpolation_warning(data: np.ndarray, mode: str, what: str) -> str | None:
             f"{_looks_like_an_image(what, change)}, so --interpolation label treats each of its {values} values as a label. "
             "Use --interpolation linear for images."
         )
-    if mode == "linear" and change <= LABEL_CHANGE_MAX and np.all(data == np.round(data)):
+    if mode == "linear" and change <= LABEL_CHANGE_MAX and _integer_valued(data):
         values = np.unique(data).size
         if values - int(bool(np.any(data == 0))) >= 2:
             return (
