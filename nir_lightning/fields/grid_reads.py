@@ -7,7 +7,9 @@ it the edge cell is extended linearly.
 
 - Points: :func:`trilinear_with_jacobian`, a written-out gather of the eight corners, so that the
   same corners give the value and the exact derivative with respect to the point in one pass
-  (``grid_sample`` has no forward-mode derivative).
+  (``grid_sample`` has no forward-mode derivative). Where only the grid is differentiated (the
+  folding penalty's points), the same arithmetic runs one axis at a time with a written-out
+  backward (``_TrilinearJacobianRead``).
 - Lattices: :func:`level_lattice_read` reads axis by axis with one gather of the two
   neighbouring slices per coordinate (:func:`axis_read`; backward written out in ``_AxisRead``);
   :func:`lattice_read` is the reference form with interpolation matrices (:func:`linear_weights`).
@@ -51,6 +53,8 @@ def trilinear_with_jacobian(
     base = (cell.long() * strides).sum(-1)  # (M,)
     corners = _CORNERS.to(x.device)
     rows = base[:, None] + (corners * strides).sum(-1)[None]  # (M, 8)
+    if channels_first and jacobian and not x.requires_grad:  # the folding penalty's points: only the grid is differentiated
+        return _TrilinearJacobianRead.apply(grid, rows.T.contiguous(), t, scale)
     if channels_first:
         c = grid.shape[0]
         values = _CornerGather.apply(grid, rows.reshape(-1)).reshape(c, *rows.shape).permute(1, 2, 0)  # (M, 8, C)
@@ -86,6 +90,55 @@ class _CornerGather(torch.autograd.Function):
         out = grad.new_zeros(ctx.shape)
         out.view(ctx.shape[0], -1).index_add_(1, rows, grad)
         return out, None
+
+
+class _TrilinearJacobianRead(torch.autograd.Function):
+    """The value and the three derivatives of a channels-first ``grid`` ``(C, R0, R1, R2)`` at
+    points whose eight corners are ``rows`` ``(8, M)`` (corner-major, so that every product below
+    runs along the points' contiguous axis), and their offsets ``t`` ``(M, 3)`` in the cell.
+
+    The same trilinear arithmetic as the corner weights times the corner values, done one axis at
+    a time (lerp along axis 2, then 1, then 0; a derivative is the difference instead of the lerp
+    along its axis), with a backward written out the same way round; only the grid is
+    differentiated. Batched ``(M, 4, 8) @ (M, 8, C)`` products of eight-element rows were the
+    largest cost of the folding penalty's points (about 3x slower, forward and backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, grid: Tensor, rows: Tensor, t: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        c, m = grid.shape[0], rows.shape[1]
+        v = grid.reshape(c, -1).index_select(1, rows.reshape(-1)).reshape(c, 2, 2, 2, m)  # (C, c0, c1, c2, M)
+        tt = t.T.to(grid.dtype).contiguous()  # (3, M)
+        s = scale.to(grid.dtype)
+        d2 = v[:, :, :, 1] - v[:, :, :, 0]  # (C, 2, 2, M): along axis 2
+        a2 = torch.addcmul(v[:, :, :, 0], d2, tt[2])
+        d1 = a2[:, :, 1] - a2[:, :, 0]  # (C, 2, M): along axis 1
+        a21 = torch.addcmul(a2[:, :, 0], d1, tt[1])
+        d2 = torch.lerp(d2[:, :, 0], d2[:, :, 1], tt[1])
+        value = torch.lerp(a21[:, 0], a21[:, 1], tt[0])  # (C, M)
+        jac = torch.stack(
+            [(a21[:, 1] - a21[:, 0]) * s[0], torch.lerp(d1[:, 0], d1[:, 1], tt[0]) * s[1], torch.lerp(d2[:, 0], d2[:, 1], tt[0]) * s[2]]
+        )  # (3, C, M)
+        ctx.save_for_backward(rows, tt, s)
+        ctx.shape = grid.shape
+        return value.T, jac.permute(2, 0, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad_value: Tensor, grad_jac: Tensor) -> tuple[Tensor | None, ...]:
+        rows, tt, s = ctx.saved_tensors
+        c = ctx.shape[0]
+        gv = grad_value.T  # (C, M)
+        g = grad_jac.permute(1, 2, 0) * s[:, None, None]  # (3, C, M)
+        # each step splits a gradient over the two vertices of one axis: the value's by the
+        # lerp's weights (1 - t, t), the derivative along that axis by (-1, +1)
+        a = torch.stack([gv * (1 - tt[0]) - g[0], torch.addcmul(g[0], gv, tt[0])], 1)  # (C, c0, M)
+        b1 = torch.stack([g[1] * (1 - tt[0]), g[1] * tt[0]], 1)
+        b2 = torch.stack([g[2] * (1 - tt[0]), g[2] * tt[0]], 1)
+        a = torch.stack([a * (1 - tt[1]) - b1, torch.addcmul(b1, a, tt[1])], 2)  # (C, c0, c1, M)
+        b2 = torch.stack([b2 * (1 - tt[1]), b2 * tt[1]], 2)
+        corners = torch.stack([a * (1 - tt[2]) - b2, torch.addcmul(b2, a, tt[2])], 3)  # (C, c0, c1, c2, M)
+        out = gv.new_zeros(ctx.shape)
+        out.view(c, -1).index_add_(1, rows.reshape(-1), corners.reshape(c, -1))
+        return out, None, None, None
 
 
 def linear_weights(coords: Tensor, vertices: int, *, derivative: bool = False) -> Tensor:

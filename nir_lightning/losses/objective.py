@@ -17,6 +17,7 @@ from nir_lightning.coords import apply_matrix, inside_grid, normalized_to_voxel,
 from nir_lightning.core.jacobian import determinant, jacobian_forward
 from nir_lightning.core.resample import sample_image
 from nir_lightning.losses.folding import FoldingPenalty, forward_stencil_jacobian
+from nir_lightning.losses.lattice_terms import lattice_barrier_and_bending
 from nir_lightning.losses.similarity import Similarity
 from nir_lightning.losses.smoothness import SmoothnessPenalty
 from nir_lightning.sampling import CoordinateSample
@@ -109,11 +110,14 @@ def registration_objective(
         phi = transform_lattice(axes) if transform_lattice is not None and axes is not None else transform(pts)
         phi_vox = normalized_to_voxel(phi, shape)
         assert sample.spacing is not None
-        jac_vox = jacobian_forward(phi_vox, sample.spacing) if min(phi_vox.shape[1:4]) >= 2 else None
-        reg = folding.lattice(sample, phi_vox, jac_vox)
-        if smooth_on:
-            assert smoothness is not None
-            smooth = smoothness.lattice(phi_vox, sample.spacing, voxel_size, jac_vox)
+        if _fused_lattice_terms(folding, smoothness if smooth_on else None, sample, phi_vox):
+            reg, smooth = lattice_barrier_and_bending(phi_vox, sample.spacing, margin=folding.margin, voxel_size=voxel_size, bending=smooth_on)
+        else:
+            jac_vox = jacobian_forward(phi_vox, sample.spacing) if min(phi_vox.shape[1:4]) >= 2 else None
+            reg = folding.lattice(sample, phi_vox, jac_vox)
+            if smooth_on:
+                assert smoothness is not None
+                smooth = smoothness.lattice(phi_vox, sample.spacing, voxel_size, jac_vox)
     else:
         phi_vox, jac = forward_stencil_jacobian(transform, pts, shape)
         phi = voxel_to_normalized(phi_vox, shape)
@@ -145,6 +149,19 @@ def registration_objective(
     if smooth_on:
         loss = loss + alpha * smooth
     return {"loss": loss, "sim": sim, "sim_inverse": sim_inverse, "jedt": reg, "smooth": smooth}
+
+
+def _fused_lattice_terms(folding: FoldingPenalty, smoothness: SmoothnessPenalty | None, sample: CoordinateSample, phi_vox: Tensor) -> bool:
+    """Whether the lattice's barrier and prior are the pair that
+    :func:`~nir_lightning.losses.lattice_terms.lattice_barrier_and_bending` computes in one pass
+    (the same values as :meth:`FoldingPenalty.lattice` and :meth:`SmoothnessPenalty.lattice`):
+    the ``"jedt"`` barrier on forward differences, and the bending prior or none."""
+    assert sample.spacing is not None
+    central = folding.stencil == "central" and tuple(sample.spacing) == (1, 1, 1)  # adds central differences
+    return (
+        folding.kind == "jedt" and not central and min(phi_vox.shape[1:4]) >= 2
+        and (smoothness is None or smoothness.kind == "bending")
+    )
 
 
 def _inverse_similarity(

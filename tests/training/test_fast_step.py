@@ -12,7 +12,7 @@ from nir_lightning.core.jacobian import determinant
 from nir_lightning.data.pair import ImagePair
 from nir_lightning.data.phantom import make_phantom
 from nir_lightning.fields import GridDisplacementField
-from nir_lightning.fields.grid_reads import _CornerGather, axis_read
+from nir_lightning.fields.grid_reads import _CornerGather, axis_read, trilinear_with_jacobian
 from nir_lightning.training.module import RegistrationModule
 
 
@@ -89,6 +89,25 @@ def test_corner_gather_is_index_select_and_adds_the_lattice_gradient_in_place() 
         loss.backward()
     adds = {e.key for e in prof.events() if e.key in ("aten::add", "aten::add_") and e.input_shapes and e.input_shapes[0] == finest}
     assert adds == {"aten::add_"}, adds  # with index_select's backward (a view): {"aten::add"}
+
+
+def test_the_det_j_points_read_equals_the_corner_weights_read() -> None:
+    """The det J points' read (0.2.23: one axis at a time, written-out backward) gives the values,
+    the derivatives and the grid's gradient of the corner-weights read (the path a point that
+    needs its own gradient still takes, as in the velocity field's flow), also outside [-1, 1]."""
+    gen = torch.Generator().manual_seed(0)
+    grid = torch.randn(4, 7, 9, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(300, 3, generator=gen, dtype=torch.float64) * 2.4 - 1.2
+    fast = trilinear_with_jacobian(grid, x, jacobian=True, channels_first=True)
+    slow = trilinear_with_jacobian(grid, x.clone().requires_grad_(), jacobian=True, channels_first=True)
+    assert slow[1] is not None and fast[1] is not None
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(fast[1], slow[1], atol=1e-12, rtol=0)
+    wv, wj = torch.randn_like(fast[0]), torch.randn_like(fast[1])
+    g_fast = torch.autograd.grad((fast[0] * wv).sum() + (fast[1] * wj).sum(), grid)[0]
+    g_slow = torch.autograd.grad((slow[0] * wv).sum() + (slow[1] * wj).sum(), grid)[0]
+    torch.testing.assert_close(g_fast, g_slow, atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda g: trilinear_with_jacobian(g, x[:20], jacobian=True, channels_first=True), (grid,))
 
 
 def test_determinant_is_the_cofactor_formula() -> None:
