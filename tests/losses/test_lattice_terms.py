@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from nir_lightning.coords import normalized_to_voxel
 from nir_lightning.core.jacobian import jacobian_forward
 from nir_lightning.losses import FoldingPenalty, Similarity, SmoothnessPenalty, registration_objective
 from nir_lightning.losses.lattice_terms import lattice_barrier_and_bending
@@ -68,7 +69,7 @@ def test_known_fields() -> None:
     t = torch.tensor([1.5, -2.0, 0.25], dtype=torch.float64, requires_grad=True)
     barrier, bend = lattice_barrier_and_bending(lattice((6, 6, 6), (2.0, 2.0, 2.0)) + t, (2.0, 2.0, 2.0), margin=0.35, voxel_size=(2.0, 2.0, 2.0))
     (barrier + bend).backward()
-    assert float(barrier) == 0.0 and float(bend) == pytest.approx(0.0, abs=1e-12)
+    assert float(barrier.detach()) == 0.0 and float(bend.detach()) == pytest.approx(0.0, abs=1e-12)
     assert t.grad is not None and float(t.grad.abs().max()) < 1e-12
     # an affine map squeezing volume to 0.008: no bending, the barrier pays margin - det J
     a = torch.diag(torch.tensor([0.2, 0.2, 0.2], dtype=torch.float64))
@@ -102,7 +103,7 @@ def test_the_objective_takes_the_same_terms_either_way(folding: FoldingPenalty, 
     gen = torch.Generator().manual_seed(0)
     img = torch.rand(1, 1, 10, 12, 9, generator=gen, dtype=torch.float64)
     sample = DownsizeSampler(stride=2).sample((10, 12, 9), generator=torch.Generator().manual_seed(1))
-    warp = torch.randn(3, generator=gen, dtype=torch.float64) * 0.05
+    warp = (torch.randn(3, generator=gen, dtype=torch.float64) * 0.05).requires_grad_()
 
     def transform(x: torch.Tensor) -> torch.Tensor:
         return x + warp * torch.sin(3 * x[..., :1])
@@ -111,12 +112,27 @@ def test_the_objective_takes_the_same_terms_either_way(folding: FoldingPenalty, 
         transform, img, img, sample, similarity=Similarity("lncc", window=3), folding=folding, lam=5.0,
         smoothness=smoothness, alpha=0.5, voxel_size=(2.0, 2.0, 2.0),
     )
-    from nir_lightning.coords import normalized_to_voxel
-
     phi_vox = normalized_to_voxel(transform(sample.points), (10, 12, 9))
     assert sample.spacing is not None
     jac = jacobian_forward(phi_vox, sample.spacing)
     torch.testing.assert_close(out["jedt"], folding.lattice(sample, phi_vox, jac), atol=1e-12, rtol=1e-12)
     expected = smoothness.lattice(phi_vox, sample.spacing, (2.0, 2.0, 2.0), jac) if smoothness.active else torch.zeros((), dtype=torch.float64)
     torch.testing.assert_close(out["smooth"], expected, atol=1e-12, rtol=1e-12)
-    assert float(out["smooth"]) > 0 or not smoothness.active
+    assert float(out["smooth"].detach()) > 0 or not smoothness.active
+    one_pass = folding.kind == "jedt" and smoothness.kind in ("bending", "none")
+    assert ("_LatticeTermsBackward" in _graph(out["loss"])) == one_pass
+
+
+def _graph(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind ``t``."""
+    names: set[str] = set()
+    visited: set[int] = set()
+    todo = [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        names.add(node.name())
+        todo.extend(n for n, _ in node.next_functions)
+    return names
