@@ -101,7 +101,8 @@ class _TrilinearJacobianRead(torch.autograd.Function):
     a time (lerp along axis 2, then 1, then 0; a derivative is the difference instead of the lerp
     along its axis), with a backward written out the same way round; only the grid is
     differentiated. Batched ``(M, 4, 8) @ (M, 8, C)`` products of eight-element rows were the
-    largest cost of the folding penalty's points (about 3x slower, forward and backward)."""
+    largest cost of the folding penalty's points (16384 points on a 97^3 grid at one thread:
+    forward 8.6-11.8 ms against 4.8-6.2 here, backward 13.2-17.4 against 9.5-11.0)."""
 
     @staticmethod
     def forward(ctx: Any, grid: Tensor, rows: Tensor, t: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
