@@ -52,6 +52,16 @@ def jacobian_central(phi_vox: Tensor) -> Tensor:
     return torch.stack(grads, dim=-1)
 
 
+def det_of_entries(a: Tensor, b: Tensor, c: Tensor, d: Tensor, e: Tensor, f: Tensor, g: Tensor, h: Tensor, i: Tensor) -> Tensor:
+    """det of ``[[a, b, c], [d, e, f], [g, h, i]]``, entrywise over tensors of one shape: the one
+    cofactor expansion (one order of operations) that every det J of the package computes.
+
+    >>> float(det_of_entries(*torch.eye(3).flatten()))
+    1.0
+    """
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
 def determinant(jac: Tensor) -> Tensor:
     """Determinant of ``(..., 3, 3)`` matrices (explicit formula: fast and twice differentiable).
 
@@ -59,8 +69,7 @@ def determinant(jac: Tensor) -> Tensor:
     [1.0, 1.0]
     """
     # one unbind, not nine selects: a select's backward fills a zero tensor of the whole input
-    a, b, c, d, e, f, g, h, i = jac.flatten(-2).unbind(-1)
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return det_of_entries(*jac.flatten(-2).unbind(-1))
 
 
 def jacobian_determinant(disp_vox: Tensor) -> Tensor:
@@ -79,8 +88,7 @@ def jacobian_determinant(disp_vox: Tensor) -> Tensor:
     a, d, g = g0.unbind(-1)
     b, e, h = g1.unbind(-1)
     c, f, i = g2.unbind(-1)
-    a, e, i = a + 1.0, e + 1.0, i + 1.0
-    return (a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)).to(disp_vox.dtype)
+    return det_of_entries(a + 1.0, b, c, d, e + 1.0, f, g, h, i + 1.0).to(disp_vox.dtype)
 
 
 @torch.no_grad()

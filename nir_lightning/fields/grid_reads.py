@@ -52,9 +52,10 @@ def trilinear_with_jacobian(
     strides = torch.tensor([dims[1] * dims[2], dims[2], 1], device=x.device)
     base = (cell.long() * strides).sum(-1)  # (M,)
     corners = _CORNERS.to(x.device)
-    rows = base[:, None] + (corners * strides).sum(-1)[None]  # (M, 8)
+    offsets = (corners * strides).sum(-1)  # (8,): each corner's row from the cell's first
     if channels_first and jacobian and not x.requires_grad:  # the folding penalty's points: only the grid is differentiated
-        return _TrilinearJacobianRead.apply(grid, rows.T.contiguous(), t, scale)
+        return _TrilinearJacobianRead.apply(grid, offsets[:, None] + base[None], t, scale)  # rows (8, M)
+    rows = base[:, None] + offsets[None]  # (M, 8)
     if channels_first:
         c = grid.shape[0]
         values = _CornerGather.apply(grid, rows.reshape(-1)).reshape(c, *rows.shape).permute(1, 2, 0)  # (M, 8, C)

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from nir_lightning.core.jacobian import det_of_entries
+
 __all__ = ["lattice_barrier_and_bending"]
 
 
@@ -82,40 +84,39 @@ class _LatticeTerms(torch.autograd.Function):
         jac = torch.stack(
             [(p[:, :, 1:, :-1, :-1] - base) / h[0], (p[:, :, :-1, 1:, :-1] - base) / h[1], (p[:, :, :-1, :-1, 1:] - base) / h[2]], dim=1
         )  # (3 rows i, 3 columns a, B, n0, n1, n2): J_ia = d phi_i / d x_a, as jacobian_forward
-        a, b, c, d, e, f, g, hh, i = jac.reshape(9, *jac.shape[2:]).unbind(0)
-        det = a * (e * i - f * hh) - b * (d * i - f * g) + c * (d * hh - e * g)  # core.jacobian.determinant's order
+        det = det_of_entries(*jac.reshape(9, *jac.shape[2:]).unbind(0))
         barrier = torch.relu(margin - det).mean()
         bend = det.new_zeros(())
         ratio = None
+        diffs: list[Tensor | None] = [None, None, None]  # J's change (mm) along each lattice axis, kept for the backward
         if bending:
             ratio = jac.new_tensor([[vs[r] / vs[col] for col in range(3)] for r in range(3)]).reshape(3, 3, 1, 1, 1, 1)
             jmm = jac * ratio
             for ax in range(3):
                 if jmm.shape[3 + ax] < 2:
                     continue
-                diff = torch.diff(jmm, dim=3 + ax) / (h[ax] * vs[ax])
-                bend = bend + diff.square().sum() / (diff.numel() // 9)
+                diffs[ax] = diff = torch.diff(jmm, dim=3 + ax)
+                scaled = diff / (h[ax] * vs[ax])
+                bend = bend + scaled.square().sum() / (diff.numel() // 9)
         ctx.save_for_backward(jac, det)
-        ctx.consts = (h, vs, margin, bending, ratio, tuple(phi_vox.shape))
+        ctx.consts = (h, vs, margin, ratio, diffs, tuple(phi_vox.shape))
         return torch.stack([barrier, bend])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         jac, det = ctx.saved_tensors
-        h, vs, margin, bending, ratio, shape = ctx.consts
+        h, vs, margin, ratio, diffs, shape = ctx.consts
         g_barrier, g_bend = grad[0], grad[1]
         # barrier: d/d det of mean(ReLU(margin - det)) is -1/N where margin - det > 0
         weight = (margin - det > 0).to(det.dtype) * (-g_barrier / det.numel())
         g_jac = torch.stack([weight * cof for cof in _cofactors(jac)]).reshape(jac.shape)
-        if bending and ratio is not None:
-            jmm = jac * ratio
-            g_mm = torch.zeros_like(jmm)
-            for ax in range(3):
-                n = jmm.shape[3 + ax]
-                if n < 2:
+        if ratio is not None:
+            g_mm = torch.zeros_like(jac)
+            for ax, diff in enumerate(diffs):
+                if diff is None:
                     continue
+                n = jac.shape[3 + ax]
                 s = h[ax] * vs[ax]
-                diff = torch.diff(jmm, dim=3 + ax)
                 coeff = 2 * g_bend / ((diff.numel() // 9) * s * s)
                 step = diff * coeff  # d/d diff of sum(diff^2 / s^2) / N_ax, before the difference's transpose
                 g_mm.narrow(3 + ax, 1, n - 1).add_(step)
