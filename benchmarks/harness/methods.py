@@ -129,6 +129,9 @@ def nir_overrides(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_nir(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from nir_lightning import register_pair
+    from nir_lightning.app.allocator import keep_freed_memory
+
+    keep_freed_memory()  # as the `nir` command's process does (this worker is nir's alone)
 
     nir_out = out / "nir_output"
     configs = list(spec.get("nir_configs", []))

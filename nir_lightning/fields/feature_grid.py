@@ -28,12 +28,12 @@ from functools import reduce
 from operator import add
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nir_lightning.core.resample import grid_sample_threads
 from nir_lightning.errors import InputError
-from nir_lightning.fields.grid_reads import level_lattice_read, trilinear_with_jacobian
+from nir_lightning.fields.grid_reads import dense_gradient, level_lattice_read, trilinear_with_jacobian
+from nir_lightning.fields.grid_upsample import upsample_nested
 
 
 def level_resolutions(levels: int, coarsest: int) -> list[int]:
@@ -102,7 +102,7 @@ class FeatureGrid(nn.Module):
         )
         self.active_levels = levels
         self.out_features = features
-        self._cache: tuple[tuple, list[Tensor]] | None = None
+        self._cache: tuple[tuple, list[Tensor], bool] | None = None
         # The box of normalized coordinates the grids span (rows: low, high corner); the whole
         # image by default. Persistent, so a saved field reads its points as it was fitted.
         self.register_buffer("domain", torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]))
@@ -162,12 +162,14 @@ class FeatureGrid(nn.Module):
         them), so the lattice and the det J points of one step share one composition and one
         graph."""
         key = self._key()
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        if self._cache is not None and self._cache[0] == key and (self._cache[2] or not torch.is_grad_enabled()):
+            return self._cache[1]  # a composition with its graph serves reads without one too
         active = min(self.active_levels, self.levels)
-        # squeeze, not [0]: a select's backward fills a zero grid and copies into it (8 ms a step on 97^3)
+        # squeeze, not [0]: a select's backward fills a zero grid and copies into it (8 ms a step on 97^3);
+        # dense_gradient: the det J points' sparse gradient is added into the lattice's dense one
         grids = [self.grids[0].squeeze(0)] if active == 1 else [self._compose(active - 1).squeeze(0), self.grids[active - 1].squeeze(0)]
-        self._cache = (key, grids)
+        grids = [dense_gradient(g) for g in grids]
+        self._cache = (key, grids, torch.is_grad_enabled())
         return grids
 
     def clear_cache(self) -> None:
@@ -178,7 +180,6 @@ class FeatureGrid(nn.Module):
     def _key(self) -> tuple:
         return (
             self.active_levels,
-            torch.is_grad_enabled(),
             *((g._version, g.data_ptr(), g.requires_grad) for g in self.grids),
         )
 
@@ -190,9 +191,8 @@ class FeatureGrid(nn.Module):
     def _compose(self, levels: int) -> Tensor:
         """The first ``levels`` levels summed on the grid of the last of them, ``(1, features, R, R, R)``."""
         grid = self.grids[0]
-        for level in range(1, levels):
-            r = self.resolutions[level]
-            grid = F.interpolate(grid, size=(r, r, r), mode="trilinear", align_corners=True) + self.grids[level]
+        for level in range(1, levels):  # nested: the next level's vertices are this one's refined
+            grid = upsample_nested(grid) + self.grids[level]
         return grid
 
     def forward(self, x: Tensor) -> Tensor:
@@ -233,7 +233,7 @@ class FeatureGrid(nn.Module):
         it; normalized units; piecewise trilinear), one gather of eight corners from each of
         :meth:`reading_grids`."""
         t, scale = self._into_domain(x)
-        reads = [trilinear_with_jacobian(g, t, jacobian=True, channels_first=True) for g in self.reading_grids()]
+        reads = [trilinear_with_jacobian(g, t, jacobian=True, channels_first=True, sparse_grad=True) for g in self.reading_grids()]
         feats = reduce(add, (r[0] for r in reads))
         jac = reduce(add, (r[1] for r in reads if r[1] is not None))
         if scale is not None:  # chain rule through the box map: row a times d t_a / d x_a

@@ -9,7 +9,8 @@ it the edge cell is extended linearly.
   same corners give the value and the exact derivative with respect to the point in one pass
   (``grid_sample`` has no forward-mode derivative). Where only the grid is differentiated (the
   folding penalty's points), the same arithmetic runs one axis at a time with a written-out
-  backward (``_TrilinearJacobianRead``).
+  backward (``_TrilinearJacobianRead``), whose gradient can be sparse (``sparse_grad``: the
+  corners read, for a grid that also passes through :func:`dense_gradient`).
 - Lattices: :func:`level_lattice_read` reads axis by axis with one gather of the two
   neighbouring slices per coordinate (:func:`axis_read`; backward written out in ``_AxisRead``);
   :func:`lattice_read` is the reference form with interpolation matrices (:func:`linear_weights`).
@@ -22,14 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["axis_read", "lattice_points", "lattice_read", "level_lattice_read", "linear_weights", "trilinear_with_jacobian"]
+__all__ = ["axis_read", "dense_gradient", "lattice_points", "lattice_read", "level_lattice_read", "linear_weights", "trilinear_with_jacobian"]
 
 # corner c = (c0, c1, c2) in {0, 1}^3, in the order of its index c0 * 4 + c1 * 2 + c2
 _CORNERS = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)], dtype=torch.long)
 
 
 def trilinear_with_jacobian(
-    grid: Tensor, x: Tensor, *, jacobian: bool, channels_first: bool = False
+    grid: Tensor, x: Tensor, *, jacobian: bool, channels_first: bool = False, sparse_grad: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """Trilinear interpolation of ``grid`` ``(R0, R1, R2, C)`` at normalized points ``x`` ``(M, 3)``.
 
@@ -37,6 +38,9 @@ def trilinear_with_jacobian(
     ``x``, ``(M, 3, C)`` (tangent-major: row ``a`` is ``d/dx_a``; normalized units). Outside ``[-1, 1]`` the edge cell is extended
     linearly. Same values as ``grid_sample(..., align_corners=True)`` inside. ``channels_first``:
     ``grid`` is ``(C, R0, R1, R2)`` instead (a level's own layout: no transposed copy of it).
+    ``sparse_grad``: where only the grid is differentiated (channels first, with ``jacobian``), its
+    gradient is a sparse COO tensor of the corners read, not a dense grid of zeros around them;
+    for a grid that passes through :func:`dense_gradient`, which makes it dense again.
 
     >>> g = torch.arange(8.0).reshape(2, 2, 2, 1)  # value = 4 i0 + 2 i1 + i2 at the vertices
     >>> v, j = trilinear_with_jacobian(g, torch.zeros(1, 3), jacobian=True)
@@ -54,7 +58,7 @@ def trilinear_with_jacobian(
     corners = _CORNERS.to(x.device)
     offsets = (corners * strides).sum(-1)  # (8,): each corner's row from the cell's first
     if channels_first and jacobian and not x.requires_grad:  # the folding penalty's points: only the grid is differentiated
-        return _TrilinearJacobianRead.apply(grid, offsets[:, None] + base[None], t, scale)  # rows (8, M)
+        return _TrilinearJacobianRead.apply(grid, offsets[:, None] + base[None], t, scale, sparse_grad)  # rows (8, M)
     rows = base[:, None] + offsets[None]  # (M, 8)
     if channels_first:
         c = grid.shape[0]
@@ -106,7 +110,7 @@ class _TrilinearJacobianRead(torch.autograd.Function):
     forward 8.6-11.8 ms against 4.8-6.2 here, backward 13.2-17.4 against 9.5-11.0)."""
 
     @staticmethod
-    def forward(ctx: Any, grid: Tensor, rows: Tensor, t: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, grid: Tensor, rows: Tensor, t: Tensor, scale: Tensor, sparse: bool) -> tuple[Tensor, Tensor]:
         c, m = grid.shape[0], rows.shape[1]
         v = grid.reshape(c, -1).index_select(1, rows.reshape(-1)).reshape(c, 2, 2, 2, m)  # (C, c0, c1, c2, M)
         tt = t.T.to(grid.dtype).contiguous()  # (3, M)
@@ -121,7 +125,7 @@ class _TrilinearJacobianRead(torch.autograd.Function):
             [(a21[:, 1] - a21[:, 0]) * s[0], torch.lerp(d1[:, 0], d1[:, 1], tt[0]) * s[1], torch.lerp(d2[:, 0], d2[:, 1], tt[0]) * s[2]]
         )  # (3, C, M)
         ctx.save_for_backward(rows, tt, s)
-        ctx.shape = grid.shape
+        ctx.shape, ctx.sparse = grid.shape, sparse
         return value.T, jac.permute(2, 0, 1)
 
     @staticmethod
@@ -138,9 +142,55 @@ class _TrilinearJacobianRead(torch.autograd.Function):
         a = torch.stack([a * (1 - tt[1]) - b1, torch.addcmul(b1, a, tt[1])], 2)  # (C, c0, c1, M)
         b2 = torch.stack([b2 * (1 - tt[1]), b2 * tt[1]], 2)
         corners = torch.stack([a * (1 - tt[2]) - b2, torch.addcmul(b2, a, tt[2])], 3)  # (C, c0, c1, c2, M)
+        if ctx.sparse:
+            return _sparse_rows(corners.reshape(c, -1), rows.reshape(-1), ctx.shape), None, None, None, None
         out = gv.new_zeros(ctx.shape)
         out.view(c, -1).index_add_(1, rows.reshape(-1), corners.reshape(c, -1))
-        return out, None, None, None
+        return out, None, None, None, None
+
+
+def _sparse_rows(values: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
+    """``values`` ``(C, N)`` at the flat vertex ``rows`` ``(N,)`` of a ``(C, R0, R1, R2)`` grid, as
+    an uncoalesced sparse COO tensor of that shape (repeated rows add up)."""
+    c, n = values.shape
+    r12 = shape[2] * shape[3]
+    flat = rows.repeat(c)
+    index = torch.stack([
+        torch.arange(c, device=rows.device).repeat_interleave(n), flat // r12, (flat // shape[3]) % shape[2], flat % shape[3],
+    ])
+    return torch.sparse_coo_tensor(index, values.reshape(-1), shape, check_invariants=False)  # built in range
+
+
+class _DenseGradient(torch.autograd.Function):
+    """The identity, whose gradient leaves dense: a sparse one (reads of a few points) made dense."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.to_dense() if grad.layout != torch.strided else grad
+
+
+def dense_gradient(x: Tensor) -> Tensor:
+    """``x``, through which every gradient passes dense.
+
+    A grid read both on a lattice (a dense gradient) and at a few points with ``sparse_grad`` (a
+    sparse one) gets the sum of the two, accumulated by autograd before this node: the sparse
+    part is added into the dense one in place, instead of a second dense grid of zeros around a
+    few hundred points, filled, scattered into and added (15 MB each on the finest grid: the
+    finest-stage step's median 11 % and 17 % lower at 2 threads in two alternated runs, 0.2.24).
+    Should the sparse read be the only one, its gradient becomes dense here, so what reaches the
+    parameter (and the optimiser) is always dense.
+
+    >>> g = torch.zeros(1, 3, 3, 3, requires_grad=True)
+    >>> v, _ = trilinear_with_jacobian(dense_gradient(g), torch.zeros(1, 3), jacobian=True, channels_first=True, sparse_grad=True)
+    >>> v.sum().backward()
+    >>> g.grad.layout, float(g.grad.sum()), float(g.grad[0, 1, 1, 1])
+    (torch.strided, 1.0, 1.0)
+    """
+    return _DenseGradient.apply(x)
 
 
 def linear_weights(coords: Tensor, vertices: int, *, derivative: bool = False) -> Tensor:

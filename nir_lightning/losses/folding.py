@@ -156,6 +156,33 @@ def analytic_det(transform_with_jacobian: JacobianTransform, pts: Tensor) -> Ten
     return determinant(transform_with_jacobian(pts)[1])
 
 
+def analytic_barrier(transform_with_jacobian: JacobianTransform, pts: Tensor, margin: float) -> Tensor:
+    """``mean(ReLU(margin - det J))`` over ``pts`` ``(..., 3)`` (the ``"jedt"`` penalty of
+    :func:`analytic_det`), with a graph through the points below ``margin`` only.
+
+    A point above the floor has no gradient, and in a fit nearly all are (1-4 % of them below it
+    in the finest stage on the 2 mm brains), so every point's det J is read without a graph and
+    only those below are read again with one: the same value and gradient (up to the order of the
+    sum), with a backward over a few hundred points instead of all of them. On the diffeomorphic
+    config's flow, whose Jacobian is integrated along each point's path, that was most of a step.
+
+    >>> phi = lambda x: (x, torch.diag_embed(torch.stack([x[..., 0] + 1, torch.ones_like(x[..., 0]), torch.ones_like(x[..., 0])], -1)))
+    >>> x = torch.tensor([[-0.9, 0.0, 0.0], [0.5, 0.0, 0.0]], requires_grad=True)  # det J 0.1, 1.5
+    >>> out = analytic_barrier(phi, x, 0.3)
+    >>> round(float(out), 6), torch.autograd.grad(out, x)[0][:, 0].tolist()
+    (0.1, [-0.5, 0.0])
+    """
+    if not torch.is_grad_enabled():
+        return jacobian_penalty(analytic_det(transform_with_jacobian, pts), margin=margin)
+    with torch.no_grad():
+        low = analytic_det(transform_with_jacobian, pts) < margin
+    count = low.numel()
+    if count == 0 or not bool(low.any()):
+        return pts.new_zeros(())
+    det = analytic_det(transform_with_jacobian, pts[low])
+    return F.relu(margin - det).sum() / count
+
+
 def central_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int, int], *, voxels: Tensor | None = None) -> Tensor:
     """det J at ``pts`` ``(1, N, 1, 1, 3)`` by one-voxel central differences (6 evaluations per point): ``(N, 1, 1)``.
 
@@ -267,6 +294,8 @@ class FoldingPenalty:
                 raise InputError("jacobian_stencil='analytic' needs a field with an exact Jacobian (forward_with_jacobian)")
             half = voxel_offsets(shape, points).diagonal() / 2
             jitter = (torch.rand(points.shape, generator=generator, device=generator.device) * 2 - 1) * half
+            if self.kind == "jedt":
+                return analytic_barrier(transform_with_jacobian, points + jitter, self.margin)
             return self(analytic_det(transform_with_jacobian, points + jitter))
         if self.stencil == "central":
             return self(central_stencil_det(transform, points, shape))

@@ -245,3 +245,63 @@ def test_every_read_is_the_sum_of_the_active_levels_with_its_gradient(active: in
         g_want = torch.autograd.grad((reference(want_points) * w).sum(), list(enc.grids)[:active])
         for level, (a, b) in enumerate(zip(g_got, g_want, strict=True)):
             assert torch.allclose(a, b, atol=1e-12), f"{name}, level {level}"
+
+
+def test_the_det_j_points_gradient_is_sparse_on_the_way_and_dense_at_the_grids(monkeypatch) -> None:
+    """The points read with their Jacobian give the grids a sparse gradient, which is summed into
+    the lattice's dense one (dense_gradient): the same gradients as dense reads, dense at the
+    parameters, so Adam steps on them; alone, it reaches the parameters dense too."""
+    from nir_lightning.fields import feature_grid
+    from nir_lightning.training.schedule import build_adam
+
+    enc = FeatureGrid(levels=4, features=2, coarsest=3, init_scale=0.5).double()
+    x = _points(64) * 0.9
+    axes = tuple(torch.rand(1, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n)) * 1.8 - 0.9 for n in (3, 4, 5))
+    w = [torch.rand(s, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(((1, 3, 4, 5, 2), (64, 2), (64, 3, 2)))]
+
+    def grads(points_only: bool = False) -> list[torch.Tensor]:
+        enc.clear_cache()
+        v, j = enc.forward_with_jacobian(x)
+        loss = (v * w[1]).sum() + (j * w[2]).sum()
+        if not points_only:
+            loss = loss + (enc.on_lattice(axes)[0] * w[0]).sum()
+        for g in enc.grids:
+            g.grad = None
+        loss.backward()
+        return [g.grad for g in enc.grids]
+
+    got, got_points = grads(), grads(points_only=True)
+    original = feature_grid.trilinear_with_jacobian
+    monkeypatch.setattr(feature_grid, "trilinear_with_jacobian", lambda *a, **k: original(*a, **{**k, "sparse_grad": False}))
+    want, want_points = grads(), grads(points_only=True)
+    for a, b in zip(got + got_points, want + want_points, strict=True):
+        assert a.layout == torch.strided and a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-12)
+    grads()
+    build_adam([{"params": list(enc.parameters())}], 1e-2).step()  # a sparse gradient would be refused here
+
+
+def test_a_point_read_with_sparse_grad_gives_a_leaf_grid_a_sparse_gradient_of_the_corners() -> None:
+    g = torch.rand(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    x = _points(10) * 0.8
+    v, j = trilinear_with_jacobian(g, x, jacobian=True, channels_first=True, sparse_grad=True)
+    w = torch.rand(10, 3, 3, dtype=torch.float64)
+    sparse = torch.autograd.grad(v.sum() + (j * w).sum(), g)[0]
+    v, j = trilinear_with_jacobian(g, x, jacobian=True, channels_first=True)
+    dense = torch.autograd.grad(v.sum() + (j * w).sum(), g)[0]
+    assert sparse.layout == torch.sparse_coo and sparse.coalesce()._nnz() <= 10 * 8 * 3
+    assert torch.allclose(sparse.to_dense(), dense, atol=1e-12)
+
+
+def test_a_composition_with_its_graph_serves_reads_without_one_but_not_the_reverse() -> None:
+    enc = FeatureGrid(levels=3, features=2, coarsest=3)
+    with torch.no_grad():
+        bare = enc.reading_grids()
+    assert bare[0].grad_fn is None  # the coarser levels composed without a graph
+    with_graph = enc.reading_grids()  # a read with a graph composes again
+    assert with_graph[0].grad_fn is not None
+    with torch.no_grad():
+        assert enc.reading_grids() is with_graph  # and a read without one reuses it
+    with torch.no_grad():
+        enc.grids[0].add_(1.0)  # as an optimiser step: a new version of the grids
+    assert enc.reading_grids() is not with_graph
