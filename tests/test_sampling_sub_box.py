@@ -193,3 +193,30 @@ def test_configs_set_the_parts_in_any_order(configs: list[str], expected: list[f
     sampler = NIRCLI(args, run=False).model.sampler
     assert isinstance(sampler, PyramidSampler) and sampler.box_fractions == expected
     assert sampler.strides == [4, 3, 2] and sampler.fractions == pytest.approx([0.45, 0.3, 0.25])
+
+
+@pytest.mark.parametrize(
+    ("configs", "steps"),
+    [
+        (["model/diffeomorphic.yaml"], 320),
+        (["trainer/cpu.yaml", "model/diffeomorphic.yaml"], 320),
+        (["model/diffeomorphic.yaml", "trainer/cpu.yaml"], 320),
+        (["model/diffeomorphic.yaml", "trainer/gpu.yaml"], 320),
+        (["model/displacement.yaml", "trainer/cpu.yaml"], 250),
+        (["trainer/cpu.yaml"], 250),
+        (["model/diffeomorphic.yaml", "model/symmetric.yaml"], 320),
+    ],
+)
+def test_the_fit_length_is_the_modes_in_any_order(configs: list[str], steps: int, configs_dir, tmp_path, monkeypatch) -> None:
+    """The diffeomorphic config fits 320 steps, the default 250, whichever order the trainer
+    config comes in (0.2.24: the trainer configs no longer set max_steps)."""
+    import sys
+
+    from nir_lightning.training.lightning_cli import NIRCLI
+
+    args = [a for c in configs for a in ("-c", str(configs_dir / c))]
+    args += ["-c", str(configs_dir / "logger" / "none.yaml"), "--data.demo=true", f"--trainer.default_root_dir={tmp_path}"]
+    if "trainer/gpu.yaml" in configs:
+        args += ["--trainer.accelerator=cpu"]  # the config's steps, on a machine without a GPU
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    assert NIRCLI(args, run=False).trainer.max_steps == steps
