@@ -153,11 +153,8 @@ def _sparse_rows(values: Tensor, rows: Tensor, shape: torch.Size) -> Tensor:
     """``values`` ``(C, N)`` at the flat vertex ``rows`` ``(N,)`` of a ``(C, R0, R1, R2)`` grid, as
     an uncoalesced sparse COO tensor of that shape (repeated rows add up)."""
     c, n = values.shape
-    r12 = shape[2] * shape[3]
-    flat = rows.repeat(c)
-    index = torch.stack([
-        torch.arange(c, device=rows.device).repeat_interleave(n), flat // r12, (flat // shape[3]) % shape[2], flat % shape[3],
-    ])
+    channel = torch.arange(c, device=rows.device).repeat_interleave(n)
+    index = torch.stack([channel, *torch.unravel_index(rows.repeat(c), tuple(shape[1:]))])
     return torch.sparse_coo_tensor(index, values.reshape(-1), shape, check_invariants=False)  # built in range
 
 

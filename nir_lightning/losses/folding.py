@@ -176,11 +176,10 @@ def analytic_barrier(transform_with_jacobian: JacobianTransform, pts: Tensor, ma
         return jacobian_penalty(analytic_det(transform_with_jacobian, pts), margin=margin)
     with torch.no_grad():
         low = analytic_det(transform_with_jacobian, pts) < margin
-    count = low.numel()
-    if count == 0 or not bool(low.any()):
+    if not bool(low.any()):  # none below (or no points): no gradient, nothing to read again
         return pts.new_zeros(())
     det = analytic_det(transform_with_jacobian, pts[low])
-    return F.relu(margin - det).sum() / count
+    return F.relu(margin - det).sum() / low.numel()
 
 
 def central_stencil_det(transform: Transform, pts: Tensor, shape: tuple[int, int, int], *, voxels: Tensor | None = None) -> Tensor:
@@ -293,10 +292,10 @@ class FoldingPenalty:
             if transform_with_jacobian is None:
                 raise InputError("jacobian_stencil='analytic' needs a field with an exact Jacobian (forward_with_jacobian)")
             half = voxel_offsets(shape, points).diagonal() / 2
-            jitter = (torch.rand(points.shape, generator=generator, device=generator.device) * 2 - 1) * half
+            jittered = points + (torch.rand(points.shape, generator=generator, device=generator.device) * 2 - 1) * half
             if self.kind == "jedt":
-                return analytic_barrier(transform_with_jacobian, points + jitter, self.margin)
-            return self(analytic_det(transform_with_jacobian, points + jitter))
+                return analytic_barrier(transform_with_jacobian, jittered, self.margin)
+            return self(analytic_det(transform_with_jacobian, jittered))
         if self.stencil == "central":
             return self(central_stencil_det(transform, points, shape))
         return self(forward_stencil_det(transform, points, shape)[1])
