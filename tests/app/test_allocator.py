@@ -34,8 +34,8 @@ def test_other_platforms_are_left_alone(monkeypatch) -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_a_steps_large_blocks_are_reused_without_new_page_faults() -> None:
     """What the setting is for: a step that allocates and frees the same large tensors (the finest
-    grid's gradient, 15 MB, and a lattice read's, 6 MB) faults most of their pages in again every
-    time by default, and few of them with the thresholds set."""
+    grid's gradient, 15 MB, and a lattice read's, 6 MB) faults few of their pages in again with the
+    thresholds set; by default, often most of them."""
     code = (
         "import resource, sys, torch\n"
         "from nir_lightning.app.allocator import keep_freed_memory\n"
@@ -54,5 +54,6 @@ def test_a_steps_large_blocks_are_reused_without_new_page_faults() -> None:
         for mode in ("off", "on")
     }
     pages = 2 * (4 * 97**3 + 4 * 40 * 97**2) * 4 // 4096  # the step's four tensors
-    assert faults["off"] > pages / 4, faults
-    assert faults["on"] < faults["off"] / 4, faults
+    # without the setting glibc's own threshold sometimes reuses the blocks too (5,000 faults a
+    # step in one run, 600 in another), so only the setting's side is asserted: the pages reused
+    assert faults["on"] < pages / 4, faults
