@@ -240,7 +240,7 @@ def test_full_grid_chunks_cover_every_voxel_once(max_points):
 
 # -- coarse to fine --------------------------------------------------------------------------------
 def test_pyramid_sampler_walks_its_stages_in_order():
-    s = PyramidSampler(strides=[4, 3, 2], sigmas=[2.0, 1.0, 0.0], fractions=[1, 1, 2], levels=[2, 4, 5])
+    s = PyramidSampler(strides=[4, 3, 2], sigmas=[2.0, 1.0, 0.0], fractions=[1, 1, 2], levels=[2, 4, 5], box_fractions=None)
     gen = torch.Generator().manual_seed(0)
     seen = [s.sample((30, 32, 34), generator=gen, progress=p) for p in (0.0, 0.24, 0.26, 0.49, 0.51, 0.99, 1.0)]
     assert [x.spacing[0] for x in seen] == [4, 4, 3, 3, 2, 2, 2]
@@ -251,7 +251,7 @@ def test_pyramid_sampler_walks_its_stages_in_order():
 
 def test_pyramid_sampler_keeps_its_point_budget_on_finer_images():
     """A 1 mm image gets the 2 mm image's point count: the stride (and the smoothing with it) grows."""
-    s = PyramidSampler(strides=[2], sigmas=[1.0], fractions=[1.0], levels=None, max_points=20_000)
+    s = PyramidSampler(strides=[2], sigmas=[1.0], fractions=[1.0], levels=None, max_points=20_000, box_fractions=None)
     gen = torch.Generator().manual_seed(0)
     small = s.sample((40, 48, 56), generator=gen)
     mid = s.sample((80, 96, 112), generator=gen)
@@ -268,6 +268,7 @@ def test_pyramid_sampler_keeps_its_point_budget_on_finer_images():
     [
         ({"strides": []}, "at least one stage"),
         ({"strides": [4, 2], "sigmas": [1.0], "fractions": [1, 1], "levels": None, "max_points": 64}, "sigmas has 1 entries but strides has 2"),
+        ({"strides": [4, 2], "sigmas": [1.0, 0.0], "fractions": [1, 1], "levels": None}, "box_fractions has 3 entries but strides has 2"),
         ({"strides": [0], "sigmas": [0.0], "fractions": [1.0], "levels": None, "max_points": 64}, "strides must be >= 1"),
         ({"fractions": [0.5, 0.0, 1.0]}, "fractions must be > 0"),
         ({"levels": [0, 5, 5]}, "levels must be >= 1"),
@@ -287,8 +288,8 @@ def test_pyramid_lattice_spans_the_mask_box_and_reads_images_by_slicing():
     mask = torch.zeros(shape, dtype=torch.bool)
     mask[10:25, 12:30, 20:34] = True
     image = torch.rand(1, 1, *shape)
-    cropped = PyramidSampler(strides=[3], sigmas=[0.0], fractions=[1.0], levels=None, max_points=2**17)
-    whole = PyramidSampler(strides=[3], sigmas=[0.0], fractions=[1.0], levels=None, max_points=2**17, crop=False)
+    cropped = PyramidSampler(strides=[3], sigmas=[0.0], fractions=[1.0], levels=None, max_points=2**17, box_fractions=None)
+    whole = PyramidSampler(strides=[3], sigmas=[0.0], fractions=[1.0], levels=None, max_points=2**17, crop=False, box_fractions=None)
     for seed in range(4):
         c = cropped.sample(shape, generator=torch.Generator().manual_seed(seed), mask=mask)
         w = whole.sample(shape, generator=torch.Generator().manual_seed(seed), mask=mask)
@@ -309,7 +310,7 @@ def test_pyramid_budget_counts_the_box():
     shape = (80, 96, 112)
     mask = torch.zeros(shape, dtype=torch.bool)
     mask[20:60, 20:70, 30:80] = True
-    s = PyramidSampler(strides=[2], sigmas=[0.0], fractions=[1.0], levels=None, max_points=40_000)
+    s = PyramidSampler(strides=[2], sigmas=[0.0], fractions=[1.0], levels=None, max_points=40_000, box_fractions=None)
     assert s.sample(shape, generator=torch.Generator().manual_seed(0)).spacing == (3.0, 3.0, 3.0)
     c = s.sample(shape, generator=torch.Generator().manual_seed(0), mask=mask)
     assert c.spacing == (2.0, 2.0, 2.0) and c.num_points <= 40_000

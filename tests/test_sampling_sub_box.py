@@ -91,13 +91,13 @@ def test_random_sub_box_keeps_the_lattice_and_its_bounds() -> None:
 
 def test_a_fraction_of_one_draws_nothing_and_changes_nothing() -> None:
     mask = brain_mask()
-    for sampler in (PyramidSampler(), PyramidSampler(box_fractions=[1.0, 1.0, 1.0])):
+    for sampler in (PyramidSampler(box_fractions=None), PyramidSampler(box_fractions=[1.0, 1.0, 1.0])):
         g = torch.Generator().manual_seed(3)
         s = sampler.sample(SHAPE, generator=g, mask=mask, progress=0.9, step=7)
         assert s.focus is None
         after = torch.rand(4, generator=g)
         ref_g = torch.Generator().manual_seed(3)
-        ref = PyramidSampler().sample(SHAPE, generator=ref_g, mask=mask, progress=0.9, step=7)
+        ref = PyramidSampler(box_fractions=None).sample(SHAPE, generator=ref_g, mask=mask, progress=0.9, step=7)
         assert torch.equal(s.points, ref.points) and torch.equal(after, torch.rand(4, generator=ref_g))
 
 
@@ -106,7 +106,7 @@ def test_only_the_stages_asked_for_sample_a_part() -> None:
     mask = brain_mask()
     assert sampler.sample(SHAPE, generator=torch.Generator().manual_seed(0), mask=mask, progress=0.5).focus is None
     assert sampler.sample(SHAPE, generator=torch.Generator().manual_seed(0), mask=mask, progress=0.9).focus is not None
-    assert "box_fractions=[1.0, 1.0, 0.5]" in repr(sampler) and "box_fractions" not in repr(PyramidSampler())
+    assert "box_fractions=[1.0, 1.0, 0.5]" in repr(sampler) and "box_fractions" not in repr(PyramidSampler(box_fractions=None))
 
 
 @pytest.mark.parametrize(
@@ -177,7 +177,9 @@ def test_the_objective_draws_the_det_j_points_of_a_part_in_it() -> None:
         (["model/diffeomorphic.yaml"], [1.0, 0.5, 0.5]),
         (["model/displacement.yaml", "model/diffeomorphic.yaml"], [1.0, 0.5, 0.5]),
         (["model/diffeomorphic.yaml", "sampler/pyramid.yaml"], [1.0, 0.5, 0.5]),  # pyramid.yaml leaves the parts alone
-        (["model/displacement.yaml"], [1.0, 1.0, 1.0]),
+        (["model/displacement.yaml"], [1.0, 0.5, 0.75]),
+        ([], [1.0, 0.5, 0.75]),  # the module's default sampler
+        (["sampler/pyramid.yaml"], [1.0, 0.5, 0.75]),
         (["model/displacement.yaml", "sampler/pyramid_fast.yaml"], [1.0, 1.0, 0.5]),
         (["sampler/pyramid_fast.yaml", "model/displacement.yaml"], [1.0, 1.0, 0.5]),
     ],
@@ -192,24 +194,30 @@ def test_configs_set_the_parts_in_any_order(configs: list[str], expected: list[f
     monkeypatch.setattr(sys, "argv", sys.argv[:1])  # LightningCLI warns when args and sys.argv both hold options
     sampler = NIRCLI(args, run=False).model.sampler
     assert isinstance(sampler, PyramidSampler) and sampler.box_fractions == expected
-    assert sampler.strides == [4, 3, 2] and sampler.fractions == pytest.approx([0.45, 0.3, 0.25])
+    assert sampler.strides == [4, 3, 2] and sampler.fractions == pytest.approx([0.273, 0.512, 0.215])
 
 
 @pytest.mark.parametrize(
     ("configs", "steps"),
     [
-        (["model/diffeomorphic.yaml"], 320),
-        (["trainer/cpu.yaml", "model/diffeomorphic.yaml"], 320),
-        (["model/diffeomorphic.yaml", "trainer/cpu.yaml"], 320),
-        (["model/diffeomorphic.yaml", "trainer/gpu.yaml"], 320),
-        (["model/displacement.yaml", "trainer/cpu.yaml"], 250),
-        (["trainer/cpu.yaml"], 250),
-        (["model/diffeomorphic.yaml", "model/symmetric.yaml"], 320),
+        (["model/diffeomorphic.yaml"], 380),
+        (["trainer/cpu.yaml", "model/diffeomorphic.yaml"], 380),
+        (["model/diffeomorphic.yaml", "trainer/cpu.yaml"], 380),
+        (["model/diffeomorphic.yaml", "trainer/gpu.yaml"], 380),
+        (["model/displacement.yaml", "trainer/cpu.yaml"], 293),
+        (["trainer/cpu.yaml"], 293),
+        ([], 293),
+        (["model/diffeomorphic.yaml", "model/symmetric.yaml"], 380),
+        (["model/siren.yaml", "trainer/cpu.yaml"], 250),
+        (["trainer/cpu.yaml", "model/hybrid.yaml"], 250),
+        (["model/displacement.yaml", "model/hybrid_diffeomorphic.yaml"], 250),
+        (["model/siren_diffeomorphic.yaml"], 250),
     ],
 )
 def test_the_fit_length_is_the_modes_in_any_order(configs: list[str], steps: int, configs_dir, tmp_path, monkeypatch) -> None:
-    """The diffeomorphic config fits 320 steps, the default 250, whichever order the trainer
-    config comes in (0.2.24: the trainer configs no longer set max_steps)."""
+    """The diffeomorphic config fits 380 steps, the default 293, the SIREN and hybrid files the 250
+    they were measured with, whichever order the trainer config comes in (0.2.24: the trainer
+    configs no longer set max_steps)."""
     import sys
 
     from nir_lightning.training.lightning_cli import NIRCLI
@@ -220,3 +228,21 @@ def test_the_fit_length_is_the_modes_in_any_order(configs: list[str], steps: int
         args += ["--trainer.accelerator=cpu"]  # the config's steps, on a machine without a GPU
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     assert NIRCLI(args, run=False).trainer.max_steps == steps
+
+
+@pytest.mark.parametrize(("configs", "by_stage"), [([], (80, 151, 62)), (["model/diffeomorphic.yaml"], (104, 195, 81))])
+def test_the_default_pyramid_takes_its_documented_steps_by_stage(configs: list[str], by_stage: tuple[int, ...], configs_dir, tmp_path, monkeypatch) -> None:
+    """configs/sampler/pyramid.yaml and the README state the steps of each stage (0.2.25: 80 / 151 / 62
+    of 293, the diffeomorphic config's 104 / 195 / 81 of 380), as the module's progress
+    (global_step / max_steps) reaches the sampler."""
+    import sys
+
+    from nir_lightning.training.lightning_cli import NIRCLI
+
+    args = [a for c in configs for a in ("-c", str(configs_dir / c))]
+    args += ["-c", str(configs_dir / "logger" / "none.yaml"), "--data.demo=true", f"--trainer.default_root_dir={tmp_path}"]
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    cli = NIRCLI(args, run=False)
+    n, sampler = cli.trainer.max_steps, cli.model.sampler
+    stages = [sampler.stage(step / n) for step in range(n)]
+    assert tuple(stages.count(k) for k in range(3)) == by_stage

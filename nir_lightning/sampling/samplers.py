@@ -168,7 +168,10 @@ class PyramidSampler(CoordinateSampler):
         strides: lattice stride of each stage, in fixed voxels.
         sigmas: Gaussian smoothing of both images in each stage, in fixed voxels at the
             stage's own stride (scaled with it when the budget raises the stride).
-        fractions: share of the fit of each stage (normalised to sum to 1).
+        fractions: share of the fit of each stage (normalised to sum to 1). The default,
+            0.273 / 0.512 / 0.215, is 80 / 151 / 62 of the default 293 steps (0.2.25; was
+            0.45 / 0.3 / 0.25 of 250): stride-3 steps are the cheapest Dice, and the stride-4
+            stage loses nothing below 112 steps (benchmarks/README.md, 0.2.25).
         levels: feature-grid levels active in each stage (``null``: all, in every stage);
             fields without a feature grid ignore them.
         max_points: most lattice points per step, one per stage (or one for all).
@@ -183,18 +186,20 @@ class PyramidSampler(CoordinateSampler):
         crop_margin: lattice steps kept around the box, so that windows at the anatomy's
             edge see its surroundings (half the default local NCC window of 5 steps).
         box_fractions: share of the stage's lattice box (the cropped box, or the whole image)
-            that one step samples, one per stage (``null``: 1 in every stage): below 1, each step
+            that one step samples, one per stage (``null``: 1 in every stage; the default is
+            ``[1, 0.5, 0.75]``, so a pyramid of other than three stages gives its own): below 1, each step
             takes a random sub-box of about that volume (every axis ``fraction ** (1/3)`` of its
             lattice steps, at least 6: :func:`~nir_lightning.sampling.domain.random_sub_box`),
             on the stage's own stride and stratified offsets, and the folding penalty's extra
             det J points are drawn inside it at their usual density (:attr:`CoordinateSample.focus`).
-            A step then costs about ``fraction`` as much. ``[1, 1, 0.5]``
-            (``configs/sampler/pyramid_fast.yaml``): the finest stage at half the cost, about
-            -19 % of the fit for about 0.002 of Dice on the choosing pairs; the diffeomorphic
-            config takes ``[1, 0.5, 0.5]`` (benchmarks/README.md, 0.2.17). A stage of mini-patches
+            A step then costs about ``fraction`` as much, less its fixed part (at half the box a stride-3
+            step costs about 0.9x, a stride-2 step 0.7-0.9x). The default's parts pay for
+            its stride-3 steps (0.2.25); ``[1, 1, 0.5]`` (``configs/sampler/pyramid_fast.yaml``)
+            is quicker still for about 0.002 less Dice; the diffeomorphic config takes
+            ``[1, 0.5, 0.5]`` (benchmarks/README.md, 0.2.17 and 0.2.25). A stage of mini-patches
             (stride 1 over its budget) ignores it.
 
-    >>> s = PyramidSampler(strides=[4, 2], sigmas=[1.0, 0.0], fractions=[0.5, 0.5], levels=[3, 5], max_points=2**17)
+    >>> s = PyramidSampler(strides=[4, 2], sigmas=[1.0, 0.0], fractions=[0.5, 0.5], levels=[3, 5], max_points=2**17, box_fractions=None)
     >>> g = torch.Generator().manual_seed(0)
     >>> a = s.sample((40, 48, 56), generator=g, progress=0.1)
     >>> a.spacing, a.sigma, a.levels
@@ -209,13 +214,13 @@ class PyramidSampler(CoordinateSampler):
         *,
         strides: Sequence[int] = (4, 3, 2),
         sigmas: Sequence[float] = (1.0, 0.0, 0.0),
-        fractions: Sequence[float] = (0.45, 0.3, 0.25),
+        fractions: Sequence[float] = (0.273, 0.512, 0.215),
         levels: Sequence[int] | None = (4, 5, 6),
         max_points: int | Sequence[int] = (2**14, 2**16, 2**17),
         patch_size: int = 24,
         crop: bool = True,
         crop_margin: int = 2,
-        box_fractions: Sequence[float] | None = None,
+        box_fractions: Sequence[float] | None = (1.0, 0.5, 0.75),
     ) -> None:
         n = len(strides)
         if n == 0:

@@ -23,7 +23,7 @@ from nir_lightning.training.module import RegistrationModule
 from nir_lightning.training.tracking import ConfigToLoggers
 
 TRAINER_DEFAULTS: dict[str, Any] = {
-    "max_steps": 250,
+    "max_steps": 293,  # the default pyramid's 80 / 151 / 62 steps by stage (0.2.25)
     "devices": 1,  # one pair is one small problem; several GPUs are for register-many
     "num_sanity_val_steps": 0,
     "log_every_n_steps": 10,

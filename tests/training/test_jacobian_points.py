@@ -11,6 +11,7 @@ from nir_lightning.data.pair import ImagePair
 from nir_lightning.data.phantom import make_phantom
 from nir_lightning.errors import InputError
 from nir_lightning.fields import GridDisplacementField
+from nir_lightning.sampling import PyramidSampler
 from nir_lightning.training.module import RegistrationModule
 
 
@@ -31,13 +32,14 @@ def test_only_the_steps_with_every_grid_level_get_the_extra_points(ratio: float,
     (the default, a quarter: 100 / 16 and 100 / 4; 1: the 2 mm count, as the diffeomorphic config)."""
     p = make_phantom((12, 14, 10), spacing=1.0, seed=0)
     fixed, moving = torch.as_tensor(p.fixed)[None, None], torch.as_tensor(p.moving)[None, None]
-    module = RegistrationModule(field=GridDisplacementField(levels=3), jacobian_points=100, coarse_jacobian_ratio=ratio)
+    whole_box = PyramidSampler(box_fractions=None)  # the whole lattice box in every stage: the count is the draw's
+    module = RegistrationModule(field=GridDisplacementField(levels=3), jacobian_points=100, coarse_jacobian_ratio=ratio, sampler=whole_box)
     module.attach_pair(ImagePair(fixed=fixed, moving=moving, moving_raw=moving, fixed_affine=p.affine))
     drawn: list[int] = []
     original = module.folding.extra.__func__  # type: ignore[attr-defined]
 
     def spy(self, transform, shape, mask, generator, transform_with_jacobian=None, focus=None):  # type: ignore[no-untyped-def]
-        assert focus is None  # the default pyramid samples the whole box
+        assert focus is None
         drawn.append(self.jacobian_points)
         return original(self, transform, shape, mask, generator, transform_with_jacobian, focus=focus)
 
