@@ -268,7 +268,7 @@ def test_pyramid_sampler_keeps_its_point_budget_on_finer_images():
     [
         ({"strides": []}, "at least one stage"),
         ({"strides": [4, 2], "sigmas": [1.0], "fractions": [1, 1], "levels": None, "max_points": 64}, "sigmas has 1 entries but strides has 2"),
-        ({"strides": [4, 2], "sigmas": [1.0, 0.0], "fractions": [1, 1], "levels": None}, "box_fractions has 3 entries but strides has 2"),
+        ({"strides": [4, 2], "sigmas": [1.0, 0.0], "fractions": [1, 1], "levels": None, "max_points": 64}, "box_fractions has 3 entries but strides has 2"),
         ({"strides": [0], "sigmas": [0.0], "fractions": [1.0], "levels": None, "max_points": 64}, "strides must be >= 1"),
         ({"fractions": [0.5, 0.0, 1.0]}, "fractions must be > 0"),
         ({"levels": [0, 5, 5]}, "levels must be >= 1"),

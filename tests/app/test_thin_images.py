@@ -55,9 +55,11 @@ def test_a_lattice_one_point_thick_has_no_det_j_of_its_own_and_no_nan() -> None:
 def test_thin_and_tiny_volumes_register_without_a_nan_loss(shape: tuple[int, int, int], tmp_path: Path) -> None:
     fixed, moving, fixed_labels, moving_labels = _blob_pair(shape, shift=2 if shape[0] > 10 else 1)
     result = register_pair(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, output=tmp_path / "out",
-                           affine="none", overrides={"trainer.max_steps": 60}, checkpoint_every=0, threads=1, quiet=True)
+                           affine="none", overrides={"trainer.max_steps": 100}, checkpoint_every=0, threads=1, quiet=True)
     m = result.metrics
-    assert m["steps"] == 60  # a NaN loss stops the fit at step 0 with an error
+    # 100 steps: the default pyramid's stride-4 stage has 27 % of them since 0.2.25 (16 of 60 left the
+    # 6-voxel pair's one-voxel shift unrecovered, Dice 0 -> 0; 27 of 100 recover it, Dice 0 -> 1)
+    assert m["steps"] == 100  # a NaN loss stops the fit at step 0 with an error
     assert m["folding_count"] == 0
     assert m["dice_after"] > m["dice_before"] + 0.05, (m["dice_before"], m["dice_after"])
     assert (tmp_path / "out" / "displacement.nii.gz").is_file()

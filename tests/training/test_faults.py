@@ -88,7 +88,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, tiny_pair: dict[str, Pat
     out = tmp_path_factory.mktemp("faults") / "reference"
     assert main(register_argv(tiny_pair, out)) == 0
     assert not (out / "checkpoints").exists()  # removed once the run is complete
-    assert np.abs(disp(out)).max() > 0.5  # the field moved: the comparison below means something
+    assert np.abs(disp(out)).max() > 0.3  # the field moved (0.45 with 0.2.25's stage shares): the comparison below means something
     return out
 
 
