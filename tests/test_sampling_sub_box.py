@@ -6,6 +6,8 @@ changes nothing (issue 24: the diffeomorphic config's time)."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -171,6 +173,18 @@ def test_the_objective_draws_the_det_j_points_of_a_part_in_it() -> None:
     assert 0 < pts.shape[0] < 500
 
 
+def config_cli(configs: list[str], configs_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> Any:
+    """``NIRCLI`` built, not run, from ``configs`` (in that order) on the demo pair, without a logger."""
+    import sys
+
+    from nir_lightning.training.lightning_cli import NIRCLI
+
+    args = [a for c in configs for a in ("-c", str(configs_dir / c))]
+    args += ["-c", str(configs_dir / "logger" / "none.yaml"), "--data.demo=true", f"--trainer.default_root_dir={tmp_path}", *extra]
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])  # LightningCLI warns when args and sys.argv both hold options
+    return NIRCLI(args, run=False)
+
+
 @pytest.mark.parametrize(
     ("configs", "expected"),
     [
@@ -185,14 +199,7 @@ def test_the_objective_draws_the_det_j_points_of_a_part_in_it() -> None:
     ],
 )
 def test_configs_set_the_parts_in_any_order(configs: list[str], expected: list[float], configs_dir, tmp_path, monkeypatch) -> None:
-    import sys
-
-    from nir_lightning.training.lightning_cli import NIRCLI
-
-    args = [a for c in configs for a in ("-c", str(configs_dir / c))]
-    args += ["-c", str(configs_dir / "logger" / "none.yaml"), "--data.demo=true", f"--trainer.default_root_dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])  # LightningCLI warns when args and sys.argv both hold options
-    sampler = NIRCLI(args, run=False).model.sampler
+    sampler = config_cli(configs, configs_dir, tmp_path, monkeypatch).model.sampler
     assert isinstance(sampler, PyramidSampler) and sampler.box_fractions == expected
     assert sampler.strides == [4, 3, 2] and sampler.fractions == pytest.approx([0.273, 0.512, 0.215])
 
@@ -218,16 +225,8 @@ def test_the_fit_length_is_the_modes_in_any_order(configs: list[str], steps: int
     """The diffeomorphic config fits 380 steps, the default 293, the SIREN and hybrid files the 250
     they were measured with, whichever order the trainer config comes in (0.2.24: the trainer
     configs no longer set max_steps)."""
-    import sys
-
-    from nir_lightning.training.lightning_cli import NIRCLI
-
-    args = [a for c in configs for a in ("-c", str(configs_dir / c))]
-    args += ["-c", str(configs_dir / "logger" / "none.yaml"), "--data.demo=true", f"--trainer.default_root_dir={tmp_path}"]
-    if "trainer/gpu.yaml" in configs:
-        args += ["--trainer.accelerator=cpu"]  # the config's steps, on a machine without a GPU
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    assert NIRCLI(args, run=False).trainer.max_steps == steps
+    extra = ["--trainer.accelerator=cpu"] if "trainer/gpu.yaml" in configs else []  # the config's steps, on a machine without a GPU
+    assert config_cli(configs, configs_dir, tmp_path, monkeypatch, *extra).trainer.max_steps == steps
 
 
 @pytest.mark.parametrize(("configs", "by_stage"), [([], (80, 151, 62)), (["model/diffeomorphic.yaml"], (104, 195, 81))])
@@ -235,14 +234,7 @@ def test_the_default_pyramid_takes_its_documented_steps_by_stage(configs: list[s
     """configs/sampler/pyramid.yaml and the README state the steps of each stage (0.2.25: 80 / 151 / 62
     of 293, the diffeomorphic config's 104 / 195 / 81 of 380), as the module's progress
     (global_step / max_steps) reaches the sampler."""
-    import sys
-
-    from nir_lightning.training.lightning_cli import NIRCLI
-
-    args = [a for c in configs for a in ("-c", str(configs_dir / c))]
-    args += ["-c", str(configs_dir / "logger" / "none.yaml"), "--data.demo=true", f"--trainer.default_root_dir={tmp_path}"]
-    monkeypatch.setattr(sys, "argv", sys.argv[:1])
-    cli = NIRCLI(args, run=False)
+    cli = config_cli(configs, configs_dir, tmp_path, monkeypatch)
     n, sampler = cli.trainer.max_steps, cli.model.sampler
     stages = [sampler.stage(step / n) for step in range(n)]
     assert tuple(stages.count(k) for k in range(3)) == by_stage

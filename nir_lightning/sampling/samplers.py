@@ -171,7 +171,7 @@ class PyramidSampler(CoordinateSampler):
         fractions: share of the fit of each stage (normalised to sum to 1). The default,
             0.273 / 0.512 / 0.215, is 80 / 151 / 62 of the default 293 steps (0.2.25; was
             0.45 / 0.3 / 0.25 of 250): stride-3 steps are the cheapest Dice, and the stride-4
-            stage loses nothing below 112 steps (benchmarks/README.md, 0.2.25).
+            stage loses nothing at 80 steps instead of 112 (benchmarks/README.md, 0.2.25).
         levels: feature-grid levels active in each stage (``null``: all, in every stage);
             fields without a feature grid ignore them.
         max_points: most lattice points per step, one per stage (or one for all).
