@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     def path(value: str) -> str:
         return value if Path(value).is_absolute() else str(base / value)
 
-    results = {(str(row.get("name") or i), str(run)): find_result(run, str(row.get("name") or i), args.method)
-               for i, row in enumerate(pairs) for run in args.runs}  # every folder found before the slow part
+    try:  # every folder found before the slow part
+        results = {(str(row.get("name") or i), str(run)): find_result(run, str(row.get("name") or i), args.method)
+                   for i, row in enumerate(pairs) for run in args.runs}
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
     print("| pair | run | Dice NN | Dice label interp. |\n|---|---|---|---|")
     means: dict[str, list[tuple[float, float]]] = {}
     for i, row in enumerate(pairs):

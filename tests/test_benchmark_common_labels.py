@@ -87,3 +87,11 @@ def test_main_prints_each_run_and_the_means(files: dict[str, str], tmp_path: Pat
 def test_a_missing_result_names_the_pair_and_the_run(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"pair 's9-s10_1mm' under .*tried s9-s10_1mm, s9-s10"):
         common_labels.find_result(tmp_path, "s9-s10_1mm", "nir")
+
+
+def test_main_stops_before_scoring_when_a_result_is_missing(files: dict[str, str], tmp_path: Path) -> None:
+    good = _result(tmp_path / "good", "p", 2.0)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"name,fixed,moving,fixed_labels,moving_labels\np_1mm,{files['fixed']},{files['moving']},{files['fixed_labels']},{files['moving_labels']}\n")
+    with pytest.raises(SystemExit, match=r"no nir/displacement.nii.gz for pair 'p_1mm' under .*empty"):
+        common_labels.main(["--pairs", str(csv), str(good), str(tmp_path / "empty")])
