@@ -63,24 +63,17 @@ def score_on_labels(result: Path, pair: ImagePair) -> dict[str, float]:
 
     ``pair``: :func:`harness.score.load_eval_pair`'s (its moving labels on their own grid).
     """
-    import torch
-    from harness.score import load_field
+    from harness.score import load_field, moving_labels_through
 
-    from nir_lightning.core.transform_chain import DisplacementStep, resample
+    from nir_lightning.core.transform_chain import DisplacementStep
     from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
 
     disp, affine = load_field(str(result / "displacement.nii.gz"))
     chain = [DisplacementStep(disp_ras_mm=disp, affine=affine)]
-    if pair.native is not None and pair.native.labels is not None:
-        src, src_affine = pair.native.labels[0].float(), pair.native.affine
-    else:
-        src, src_affine = pair.moving_labels[0].float(), pair.fixed_affine
+    assert pair.fixed_labels is not None
     fixed = pair.fixed_labels[0, 0].cpu()
-    out: dict[str, float] = {}
-    for key, mode in (("dice_nn", "nearest"), ("dice_label", "label")):
-        warped = resample(src, src_affine, pair.shape, pair.fixed_affine, chain, mode=mode)[0].round().to(torch.int32)
-        out[key] = mean_dice(dice_per_label(warped, fixed, pair.labels))
-    return out
+    return {key: mean_dice(dice_per_label(moving_labels_through(pair, chain, mode), fixed, pair.labels))
+            for key, mode in (("dice_nn", "nearest"), ("dice_label", "label"))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ Harness-only keys: ``label_interpolation`` and, given the method's own warp of t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import nibabel as nib
@@ -31,13 +32,13 @@ import numpy as np
 import torch
 
 from harness.convert import check_field_grid, field_to_phi
-from nir_lightning.core.transform_chain import DisplacementStep, resample
+from nir_lightning.core.transform_chain import DisplacementStep, ResampleMode, Step, resample
 from nir_lightning.data.pair import ImagePair, load_pair
 from nir_lightning.evaluation.metrics import dice_per_label, mean_dice
 from nir_lightning.evaluation.scoring import ScoredTransform, score_labels, score_transform
 from nir_lightning.io import load_displacement_itk
 
-__all__ = ["load_eval_pair", "load_field", "load_labels", "score_field"]
+__all__ = ["load_eval_pair", "load_field", "load_labels", "moving_labels_through", "score_field"]
 
 
 def load_eval_pair(fixed: str, moving: str, fixed_labels: str, moving_labels: str, labels: str | None) -> ImagePair:
@@ -81,19 +82,12 @@ def score_field(
         # interpolation for the one-hot column): one interpolation, not two
         assert pair.native is not None and pair.native.labels is not None
         steps = [DisplacementStep(disp_ras_mm=np.asarray(disp_ras_mm, dtype=np.float32), affine=field_affine)]
-        src = pair.native.labels[0].float()
-
-        def through(mode: Any) -> torch.Tensor:
-            assert pair.native is not None
-            out = resample(src, pair.native.affine, pair.shape, pair.fixed_affine, steps, mode=mode)
-            return out[0].round().to(torch.int32)
-
         before = through_identity(pair)
-        scored.warped_labels = through("nearest")
+        scored.warped_labels = moving_labels_through(pair, steps, "nearest")
         scored.metrics.update(score_labels(scored.warped_labels, pair, hd95=hd95, before=before))
         if onehot:
             assert pair.fixed_labels is not None
-            per = dice_per_label(through("label"), pair.fixed_labels[0, 0].cpu(), pair.labels)
+            per = dice_per_label(moving_labels_through(pair, steps, "label"), pair.fixed_labels[0, 0].cpu(), pair.labels)
             scored.metrics["dice_onehot_linear"] = mean_dice(per)
     warped = scored.warped_labels
     assert warped is not None
@@ -110,11 +104,21 @@ def score_field(
     return scored
 
 
+def moving_labels_through(pair: ImagePair, chain: Sequence[Step], mode: ResampleMode) -> torch.Tensor:
+    """The moving labels on the fixed grid through ``chain``, with one interpolation: from their own
+    grid where the pair kept it (``pair.native``), else from the fixed grid they were loaded onto."""
+    if pair.native is not None and pair.native.labels is not None:
+        src, affine = pair.native.labels[0].float(), pair.native.affine
+    else:
+        assert pair.moving_labels is not None
+        src, affine = pair.moving_labels[0].float(), pair.fixed_affine
+    return resample(src, affine, pair.shape, pair.fixed_affine, chain, mode=mode)[0].round().to(torch.int32)
+
+
 def through_identity(pair: ImagePair) -> torch.Tensor:
     """The native moving labels on the fixed grid as the headers place them (nearest neighbour)."""
     assert pair.native is not None and pair.native.labels is not None
-    out = resample(pair.native.labels[0].float(), pair.native.affine, pair.shape, pair.fixed_affine, [], mode="nearest")
-    return out[0].round().to(torch.int32)
+    return moving_labels_through(pair, [], "nearest")
 
 
 def load_field(path: str) -> tuple[np.ndarray, np.ndarray]:
