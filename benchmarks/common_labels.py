@@ -33,7 +33,9 @@ if str(BENCH) not in sys.path:
 if TYPE_CHECKING:
     from nir_lightning.data.pair import ImagePair
 
-__all__ = ["find_result", "score_on_labels"]
+__all__ = ["find_result", "find_results", "load_pairs", "score_on_labels"]
+
+_FILE_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "labels")
 
 
 def find_result(run: Path, pair: str, method: str) -> Path:
@@ -55,6 +57,28 @@ def find_result(run: Path, pair: str, method: str) -> Path:
         f"common_labels: no {folder}/displacement.nii.gz for pair '{pair}' under {run} (tried {', '.join(names)}); "
         "pass run_benchmark.py output folders that ran this method on these pairs"
     )
+
+
+def find_results(runs: list[Path], names: list[str], methods: list[str]) -> dict[tuple[str, str, str], Path]:
+    """:func:`find_result` for every run, pair name and method, keyed ``(str(run), name, method)``:
+    all looked up before any slow scoring, so a missing one stops the script at once with its
+    message (``SystemExit``)."""
+    try:
+        return {(str(run), name, m): find_result(run, name, m) for name in names for run in runs for m in methods}
+    except FileNotFoundError as exc:
+        sys.exit(str(exc))
+
+
+def load_pairs(path: Path) -> list[tuple[str, dict[str, str]]]:
+    """The rows of a pairs CSV (``run_benchmark.py``'s format) as ``(name, row)``: a row's name is its
+    ``name`` column, else its index; its file columns are made absolute (relative ones are relative to
+    the CSV), an empty ``labels`` left empty."""
+    base = path.resolve().parent
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [(str(row.get("name") or i),
+             {k: (v if k not in _FILE_COLUMNS or not v or Path(v).is_absolute() else str(base / v)) for k, v in row.items()})
+            for i, row in enumerate(rows)]
 
 
 def score_on_labels(result: Path, pair: ImagePair) -> dict[str, float]:
@@ -88,26 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     from harness.score import load_eval_pair
 
     torch.set_num_threads(args.threads)
-    base = args.pairs.resolve().parent
-    with open(args.pairs, newline="") as f:
-        pairs = list(csv.DictReader(f))
-
-    def path(value: str) -> str:
-        return value if Path(value).is_absolute() else str(base / value)
-
-    try:  # every folder found before the slow part
-        results = {(str(row.get("name") or i), str(run)): find_result(run, str(row.get("name") or i), args.method)
-                   for i, row in enumerate(pairs) for run in args.runs}
-    except FileNotFoundError as exc:
-        sys.exit(str(exc))
+    pairs = load_pairs(args.pairs)
+    results = find_results(args.runs, [name for name, _ in pairs], [args.method])
     print("| pair | run | Dice NN | Dice label interp. |\n|---|---|---|---|")
     means: dict[str, list[tuple[float, float]]] = {}
-    for i, row in enumerate(pairs):
-        name = str(row.get("name") or i)
-        pair = load_eval_pair(path(row["fixed"]), path(row["moving"]), path(row["fixed_labels"]), path(row["moving_labels"]),
-                              path(row["labels"]) if row.get("labels") else None)
+    for name, row in pairs:
+        pair = load_eval_pair(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"], row.get("labels") or None)
         for run in args.runs:
-            s = score_on_labels(results[(name, str(run))], pair)
+            s = score_on_labels(results[(str(run), name, args.method)], pair)
             means.setdefault(str(run), []).append((s["dice_nn"], s["dice_label"]))
             print(f"| {name} | {run} | {s['dice_nn']:.4f} | {s['dice_label']:.4f} |", flush=True)
     for run, values in means.items():

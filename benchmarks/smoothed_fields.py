@@ -22,7 +22,6 @@ with the harness's Pareto figure (a line per method, a point per sigma).
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import sys
 from collections.abc import Sequence
@@ -104,31 +103,19 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
 
     import torch
-    from common_labels import find_result
+    from common_labels import find_results, load_pairs
     from harness.score import load_eval_pair, load_field, score_field
 
     torch.set_num_threads(args.threads)
-    base = args.pairs.resolve().parent
-    with open(args.pairs, newline="") as f:
-        pairs = list(csv.DictReader(f))
-
-    def path(value: str) -> str:
-        return value if Path(value).is_absolute() else str(base / value)
-
-    try:  # every folder found before the slow part
-        found = {(str(row.get("name") or i), m): find_result(args.run, str(row.get("name") or i), m)
-                 for i, row in enumerate(pairs) for m in methods}
-    except FileNotFoundError as exc:
-        sys.exit(str(exc))
+    pairs = load_pairs(args.pairs)
+    found = find_results([args.run], [name for name, _ in pairs], methods)
     scores: dict[tuple[str, float], list[tuple[float, float, float, int]]] = {}
     rows: list[dict[str, object]] = []  # the harness's result rows, one per pair, method and sigma
     print("| pair | method | sigma | Dice NN | Dice label interp. | SDlogJ | det J <= 0 |\n|---|---|---|---|---|---|---|")
-    for i, row in enumerate(pairs):
-        name = str(row.get("name") or i)
-        pair = load_eval_pair(path(row["fixed"]), path(row["moving"]), path(row["fixed_labels"]), path(row["moving_labels"]),
-                              path(row["labels"]) if row.get("labels") else None)
+    for name, row in pairs:
+        pair = load_eval_pair(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"], row.get("labels") or None)
         for m in methods:
-            disp, affine = load_field(str(found[(name, m)] / "displacement.nii.gz"))
+            disp, affine = load_field(str(found[(str(args.run), name, m)] / "displacement.nii.gz"))
             for s in sigmas:
                 met = score_field(smooth_field(disp, s), affine, pair, hd95=False, onehot=True).metrics
                 row_scores = (met["dice_after"], met["dice_onehot_linear"], met["sdlogj"], int(met["folding_count"]))

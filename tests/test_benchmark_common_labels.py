@@ -30,14 +30,14 @@ def _write(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("common_labels")
+def cube_pair(d: Path) -> dict[str, str]:
+    """Two label cubes at 1 mm, the moving ones 2 voxels (2 mm, RAS x) further along axis 0, and
+    noisy images of them: the files' paths, and ``dir``."""
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     fixed = np.zeros((N, N, N), np.int16)
     fixed[6:14, 6:14, 6:14] = 1
     fixed[12:20, 14:20, 10:18] = 2
-    moving = np.roll(fixed, 2, axis=0)  # the moving cubes 2 voxels (2 mm, RAS x) further along axis 0
+    moving = np.roll(fixed, 2, axis=0)
     rng = np.random.default_rng(0)
     image = lambda labels: (40.0 * labels + rng.normal(100, 5, labels.shape)).astype(np.float32)
     return {
@@ -47,6 +47,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "moving_labels": _write(d / "ml.nii.gz", moving, affine),
         "dir": str(d),
     }
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return cube_pair(tmp_path_factory.mktemp("common_labels"))
 
 
 def _result(root: Path, pair: str, shift_mm: float) -> Path:
@@ -95,3 +100,14 @@ def test_main_stops_before_scoring_when_a_result_is_missing(files: dict[str, str
     csv.write_text(f"name,fixed,moving,fixed_labels,moving_labels\np_1mm,{files['fixed']},{files['moving']},{files['fixed_labels']},{files['moving_labels']}\n")
     with pytest.raises(SystemExit, match=r"no nir/displacement.nii.gz for pair 'p_1mm' under .*empty"):
         common_labels.main(["--pairs", str(csv), str(good), str(tmp_path / "empty")])
+
+
+def test_load_pairs_makes_paths_absolute(tmp_path: Path) -> None:
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("name,fixed,moving,fixed_labels,moving_labels,labels\n"
+                   "a,2mm/f.nii.gz,/data/m.nii.gz,2mm/fl.nii.gz,2mm/ml.nii.gz,\n"
+                   ",f.nii.gz,m.nii.gz,fl.nii.gz,ml.nii.gz,l.tsv\n")
+    (first, a), (second, b) = common_labels.load_pairs(csv)
+    assert (first, second) == ("a", "1")  # a row without a name is named by its index
+    assert a["fixed"] == str(tmp_path / "2mm" / "f.nii.gz") and a["moving"] == "/data/m.nii.gz" and a["labels"] == ""
+    assert b["labels"] == str(tmp_path / "l.tsv")

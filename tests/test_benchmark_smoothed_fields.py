@@ -12,7 +12,6 @@ import doctest
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -21,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import smoothed_fields
 
 from nir_lightning.io import save_displacement_itk
-
-N = 24
+from tests.test_benchmark_common_labels import N, cube_pair
 
 
 def test_the_docstrings() -> None:
@@ -40,25 +38,14 @@ def test_an_affine_field_is_kept_and_noise_is_smoothed() -> None:
     assert rough[0] > rough[1] > rough[2] and rough[2] < 0.3 * rough[0]
 
 
-def _write(path: Path, data: np.ndarray) -> str:
-    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A pairs CSV and a run folder with two 'methods': a constant 2 mm shift, and that shift plus noise."""
     d = tmp_path_factory.mktemp("smoothed")
-    fixed = np.zeros((N, N, N), np.int16)
-    fixed[6:14, 6:14, 6:14] = 1
-    fixed[12:20, 14:20, 10:18] = 2
-    moving = np.roll(fixed, 2, axis=0)  # the moving cubes 2 voxels (2 mm, RAS x) further along axis 0
-    rng = np.random.default_rng(0)
-    image = lambda labels: (40.0 * labels + rng.normal(100, 5, labels.shape)).astype(np.float32)
-    files = [_write(d / "f.nii.gz", image(fixed)), _write(d / "m.nii.gz", image(moving)),
-             _write(d / "fl.nii.gz", fixed), _write(d / "ml.nii.gz", moving)]
+    files = cube_pair(d)
     csv = d / "pairs.csv"
-    csv.write_text("name,fixed,moving,fixed_labels,moving_labels\np," + ",".join(files) + "\n")
+    csv.write_text("name,fixed,moving,fixed_labels,moving_labels\np," + ",".join(files[k] for k in ("fixed", "moving", "fixed_labels", "moving_labels")) + "\n")
+    rng = np.random.default_rng(1)
     shift = np.zeros((N, N, N, 3), np.float32)
     shift[..., 0] = 2.0
     for method, disp in (("exact", shift), ("noisy", shift + rng.normal(0, 0.4, shift.shape).astype(np.float32))):
