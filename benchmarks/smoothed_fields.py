@@ -15,14 +15,15 @@ unchanged and the volume's border (``nearest`` padding) bends only the deformabl
 
 Prints the means by method and sigma as a Markdown table, then each method's curve read at the
 SDlogJ of every method's unsmoothed field (linear between the two sigmas around it; blank outside
-the curve): which method is ahead when both are as regular. ``--plot curves.png`` draws the curves
-with the harness's Pareto figure (a line per method, a point per sigma).
+the curve): which method is ahead when both are as regular; then the harness's own dominance
+lines (:func:`harness.report.dominance`: is each nir curve above each peer's wherever both are
+defined, and by how little at worst). ``--plot curves.png`` draws the curves with the harness's
+Pareto figure (a line per method, a point per sigma).
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,20 +70,25 @@ def smooth_field(disp: np.ndarray, sigma: float) -> np.ndarray:
 
 def curve_at(points: Sequence[tuple[float, float]], sdlogj: float) -> float | None:
     """The value of a curve of ``(sdlogj, dice)`` points at ``sdlogj``, linear between the two
-    points around it; ``None`` outside the curve's range.
+    points around it (the harness's :func:`harness.report.interp_curve`); ``None`` outside the
+    curve's range.
 
     >>> curve_at([(0.27, 0.57), (0.32, 0.60), (0.35, 0.61)], 0.335)
     0.605
     >>> curve_at([(0.27, 0.57), (0.35, 0.61)], 0.38) is None
     True
     """
+    from harness.report import interp_curve
+
     pts = sorted(points)
-    for (s0, d0), (s1, d1) in itertools.pairwise(pts):
-        if s0 <= sdlogj <= s1:
-            return round(d0 if s1 == s0 else d0 + (d1 - d0) * (sdlogj - s0) / (s1 - s0), 12)
-    if pts and pts[0][0] == sdlogj:
-        return pts[0][1]
-    return None
+    if not pts or not pts[0][0] <= sdlogj <= pts[-1][0]:
+        return None
+    return round(interp_curve(pts, sdlogj), 12)
+
+
+def _setting(method: str, sigma: float) -> str:
+    """The harness's method-setting name of ``method`` smoothed by ``sigma`` (``nir@smooth=0.5``)."""
+    return method if sigma == 0 else f"{method}@smooth={sigma:g}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pairs = load_pairs(args.pairs)
     found = find_results([args.run], [name for name, _ in pairs], methods)
-    scores: dict[tuple[str, float], list[tuple[float, float, float, int]]] = {}
     rows: list[dict[str, object]] = []  # the harness's result rows, one per pair, method and sigma
     print("| pair | method | sigma | Dice NN | Dice label interp. | SDlogJ | det J <= 0 |\n|---|---|---|---|---|---|---|")
     for name, row in pairs:
@@ -119,12 +124,16 @@ def main(argv: list[str] | None = None) -> int:
             for s in sigmas:
                 met = score_field(smooth_field(disp, s), affine, pair, hd95=False, onehot=True).metrics
                 row_scores = (met["dice_after"], met["dice_onehot_linear"], met["sdlogj"], int(met["folding_count"]))
-                scores.setdefault((m, s), []).append(row_scores)
-                rows.append({"pair": name, "method": m if s == 0 else f"{m}@smooth={s:g}", "status": "ok", "dice_after": row_scores[0],
+                rows.append({"pair": name, "method": _setting(m, s), "status": "ok", "dice_after": row_scores[0],
                              "dice_onehot_linear": row_scores[1], "sdlogj": row_scores[2], "folding_count": row_scores[3],
                              "folding_percent": float(met["folding_percent"]), "seconds_reg": None})
                 print(f"| {name} | {m} | {s:g} | {row_scores[0]:.4f} | {row_scores[1]:.4f} | {row_scores[2]:.3f} | {row_scores[3]} |", flush=True)
-    mean = {key: tuple(float(np.mean([v[c] for v in vals])) for c in range(3)) + (sum(v[3] for v in vals),) for key, vals in scores.items()}
+    from harness.report import PARETO_METRICS, dominance, pareto, plot_pareto
+
+    result = pareto(rows)  # the harness's means per method setting, over the pairs every one finished
+    by_method = {r["method"]: r for r in result.rows}
+    keys = ("dice_after", "dice_onehot_linear", "sdlogj", "folding_count_total")
+    mean = {(m, s): tuple(by_method[_setting(m, s)][k] for k in keys) for m in methods for s in sigmas}
     print(f"\n| means of {len(pairs)} pairs: method | sigma (voxels) | Dice NN | Dice label interp. | SDlogJ | det J <= 0 |\n|---|---|---|---|---|---|")
     for m in methods:
         for s in sigmas:
@@ -141,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
             li = curve_at([(mean[(m, s)][2], mean[(m, s)][1]) for s in sigmas], at)
             cells.append("" if nn is None or li is None else f"{nn:.4f} ({li:.4f})")
         print(f"| {m} | " + " | ".join(cells) + " |")
+    statements = [d.sentence() for metric in PARETO_METRICS for d in dominance(result, metric)]
+    if statements:  # the harness's own check: is each nir curve above each peer's where both are defined?
+        print("\n" + "\n".join(f"- {line}" for line in statements))
     if args.plot is not None:
-        from harness.report import pareto, plot_pareto
-
-        plot_pareto(args.plot, pareto(rows))
+        plot_pareto(args.plot, result)
         print(f"\n{args.plot}")
     return 0
 

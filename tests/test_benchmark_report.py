@@ -303,3 +303,15 @@ def test_the_summary_warns_where_a_run_lost_cpu_time_to_the_host() -> None:
     assert {r["method"]: r["cpu_steal_pct_max"] for r in s.rows} == {"nir": 0.5, "ants": 30.0, "fireants-greedy": 3.0}
     assert "**CPU steal up to 30 %**" in "\n".join(summary_markdown(s))
     assert "| CPU steal % |" in markdown(rows, {"date": "today"}, {})
+
+
+def test_interp_curve_between_points_and_at_a_repeated_sdlogj() -> None:
+    import doctest
+
+    import harness.report
+
+    assert doctest.testmod(harness.report).failed == 0
+    curve = [(0.30, 0.50), (0.35, 0.58), (0.35, 0.60), (0.40, 0.70)]
+    assert harness.report.interp_curve(curve, 0.325) == pytest.approx(0.54)
+    assert harness.report.interp_curve(curve, 0.35) == 0.58  # two points at one SDlogJ: no division by zero
+    assert harness.report.interp_curve(curve, 0.375) == pytest.approx(0.65)

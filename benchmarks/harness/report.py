@@ -421,11 +421,16 @@ def _curve(result: Pareto, fam: str, metric: str) -> list[tuple[float, float]]:
     return [points[i] for i in front]
 
 
-def _interp(curve: Sequence[tuple[float, float]], x: float) -> float:
-    """Linear interpolation of a curve at ``x`` inside its SDlogJ range."""
+def interp_curve(curve: Sequence[tuple[float, float]], x: float) -> float:
+    """Linear interpolation of a curve of ``(sdlogj, dice)`` points, in SDlogJ order, at ``x`` inside
+    its SDlogJ range (two points at one SDlogJ: the first's value).
+
+    >>> round(interp_curve([(0.3, 0.5), (0.4, 0.7)], 0.35), 12)
+    0.6
+    """
     for (x0, y0), (x1, y1) in pairwise(curve):
         if x0 <= x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return curve[0][1]  # a one-point curve, at its own SDlogJ
 
 
@@ -451,7 +456,7 @@ def dominance(result: Pareto, metric: str = "dice_after") -> list[Dominance]:
                 out.append(Dominance(fam, peer, metric, None, None, None, own, rng))
                 continue
             xs = sorted({a, b, *(x for x, _ in mine + theirs if a <= x <= b)})
-            worst, at = min((_interp(mine, x) - _interp(theirs, x), x) for x in xs)
+            worst, at = min((interp_curve(mine, x) - interp_curve(theirs, x), x) for x in xs)
             out.append(Dominance(fam, peer, metric, worst > 0, worst, at, own, rng))
     return out
 
