@@ -1,3 +1,3 @@
 """The package version (one place; ``setup.cfg`` reads it)."""
 
-__version__ = "0.2.27"
+__version__ = "0.2.28"
