@@ -21,7 +21,6 @@ name up to its last ``_``). Prints one row per pair and run, then the means, as 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,9 +32,7 @@ if str(BENCH) not in sys.path:
 if TYPE_CHECKING:
     from nir_lightning.data.pair import ImagePair
 
-__all__ = ["find_result", "find_results", "load_pairs", "score_on_labels"]
-
-_FILE_COLUMNS = ("fixed", "moving", "fixed_labels", "moving_labels", "labels")
+__all__ = ["find_result", "find_results", "score_on_labels"]
 
 
 def find_result(run: Path, pair: str, method: str) -> Path:
@@ -69,18 +66,6 @@ def find_results(runs: list[Path], names: list[str], methods: list[str]) -> dict
         sys.exit(str(exc))
 
 
-def load_pairs(path: Path) -> list[tuple[str, dict[str, str]]]:
-    """The rows of a pairs CSV (``run_benchmark.py``'s format) as ``(name, row)``: a row's name is its
-    ``name`` column, else its index; its file columns are made absolute (relative ones are relative to
-    the CSV), an empty ``labels`` left empty."""
-    base = path.resolve().parent
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [(str(row.get("name") or i),
-             {k: (v if k not in _FILE_COLUMNS or not v or Path(v).is_absolute() else str(base / v)) for k, v in row.items()})
-            for i, row in enumerate(rows)]
-
-
 def score_on_labels(result: Path, pair: ImagePair) -> dict[str, float]:
     """Dice (nearest neighbour and label interpolation) of ``pair``'s moving labels warped onto its
     fixed grid through ``result/displacement.nii.gz``, wherever that field's grid lies.
@@ -109,15 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from harness.pairs import read_pairs_csv
     from harness.score import load_eval_pair
 
     torch.set_num_threads(args.threads)
-    pairs = load_pairs(args.pairs)
-    results = find_results(args.runs, [name for name, _ in pairs], [args.method])
+    pairs = read_pairs_csv(args.pairs, prog="common_labels")
+    results = find_results(args.runs, [row["name"] for row in pairs], [args.method])
     print("| pair | run | Dice NN | Dice label interp. |\n|---|---|---|---|")
     means: dict[str, list[tuple[float, float]]] = {}
-    for name, row in pairs:
-        pair = load_eval_pair(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"], row.get("labels") or None)
+    for row in pairs:
+        name = row["name"]
+        pair = load_eval_pair(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"], row["labels"])
         for run in args.runs:
             s = score_on_labels(results[(str(run), name, args.method)], pair)
             means.setdefault(str(run), []).append((s["dice_nn"], s["dice_label"]))

@@ -18,7 +18,6 @@ every method finished, and leads over each peer), per_structure.csv, results.md 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import importlib.util
 import json
@@ -74,30 +73,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_pairs(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
-    keys = ("fixed", "moving", "fixed_labels", "moving_labels")
+    from harness.pairs import FILE_KEYS, read_pairs_csv
+
     if args.demo:
         from nir_lightning.data.phantom import write_demo_pair
 
         shape = tuple(int(s) for s in args.demo_shape.split(","))
         files = write_demo_pair(out / "inputs", shape=shape)
-        return [{"name": "demo-" + "x".join(map(str, shape)), **{k: str(files[k].resolve()) for k in keys}, "labels": args.labels}]
+        return [{"name": "demo-" + "x".join(map(str, shape)), **{k: str(files[k].resolve()) for k in FILE_KEYS}, "labels": args.labels}]
     if args.pairs:
-        csv_path = Path(args.pairs).resolve()
-        pairs = []
-        with csv_path.open(newline="") as fh:
-            for i, row in enumerate(csv.DictReader(fh)):
-                missing = [k for k in keys if not (row.get(k) or "").strip()]
-                if missing:
-                    sys.exit(f"run_benchmark: {csv_path} row {i + 2} lacks {', '.join(missing)} (columns: fixed,moving,fixed_labels,moving_labels[,labels][,name])")
-                pair: dict[str, Any] = {k: str((csv_path.parent / row[k].strip()).resolve()) for k in keys}
-                lab = (row.get("labels") or "").strip()
-                pair["labels"] = args.labels or (str((csv_path.parent / lab).resolve()) if lab and not lab.replace(",", "").isdigit() else lab or None)
-                pair["name"] = (row.get("name") or "").strip() or f"pair{i + 1}"
-                pair["multimodal"] = (row.get("multimodal") or "").strip().lower() in ("1", "yes", "true")
-                pairs.append(pair)
-        if not pairs:
-            sys.exit(f"run_benchmark: {csv_path} lists no pairs")
-        return pairs
+        return read_pairs_csv(args.pairs, args.labels)
     data = Path(args.data_dir).resolve()
     folder = data if args.full else data / "2mm"
     pair = {

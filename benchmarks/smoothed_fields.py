@@ -109,16 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
 
     import torch
-    from common_labels import find_results, load_pairs
+    from common_labels import find_results
+    from harness.pairs import read_pairs_csv
     from harness.score import load_eval_pair, load_field, score_field
 
     torch.set_num_threads(args.threads)
-    pairs = load_pairs(args.pairs)
-    found = find_results([args.run], [name for name, _ in pairs], methods)
+    pairs = read_pairs_csv(args.pairs, prog="smoothed_fields")
+    found = find_results([args.run], [row["name"] for row in pairs], methods)
     rows: list[dict[str, object]] = []  # the harness's result rows, one per pair, method and sigma
     print("| pair | method | sigma | Dice NN | Dice label interp. | SDlogJ | det J <= 0 |\n|---|---|---|---|---|---|---|")
-    for name, row in pairs:
-        pair = load_eval_pair(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"], row.get("labels") or None)
+    for row in pairs:
+        name = row["name"]
+        pair = load_eval_pair(row["fixed"], row["moving"], row["fixed_labels"], row["moving_labels"], row["labels"])
         for m in methods:
             disp, affine = load_field(str(found[(str(args.run), name, m)] / "displacement.nii.gz"))
             for s in sigmas:

@@ -102,12 +102,37 @@ def test_main_stops_before_scoring_when_a_result_is_missing(files: dict[str, str
         common_labels.main(["--pairs", str(csv), str(good), str(tmp_path / "empty")])
 
 
-def test_load_pairs_makes_paths_absolute(tmp_path: Path) -> None:
+def test_the_pairs_csv_is_read_as_run_benchmark_names_its_folders(tmp_path: Path) -> None:
+    """One reader (``harness.pairs``) for run_benchmark.py and the scripts that read its runs: an
+    unnamed row gets the folder name run_benchmark.py wrote (``pair<row>``), not its index."""
+    import doctest
+
+    import harness.pairs
+    from harness.pairs import read_pairs_csv
+
+    assert doctest.testmod(harness.pairs).failed == 0
     csv = tmp_path / "pairs.csv"
     csv.write_text("name,fixed,moving,fixed_labels,moving_labels,labels\n"
                    "a,2mm/f.nii.gz,/data/m.nii.gz,2mm/fl.nii.gz,2mm/ml.nii.gz,\n"
-                   ",f.nii.gz,m.nii.gz,fl.nii.gz,ml.nii.gz,l.tsv\n")
-    (first, a), (second, b) = common_labels.load_pairs(csv)
-    assert (first, second) == ("a", "1")  # a row without a name is named by its index
-    assert a["fixed"] == str(tmp_path / "2mm" / "f.nii.gz") and a["moving"] == "/data/m.nii.gz" and a["labels"] == ""
-    assert b["labels"] == str(tmp_path / "l.tsv")
+                   ",f.nii.gz,m.nii.gz,fl.nii.gz,ml.nii.gz,l.tsv\n"
+                   "c,f.nii.gz,m.nii.gz,fl.nii.gz,ml.nii.gz,\"2,41\"\n")
+    a, b, c = read_pairs_csv(csv)
+    assert (a["name"], b["name"], c["name"]) == ("a", "pair2", "c")
+    base = tmp_path.resolve()
+    assert a["fixed"] == str(base / "2mm" / "f.nii.gz") and a["moving"] == "/data/m.nii.gz" and a["labels"] is None
+    assert b["labels"] == str(base / "l.tsv") and c["labels"] == "2,41"  # a TSV made absolute, a list kept
+    assert read_pairs_csv(csv, "30.tsv")[1]["labels"] == "30.tsv"  # run_benchmark.py's --labels wins
+    csv.write_text("name,fixed,moving,fixed_labels,moving_labels\nx,f.nii.gz,,fl.nii.gz,ml.nii.gz\n")
+    with pytest.raises(SystemExit, match=r"common_labels: .*pairs.csv row 2 lacks moving"):
+        read_pairs_csv(csv, prog="common_labels")
+    csv.write_text("name,fixed,moving,fixed_labels,moving_labels\n")
+    with pytest.raises(SystemExit, match="lists no pairs"):
+        read_pairs_csv(csv)
+
+
+def test_an_unnamed_row_finds_the_folder_run_benchmark_wrote(files: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _result(tmp_path / "run", "pair1", 2.0)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(f"fixed,moving,fixed_labels,moving_labels\n{files['fixed']},{files['moving']},{files['fixed_labels']},{files['moving_labels']}\n")
+    assert common_labels.main(["--pairs", str(csv), str(run)]) == 0
+    assert "| pair1 |" in capsys.readouterr().out

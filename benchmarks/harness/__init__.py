@@ -12,4 +12,6 @@ Modules:
   nir_lightning through :func:`nir_lightning.register_pair`.
 * :mod:`harness.worker`: the subprocess entry that runs one method on one pair.
 * :mod:`harness.report`: CSV, Markdown table and Dice-vs-seconds plot.
+* :mod:`harness.pairs`: the pairs CSV, read one way by ``run_benchmark.py`` and the scripts that
+  read its runs (a row's name is its result folder).
 """
